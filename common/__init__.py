@@ -1,0 +1,1 @@
+"""What every step needs and no step teaches: schemas, config, model loading, sampling, the API."""

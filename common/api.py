@@ -1,0 +1,228 @@
+"""The OpenAI-compatible routes, shared by every step.
+
+A handler validates the body, tokenizes the prompt, checks it against the context window, builds
+a Request and hands it to the step's engine (`await engine.submit(request)`). Then it either
+collects the request's deltas into one response or streams them as server-sent events. Steps
+differ only in their engine: what happens between submit and the deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from common import protocol
+from common.config import ServerConfig
+from common.errors import APIError
+from common.protocol import GenerateParams
+from common.request import Request
+
+log = logging.getLogger("gateway")
+
+
+class Engine(Protocol):
+    async def submit(self, request: Request) -> None:
+        """Take the request; its deltas will arrive on request.deltas(). May raise APIError."""
+
+
+@dataclass
+class Serving:
+    """What the routes need from the step, set on app.state.serving by its lifespan."""
+
+    config: ServerConfig
+    tokenizer: object
+    max_model_len: int
+    engine: Engine
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return {self.tokenizer.eos_token_id}
+
+    def make_request(self, prompt_ids: list[int], params: GenerateParams, rid: str) -> Request:
+        if params.model != self.config.served_model_name:
+            raise APIError(
+                f"model '{params.model}' does not exist; this server serves "
+                f"'{self.config.served_model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = params.max_tokens or min(self.config.default_max_tokens, room)
+        if max_tokens > room:
+            raise APIError(
+                f"this model's context window is {self.max_model_len} tokens; the prompt has "
+                f"{len(prompt_ids)} and max_tokens asks for {max_tokens}",
+                param="max_tokens" if room > 0 else "messages",
+                code="context_length_exceeded",
+            )
+        return Request(
+            prompt_ids, params.sampling, max_tokens, self.tokenizer, self.eos_token_ids, rid
+        )
+
+
+def serving(http: HTTPRequest) -> Serving:
+    state = getattr(http.app.state, "serving", None)
+    if state is None:
+        raise APIError("the model is still loading", status=503, code="not_ready")
+    return state
+
+
+async def read_json(http: HTTPRequest):
+    try:
+        return json.loads(await http.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+# ---------------------------------------------------------------- routes
+
+
+async def chat_completions(http: HTTPRequest) -> Response:
+    state = serving(http)
+    parsed = protocol.parse_chat_request(await read_json(http))
+    prompt_ids = state.tokenizer.apply_chat_template(
+        parsed.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    request = state.make_request(list(prompt_ids), parsed.params, rid)
+    return await _respond(http, state, request, parsed.params, _ChatFormat(rid, parsed.params))
+
+
+async def completions(http: HTTPRequest) -> Response:
+    state = serving(http)
+    parsed = protocol.parse_completion_request(await read_json(http))
+    if isinstance(parsed.prompt, str):
+        prompt_ids = state.tokenizer.encode(parsed.prompt, add_special_tokens=False)
+    else:
+        prompt_ids = parsed.prompt
+        if max(prompt_ids) >= len(state.tokenizer) or min(prompt_ids) < 0:
+            raise APIError("'prompt' has token ids outside the vocabulary", param="prompt")
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    request = state.make_request(prompt_ids, parsed.params, rid)
+    return await _respond(http, state, request, parsed.params, _TextFormat(rid, parsed.params))
+
+
+async def models(http: HTTPRequest) -> Response:
+    name = serving(http).config.served_model_name
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "llm-inference-gateway"}
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def health(http: HTTPRequest) -> Response:
+    serving(http)
+    return JSONResponse({"status": "ok"})
+
+
+ROUTES = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/models", models, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+]
+
+
+# ---------------------------------------------------------------- response shaping
+
+
+class _ChatFormat:
+    def __init__(self, rid: str, params: GenerateParams) -> None:
+        self.rid, self.model, self.kind = rid, params.model, "chat.completion.chunk"
+
+    def whole(self, text: str, finish: str, use: dict) -> dict:
+        return protocol.chat_response(self.rid, self.model, text, finish, use)
+
+    def first_chunk(self) -> dict | None:
+        return protocol.chat_chunk(self.rid, self.model, {"role": "assistant", "content": ""}, None)
+
+    def chunk(self, text: str, finish: str | None) -> dict:
+        delta = {"content": text} if text else {}
+        return protocol.chat_chunk(self.rid, self.model, delta, finish)
+
+
+class _TextFormat:
+    def __init__(self, rid: str, params: GenerateParams) -> None:
+        self.rid, self.model, self.kind = rid, params.model, "text_completion"
+
+    def whole(self, text: str, finish: str, use: dict) -> dict:
+        return protocol.completion_response(self.rid, self.model, text, finish, use)
+
+    def first_chunk(self) -> dict | None:
+        return None
+
+    def chunk(self, text: str, finish: str | None) -> dict:
+        return protocol.completion_response(self.rid, self.model, text, finish)
+
+
+async def _respond(http, state: Serving, request: Request, params, fmt) -> Response:
+    await state.engine.submit(request)
+    if params.stream:
+        events = _sse(request, fmt, params.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+    result = await _until_done_or_disconnect(http, request, _collect(request))
+    if result is None:  # nobody is listening any more
+        return Response(status_code=499)
+    text, finish = result
+    use = protocol.usage(request.num_prompt_tokens, request.num_output_tokens)
+    return JSONResponse(fmt.whole(text, finish, use))
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _collect(request: Request) -> tuple[str, str]:
+    parts, finish = [], "stop"
+    async for delta in request.deltas():
+        parts.append(delta.text)
+        finish = delta.finish_reason or finish
+    return "".join(parts), finish
+
+
+async def _until_done_or_disconnect(http: HTTPRequest, request: Request, work):
+    """Await `work`; if the client hangs up first, cancel the request and return None."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(http.receive))
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        return task.result() if task.done() else None
+    finally:
+        watcher.cancel()
+        if not task.done():
+            request.cancel()
+            task.cancel()
+
+
+async def _wait_disconnect(receive: Callable) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(request: Request, fmt, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        first = fmt.first_chunk()
+        if first is not None:
+            yield sse_event(first)
+        async for delta in request.deltas():
+            if delta.text or delta.finish_reason:
+                yield sse_event(fmt.chunk(delta.text, delta.finish_reason))
+        if include_usage:
+            use = protocol.usage(request.num_prompt_tokens, request.num_output_tokens)
+            yield sse_event(protocol.usage_chunk(fmt.kind, fmt.rid, fmt.model, use))
+        yield "data: [DONE]\n\n"
+    except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+        log.exception("stream %s failed", request.request_id)
+        yield sse_event(APIError(f"generation failed: {type(exc).__name__}", 500).body())
+    finally:
+        request.cancel()  # a no-op when finished; stops the worker when the client left
+
+
+def sse_event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

@@ -1,0 +1,137 @@
+"""The request: the one noun every step passes around.
+
+A Request is made on the event loop by an HTTP handler, run by some model worker (the loop
+itself in step 0, a thread from step 1 on), and streams Deltas back through its own channel.
+`append_token` is the single place where a sampled token becomes text, stop sequences and
+max_tokens are checked, and the finish reason is decided; every engine calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from common.detokenize import IncrementalDetokenizer, StopMatcher
+from common.sampling import Sampler, SamplingParams
+
+_ids = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" on the last delta
+    error: BaseException | None = None
+
+
+class Request:
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        tokenizer,
+        eos_token_ids: set[int],
+        request_id: str | None = None,
+    ) -> None:
+        self.request_id = request_id or f"req-{next(_ids)}"
+        self.prompt_ids = list(prompt_ids)
+        self.sampling = sampling
+        self.sampler = Sampler(sampling)
+        self.max_tokens = max_tokens
+        self.eos_token_ids = eos_token_ids
+        self.output_ids: list[int] = []
+        self.status = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = StopMatcher(sampling.stop)
+        self._cancel = threading.Event()
+        self._loop = asyncio.get_running_loop()
+        self._channel: asyncio.Queue[Delta] = asyncio.Queue()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (RequestStatus.FINISHED, RequestStatus.CANCELLED)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    # ------------------------------------------------------------ called by the model worker
+
+    def append_token(self, token_id: int) -> bool:
+        """Record one sampled token, emit its text. Returns True once the request is finished."""
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.output_ids.append(token_id)
+        if token_id in self.eos_token_ids:
+            return self._finish("stop", self._drain()[0])
+        text, hit_stop = self._stops.push(self._detok.push(token_id))
+        if hit_stop:
+            return self._finish("stop", text)
+        if len(self.output_ids) >= self.max_tokens:
+            rest, hit_stop = self._drain()
+            return self._finish("stop" if hit_stop else "length", text + rest)
+        if text:
+            self._emit(Delta(text))
+        return False
+
+    def _drain(self) -> tuple[str, bool]:
+        """At the end: what is still held back (unfinished bytes, a partial stop match)."""
+        text, hit_stop = self._stops.push(self._detok.flush())
+        return (text, True) if hit_stop else (text + self._stops.flush(), False)
+
+    def fail(self, error: BaseException) -> None:
+        self.status = RequestStatus.FINISHED
+        self._emit(Delta("", error=error))
+
+    def _finish(self, reason: str, text: str) -> bool:
+        self.status, self.finish_reason = RequestStatus.FINISHED, reason
+        self.finish_time = time.monotonic()
+        self._emit(Delta(text, finish_reason=reason))
+        return True
+
+    def _emit(self, delta: Delta) -> None:
+        # Safe from any thread: the channel is only touched on the event loop.
+        self._loop.call_soon_threadsafe(self._channel.put_nowait, delta)
+
+    # ------------------------------------------------------------ called on the event loop
+
+    def cancel(self) -> None:
+        """The client went away: the worker stops this request at its next token."""
+        if not self.finished:
+            self.status = RequestStatus.CANCELLED
+            self.finish_time = time.monotonic()
+        self._cancel.set()
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        while True:
+            delta = await self._channel.get()
+            if delta.error is not None:
+                raise delta.error
+            yield delta
+            if delta.finish_reason is not None:
+                return

@@ -1,0 +1,3 @@
+from step0_bruteforce.server import main
+
+main()

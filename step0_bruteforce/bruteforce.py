@@ -1,0 +1,39 @@
+"""The brute-force engine: load the weights inside every request, generate, drop them.
+
+Everything runs on the event loop thread. Loading (about 2 s) and every forward pass block the
+loop, so while one request loads, no other request, not even /health, gets an answer; the
+`await asyncio.sleep(0)` after each token is the only moment others can run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+from common.config import ServerConfig
+from common.generation import generate_steps
+from common.model import load_model
+from common.request import Request
+
+
+class BruteForceEngine:
+    def __init__(self, config: ServerConfig, tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self._tasks: set[asyncio.Task] = set()  # strong references until each task ends
+
+    async def submit(self, request: Request) -> None:
+        task = asyncio.create_task(self._run(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, request: Request) -> None:
+        try:
+            lm = load_model(self.config, self.tokenizer)  # blocks the loop: the baseline's cost
+            for _ in generate_steps(lm, request):
+                await asyncio.sleep(0)
+        except Exception as exc:
+            request.fail(exc)
+        finally:
+            lm = None
+            gc.collect()  # give the copy of the weights back before the next request loads one

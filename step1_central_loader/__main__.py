@@ -1,0 +1,3 @@
+from step1_central_loader.server import main
+
+main()
