@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from common.model import LoadedModel
-from common.request import Request, RequestStatus
+from common.request import Request, RequestStatus, log_done
 
 
 @torch.inference_mode()
@@ -22,8 +22,9 @@ def generate_steps(lm: LoadedModel, request: Request) -> Iterator[None]:
     cache = DynamicCache()
     input_ids = torch.tensor([request.prompt_ids], device=lm.device)  # [1, prompt_len]
     while not request.cancelled:
-        logits = lm.model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
-        token = request.sampler.sample(logits[0, -1])  # logits: [1, seq, vocab]
+        # logits_to_keep=1: only the last position's logits are needed, not the prompt's.
+        out = lm.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        token = request.sampler.sample(out.logits[0, -1])  # logits: [1, 1, vocab]
         if request.append_token(token):
             return
         yield
@@ -37,3 +38,4 @@ def generate(lm: LoadedModel, request: Request) -> None:
             pass
     except Exception as exc:  # the worker must outlive a bad request
         request.fail(exc)
+    log_done(request)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from common.detokenize import IncrementalDetokenizer, StopMatcher
 from common.sampling import Sampler, SamplingParams
 
 _ids = itertools.count()
+log = logging.getLogger("gateway")
 
 
 class RequestStatus(enum.Enum):
@@ -135,3 +137,21 @@ class Request:
             yield delta
             if delta.finish_reason is not None:
                 return
+
+
+def log_done(request: Request, **extra: object) -> None:
+    """One line per request, written by the worker once it has let go of the request."""
+    now = time.monotonic()
+    ttft = request.first_token_time - request.arrival_time if request.first_token_time else None
+    fields = {
+        "status": request.status.value,
+        "finish_reason": request.finish_reason,
+        "prompt_tokens": request.num_prompt_tokens,
+        "output_tokens": request.num_output_tokens,
+        "ttft_s": round(ttft, 4) if ttft is not None else None,
+        "e2e_s": round(now - request.arrival_time, 4),
+        **extra,
+    }
+    log.info(
+        "request %s done %s", request.request_id, " ".join(f"{k}={v}" for k, v in fields.items())
+    )

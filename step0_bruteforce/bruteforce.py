@@ -1,8 +1,9 @@
 """The brute-force engine: load the weights inside every request, generate, drop them.
 
 Everything runs on the event loop thread. Loading (about 2 s) and every forward pass block the
-loop, so while one request loads, no other request, not even /health, gets an answer; the
-`await asyncio.sleep(0)` after each token is the only moment others can run.
+loop, so while one request loads, no other request, not even /health, gets an answer; the short
+`await asyncio.sleep(...)` after each token is the only moment others (and disconnects) get
+through. (A bare sleep(0) turned out not to be enough for a client's hang-up to be noticed.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import gc
 from common.config import ServerConfig
 from common.generation import generate_steps
 from common.model import load_model
-from common.request import Request
+from common.request import Request, log_done
 
 
 class BruteForceEngine:
@@ -31,9 +32,10 @@ class BruteForceEngine:
         try:
             lm = load_model(self.config, self.tokenizer)  # blocks the loop: the baseline's cost
             for _ in generate_steps(lm, request):
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.001)  # 1 ms per token
         except Exception as exc:
             request.fail(exc)
         finally:
+            log_done(request)
             lm = None
             gc.collect()  # give the copy of the weights back before the next request loads one

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine that has only Python 3.10+.
+#
+#   ./run.sh serve [STEP] [--flag value ...]   set up, then run a step's server (default: the last)
+#   ./run.sh test [PYTEST ARGS ...]            set up, then run the test suite
+#   ./run.sh bench [BENCH ARGS ...]            set up, then run the bench (python -m bench)
+#   ./run.sh setup                             only set up: .venv, packages, model
+#
+# STEP is a number (3) or a folder name (step3_batching). Server flags override GATEWAY_* env vars.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+
+setup() {
+    if [ ! -x "$PY" ]; then
+        echo "[setup] creating $VENV"
+        python3 -m venv "$VENV"
+    fi
+    # Reinstall only when pyproject.toml changed.
+    local stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+    if [ ! -f "$stamp" ]; then
+        echo "[setup] installing packages (torch CPU build, transformers, starlette, ...)"
+        "$PY" -m pip install --quiet --upgrade pip
+        "$PY" -m pip install --quiet -e ".[dev,bench]"
+        touch "$stamp"
+    fi
+    "$PY" -m common.model fetch
+}
+
+resolve_step() {
+    local want=${1:-}
+    if [ -z "$want" ]; then
+        ls -d step*_*/ | sort -V | tail -n 1 | tr -d /
+    elif [ -d "$want" ]; then
+        echo "${want%/}"
+    else
+        ls -d "step${want}"_*/ 2>/dev/null | head -n 1 | tr -d / || true
+    fi
+}
+
+cmd=${1:-serve}
+shift || true
+case "$cmd" in
+    setup) setup ;;
+    serve)
+        step=""
+        if [ $# -gt 0 ] && [[ $1 != -* ]]; then step=$1; shift; fi
+        module=$(resolve_step "$step")
+        [ -n "$module" ] || { echo "no step matches '$step'" >&2; exit 2; }
+        setup
+        echo "[serve] $module on ${GATEWAY_HOST:-127.0.0.1}:${GATEWAY_PORT:-8000}"
+        exec "$PY" -m "$module" "$@"
+        ;;
+    test)
+        setup
+        exec "$PY" -m pytest "$@"
+        ;;
+    bench)
+        setup
+        exec "$PY" -m bench "$@"
+        ;;
+    *)
+        echo "usage: ./run.sh serve [STEP] [flags] | test [pytest args] | bench [args] | setup" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,176 @@
+"""Unit tests for common/: config, sampling, detokenization, stop sequences, the request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from common.config import ServerConfig
+from common.detokenize import IncrementalDetokenizer, StopMatcher
+from common.request import Request
+from common.sampling import Sampler, SamplingParams
+
+MULTIBYTE = "Café naïve — 日本語のテキスト 🎉🚀 Ωμέγα"
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_env_then_flags(monkeypatch):
+    monkeypatch.setenv("GATEWAY_PORT", "9001")
+    monkeypatch.setenv("GATEWAY_DTYPE", "bfloat16")
+    config = ServerConfig.load(["--port", "9002"])
+    assert config.port == 9002 and config.dtype == "bfloat16" and config.host == "127.0.0.1"
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="dtype"):
+        ServerConfig(dtype="int3")
+    with pytest.raises(ValueError, match="device"):
+        ServerConfig(device="tpu")
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def draws(params: SamplingParams, logits: torch.Tensor, n: int = 20) -> list[int]:
+    sampler = Sampler(params)
+    return [sampler.sample(logits) for _ in range(n)]
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert draws(SamplingParams(temperature=0.0), logits, 5) == [1] * 5
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    logits = torch.zeros(1000)  # flat: every draw is a coin flip over 1000 tokens
+    a = draws(SamplingParams(temperature=1.0, seed=7), logits)
+    b = draws(SamplingParams(temperature=1.0, seed=7), logits)
+    c = draws(SamplingParams(temperature=1.0, seed=8), logits)
+    assert a == b
+    assert a != c
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(0))
+    best = int(torch.argmax(logits))
+    assert set(draws(SamplingParams(temperature=1.5, top_k=1, seed=1), logits)) == {best}
+    assert set(draws(SamplingParams(temperature=1.5, top_p=1e-6, seed=1), logits)) == {best}
+
+
+def test_top_k_limits_the_support():
+    logits = torch.arange(100, dtype=torch.float32) / 10
+    picked = set(draws(SamplingParams(temperature=2.0, top_k=3, seed=3), logits, 200))
+    assert picked <= {97, 98, 99} and len(picked) > 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    picked = set(draws(SamplingParams(temperature=1.0, top_p=0.75, seed=5), probs.log(), 300))
+    assert picked == {0, 1}
+
+
+# ---------------------------------------------------------------- detokenization
+
+
+def stream_text(tokenizer, text: str) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.push(t) for t in tokenizer.encode(text, add_special_tokens=False)]
+    return [*pieces, detok.flush()]
+
+
+def test_incremental_detokenizer_never_splits_a_character(tokenizer):
+    ids = tokenizer.encode(MULTIBYTE, add_special_tokens=False)
+    # The point of the test: some tokens really do end mid-character.
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)
+    pieces = stream_text(tokenizer, MULTIBYTE)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == MULTIBYTE
+
+
+def test_incremental_detokenizer_keeps_spaces(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog."
+    assert "".join(stream_text(tokenizer, text)) == text
+
+
+@pytest.mark.parametrize(
+    "chunks, stops, expected, stopped",
+    [
+        (["Hello wor", "ld!"], ["world"], "Hello ", True),  # split across pushes
+        (["abc", "de"], ["xyz"], "abcde", False),  # no match: everything comes out
+        (["The EN", "D is near"], ["END"], "The ", True),
+        (["a", "b", "c"], ["bd", "c"], "ab", True),  # the earliest stop wins
+    ],
+)
+def test_stop_matcher(chunks, stops, expected, stopped):
+    matcher, out, hit = StopMatcher(stops), "", False
+    for chunk in chunks:
+        text, hit = matcher.push(chunk)
+        out += text
+        if hit:
+            break
+    if not hit:
+        out += matcher.flush()
+    assert (out, hit) == (expected, stopped)
+
+
+def test_stop_matcher_holds_back_a_possible_prefix():
+    matcher = StopMatcher(["STOP"])
+    assert matcher.push("go ST") == ("go ", False)  # "ST" might become STOP
+    assert matcher.push("ay") == ("STay", False)  # it did not
+
+
+# ---------------------------------------------------------------- the request
+
+
+def run_tokens(tokenizer, token_ids, **kwargs):
+    async def go():
+        params = SamplingParams(temperature=0.0, stop=kwargs.pop("stop", []))
+        request = Request([1, 2], params, kwargs.pop("max_tokens", 100), tokenizer, {2})
+        for t in token_ids:
+            if request.append_token(t):
+                break
+        deltas = []
+        async for d in request.deltas():
+            deltas.append(d)
+        return request, deltas
+
+    async def with_timeout():
+        return await asyncio.wait_for(go(), 5)
+
+    return asyncio.run(with_timeout())
+
+
+def test_request_stop_sequence_split_across_tokens_is_never_emitted(tokenizer):
+    text = "Sure. The answer is 42 and that is final."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    request, deltas = run_tokens(tokenizer, ids, stop=["is final"])
+    emitted = "".join(d.text for d in deltas)
+    assert emitted == "Sure. The answer is 42 and that "
+    assert deltas[-1].finish_reason == "stop" and request.finish_reason == "stop"
+
+
+def test_request_max_tokens_finishes_with_length(tokenizer):
+    ids = tokenizer.encode("one two three four five six", add_special_tokens=False)
+    request, deltas = run_tokens(tokenizer, ids, max_tokens=3)
+    assert request.num_output_tokens == 3
+    assert deltas[-1].finish_reason == "length"
+    assert "".join(d.text for d in deltas) == tokenizer.decode(ids[:3])
+
+
+def test_request_eos_finishes_with_stop_and_emits_no_special_text(tokenizer):
+    ids = [*tokenizer.encode("Paris.", add_special_tokens=False), 2, 100, 101]
+    request, deltas = run_tokens(tokenizer, ids)
+    assert "".join(d.text for d in deltas) == "Paris."
+    assert request.finish_reason == "stop"
+    assert request.num_output_tokens == len(ids) - 2  # EOS counts; nothing after it
+
+
+def test_request_streams_multibyte_text_whole(tokenizer):
+    ids = tokenizer.encode(MULTIBYTE, add_special_tokens=False)
+    request, deltas = run_tokens(tokenizer, ids, max_tokens=len(ids))
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert "".join(d.text for d in deltas) == MULTIBYTE
