@@ -56,7 +56,7 @@ class Serving:
                 code="model_not_found",
             )
         room = self.max_model_len - len(prompt_ids)
-        max_tokens = params.max_tokens or min(self.config.default_max_tokens, room)
+        max_tokens = params.max_tokens or min(self.config.default_max_tokens, max(room, 1))
         if max_tokens > room:
             raise APIError(
                 f"this model's context window is {self.max_model_len} tokens; the prompt has "

@@ -31,11 +31,11 @@ def generate_steps(lm: LoadedModel, request: Request) -> Iterator[None]:
         input_ids = torch.tensor([[token]], device=lm.device)
 
 
-def generate(lm: LoadedModel, request: Request) -> None:
+def generate(lm: LoadedModel, request: Request, **log_fields: object) -> None:
     """Run one request to completion on the calling thread; faults go to the request."""
     try:
         for _ in generate_steps(lm, request):
             pass
     except Exception as exc:  # the worker must outlive a bad request
         request.fail(exc)
-    log_done(request)
+    log_done(request, **log_fields)

@@ -59,6 +59,7 @@ class Request:
         self.finish_reason: str | None = None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
+        self.queue_wait_s: float | None = None  # set by engines that queue
         self.finish_time: float | None = None
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopMatcher(sampling.stop)

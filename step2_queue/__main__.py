@@ -1,0 +1,3 @@
+from step2_queue.server import main
+
+main()

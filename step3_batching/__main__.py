@@ -1,0 +1,3 @@
+from step3_batching.server import main
+
+main()

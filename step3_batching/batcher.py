@@ -1,0 +1,122 @@
+"""Static batching: group waiting requests into one padded batch and run them together.
+
+The worker takes the first waiting request, then gathers more for at most `max_wait_ms` or until
+`max_batch_size` are in hand. The prompts are left-padded to one length (an attention mask hides
+the padding, position ids skip it), prefilled in one forward pass, then decoded one token per
+row per step, each row with its own sampler, stop sequences and max_tokens.
+
+A row that finishes stops streaming at once, but the batch keeps stepping until its last row is
+done, and nothing new can join it: a 10-token answer batched with a 200-token one holds its slot
+for 200 steps, and newcomers wait in the queue meanwhile. That waste is what step 7's continuous
+batching removes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+from transformers import DynamicCache
+
+from common.model import LoadedModel
+from common.request import Request, RequestStatus, log_done
+from step2_queue.queue import RequestQueue
+
+
+class BatchingEngine:
+    def __init__(
+        self, lm: LoadedModel, queue: RequestQueue, max_batch_size: int, max_wait_ms: float
+    ) -> None:
+        self.lm = lm
+        self.queue = queue
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name="batch-worker")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+
+    async def submit(self, request: Request) -> None:
+        self.queue.put(request)
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self.next_batch()
+            await asyncio.to_thread(run_batch, self.lm, batch)
+
+    async def next_batch(self) -> list[Request]:
+        batch = [await self.queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            request = self.queue.get_nowait()
+            if request is not None:
+                batch.append(request)
+            elif time.monotonic() < deadline:
+                # Polling, not wait_for(queue.get()): a timed-out get may lose a request.
+                await asyncio.sleep(0.001)
+            else:
+                break
+        return batch
+
+
+def run_batch(lm: LoadedModel, batch: list[Request]) -> None:
+    """Run a batch to its end on the calling thread; a fault fails every row, not the worker."""
+    try:
+        _decode_batch(lm, batch)
+    except Exception as exc:
+        for request in batch:
+            if not request.finished:
+                request.fail(exc)
+    for request in batch:
+        log_done(request, queue_wait_s=round(request.queue_wait_s or 0, 4), batch_size=len(batch))
+
+
+@torch.inference_mode()
+def _decode_batch(lm: LoadedModel, batch: list[Request]) -> None:
+    pad_id = lm.tokenizer.pad_token_id
+    input_ids, mask = left_pad([r.prompt_ids for r in batch], pad_id, lm.device)  # [B, T]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not advance positions
+    for request in batch:
+        request.status = RequestStatus.RUNNING
+    cache = DynamicCache()
+    active = [True] * len(batch)
+    while True:
+        out = lm.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        logits = out.logits[:, -1]  # [B, vocab]
+        tokens = [_step_row(r, logits[i], active, i, pad_id) for i, r in enumerate(batch)]
+        if not any(active):
+            return
+        # Finished rows keep stepping on padding: the cost of a static batch.
+        input_ids = torch.tensor(tokens, device=lm.device)[:, None]  # [B, 1]
+        mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+
+
+def _step_row(request: Request, logits: torch.Tensor, active: list[bool], i: int, pad_id: int):
+    if active[i] and request.cancelled:
+        active[i] = False
+    if not active[i]:
+        return pad_id
+    token = request.sampler.sample(logits)
+    if request.append_token(token):
+        active[i] = False
+    return token
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align prompts: returns input_ids and attention_mask, both [B, longest]."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        mask[row, longest - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,27 @@
+"""Helpers for driving an engine in-process, on the event loop, without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+from common.request import Request
+from common.sampling import SamplingParams
+
+
+def make_request(lm, prompt: str, max_tokens: int, **sampling) -> Request:
+    """Must be called on a running event loop (a Request binds to it)."""
+    ids = lm.tokenizer.encode(prompt, add_special_tokens=False)
+    params = SamplingParams(**{"temperature": 0.0, **sampling})
+    return Request(ids, params, max_tokens, lm.tokenizer, {lm.tokenizer.eos_token_id})
+
+
+async def drain(request: Request) -> str:
+    return "".join([d.text async for d in request.deltas()])
+
+
+async def until(predicate, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.005)
