@@ -78,26 +78,44 @@ def run_batch(lm: LoadedModel, batch: list[Request]) -> None:
 
 @torch.inference_mode()
 def _decode_batch(lm: LoadedModel, batch: list[Request]) -> None:
-    pad_id = lm.tokenizer.pad_token_id
-    input_ids, mask = left_pad([r.prompt_ids for r in batch], pad_id, lm.device)  # [B, T]
+    input_ids, mask = left_pad([r.prompt_ids for r in batch], lm.tokenizer.pad_token_id, lm.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not advance positions
     for request in batch:
         request.status = RequestStatus.RUNNING
     cache = DynamicCache()
+    logits = forward(lm, input_ids, mask, positions, cache)
+    decode(lm, batch, cache, mask, positions[:, -1:], logits)
+
+
+def forward(lm: LoadedModel, input_ids, mask, positions, cache) -> torch.Tensor:
+    """One pass over [B, T] new tokens; returns the last position's logits, [B, vocab]."""
+    out = lm.model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
+def decode(lm: LoadedModel, batch: list[Request], cache, mask, last_positions, logits) -> None:
+    """From the first sampled token until the last row ends: one token per row per step.
+
+    mask: [B, cached_len] attention mask over what `cache` holds; last_positions: [B, 1].
+    """
+    pad_id = lm.tokenizer.pad_token_id
     active = [True] * len(batch)
     while True:
-        out = lm.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-            use_cache=True, logits_to_keep=1,
-        )
-        logits = out.logits[:, -1]  # [B, vocab]
         tokens = [_step_row(r, logits[i], active, i, pad_id) for i, r in enumerate(batch)]
         if not any(active):
             return
         # Finished rows keep stepping on padding: the cost of a static batch.
         input_ids = torch.tensor(tokens, device=lm.device)[:, None]  # [B, 1]
         mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
-        positions = positions[:, -1:] + 1
+        last_positions = last_positions + 1
+        logits = forward(lm, input_ids, mask, last_positions, cache)
 
 
 def _step_row(request: Request, logits: torch.Tensor, active: list[bool], i: int, pad_id: int):
