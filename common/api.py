@@ -163,16 +163,18 @@ class _TextFormat:
 
 
 async def _respond(http, state: Serving, request: Request, params, fmt) -> Response:
+    request.headers = {k.lower(): v for k, v in http.headers.items()}
     await state.engine.submit(request)
     if params.stream:
         events = _sse(request, fmt, params.include_usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+        headers = {**_SSE_HEADERS, **request.response_headers}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     result = await _until_done_or_disconnect(http, request, _collect(request))
     if result is None:  # nobody is listening any more
         return Response(status_code=499)
     text, finish = result
     use = protocol.usage(request.num_prompt_tokens, request.num_output_tokens)
-    return JSONResponse(fmt.whole(text, finish, use))
+    return JSONResponse(fmt.whole(text, finish, use), headers=request.response_headers)
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -55,11 +55,16 @@ class Request:
         self.max_tokens = max_tokens
         self.eos_token_ids = eos_token_ids
         self.output_ids: list[int] = []
+        self.text = ""  # everything emitted so far
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.queue_wait_s: float | None = None  # set by engines that queue
+        self.cached_prompt_tokens = 0  # prompt tokens whose KV came from a prefix cache
+        self.headers: dict[str, str] = {}  # the client's HTTP headers, lower-case names
+        self.response_headers: dict[str, str] = {}  # engines may add headers to the answer
+        self._done_callbacks: list = []
         self.finish_time: float | None = None
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopMatcher(sampling.stop)
@@ -107,6 +112,16 @@ class Request:
         text, hit_stop = self._stops.push(self._detok.flush())
         return (text, True) if hit_stop else (text + self._stops.flush(), False)
 
+    def finish_with(self, text: str, output_ids: list[int], finish_reason: str) -> None:
+        """Complete at once with a known answer (a cached one) instead of generating it."""
+        self.output_ids = list(output_ids)
+        self.first_token_time = time.monotonic()
+        self._finish(finish_reason, text)
+
+    def add_done_callback(self, callback) -> None:
+        """Call `callback(request)` on the event loop once the request has finished normally."""
+        self._done_callbacks.append(callback)
+
     def fail(self, error: BaseException) -> None:
         self.status = RequestStatus.FINISHED
         self._emit(Delta("", error=error))
@@ -115,9 +130,12 @@ class Request:
         self.status, self.finish_reason = RequestStatus.FINISHED, reason
         self.finish_time = time.monotonic()
         self._emit(Delta(text, finish_reason=reason))
+        for callback in self._done_callbacks:
+            self._loop.call_soon_threadsafe(callback, self)
         return True
 
     def _emit(self, delta: Delta) -> None:
+        self.text += delta.text
         # Safe from any thread: the channel is only touched on the event loop.
         self._loop.call_soon_threadsafe(self._channel.put_nowait, delta)
 
@@ -148,6 +166,7 @@ def log_done(request: Request, **extra: object) -> None:
         "status": request.status.value,
         "finish_reason": request.finish_reason,
         "prompt_tokens": request.num_prompt_tokens,
+        "cached_prompt_tokens": request.cached_prompt_tokens,
         "output_tokens": request.num_output_tokens,
         "ttft_s": round(ttft, 4) if ttft is not None else None,
         "e2e_s": round(now - request.arrival_time, 4),

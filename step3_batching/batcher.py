@@ -47,7 +47,10 @@ class BatchingEngine:
     async def _run(self) -> None:
         while True:
             batch = await self.next_batch()
-            await asyncio.to_thread(run_batch, self.lm, batch)
+            await asyncio.to_thread(self.run_batch, batch)
+
+    def run_batch(self, batch: list[Request]) -> None:
+        run_batch(self.lm, batch)
 
     async def next_batch(self) -> list[Request]:
         batch = [await self.queue.get()]
@@ -64,14 +67,18 @@ class BatchingEngine:
         return batch
 
 
-def run_batch(lm: LoadedModel, batch: list[Request]) -> None:
+def run_batch(lm: LoadedModel, batch: list[Request], compute=None) -> None:
     """Run a batch to its end on the calling thread; a fault fails every row, not the worker."""
     try:
-        _decode_batch(lm, batch)
+        (compute or _decode_batch)(lm, batch)
     except Exception as exc:
         for request in batch:
             if not request.finished:
                 request.fail(exc)
+    log_batch(batch)
+
+
+def log_batch(batch: list[Request]) -> None:
     for request in batch:
         log_done(request, queue_wait_s=round(request.queue_wait_s or 0, 4), batch_size=len(batch))
 

@@ -1,0 +1,3 @@
+from step4_mock_kv.server import main
+
+main()

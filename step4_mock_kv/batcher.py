@@ -1,0 +1,75 @@
+"""Step 3's static batcher, changed to prefill each request on its own through the prefix cache.
+
+Step 3 left-pads all prompts and prefills them in one pass. Here each prompt first asks the
+prefix cache for its longest cached prefix, prefills only the rest, and offers its own full
+blocks back to the cache. The rows' key/value tensors are then left-padded into one batched
+cache and decoded together exactly as in step 3 (`decode` is imported from there).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from common.model import LoadedModel
+from common.request import Request, RequestStatus
+from step3_batching.batcher import BatchingEngine, decode, run_batch
+from step4_mock_kv.prefix_cache import LayerKV, MockPrefixCache
+
+
+class PrefixBatchingEngine(BatchingEngine):
+    def __init__(self, lm: LoadedModel, queue, max_batch_size, max_wait_ms, prefix_cache) -> None:
+        super().__init__(lm, queue, max_batch_size, max_wait_ms)
+        self.prefix_cache: MockPrefixCache = prefix_cache
+
+    def run_batch(self, batch: list[Request]) -> None:
+        run_batch(self.lm, batch, partial(_run, prefix_cache=self.prefix_cache))
+
+
+@torch.inference_mode()
+def _run(lm: LoadedModel, batch: list[Request], prefix_cache: MockPrefixCache) -> None:
+    for request in batch:
+        request.status = RequestStatus.RUNNING
+    rows = [prefill(lm, r, prefix_cache) for r in batch]
+    cache, mask, last_positions = stack_rows([kv for kv, _ in rows], lm.device)
+    logits = torch.stack([row_logits for _, row_logits in rows])  # [B, vocab]
+    decode(lm, batch, cache, mask, last_positions, logits)
+
+
+def prefill(lm: LoadedModel, request: Request, prefix_cache: MockPrefixCache):
+    """Prefill one prompt, skipping its cached prefix. Returns (per-layer KV, last logits)."""
+    hit = prefix_cache.match(request.prompt_ids)
+    try:
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(hit.state[1] if hit.num_tokens else []):
+            cache.update(k, v, layer)
+        suffix = torch.tensor([request.prompt_ids[hit.num_tokens :]], device=lm.device)
+        out = lm.model(input_ids=suffix, cache=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        prefix_cache.release(hit)
+    request.cached_prompt_tokens = hit.num_tokens
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    prefix_cache.insert(request.prompt_ids, kv)
+    return kv, out.logits[0, -1]
+
+
+def stack_rows(rows: list[list[LayerKV]], device):
+    """Left-pad each row's KV to the longest and stack: a [B, ...] cache, mask, last positions."""
+    lengths = [row[0][0].shape[2] for row in rows]
+    longest = max(lengths)
+    cache = DynamicCache()
+    for layer in range(len(rows[0])):
+        keys = [_pad_left(row[layer][0], longest) for row in rows]
+        values = [_pad_left(row[layer][1], longest) for row in rows]
+        cache.update(torch.cat(keys), torch.cat(values), layer)  # [B, kv_heads, longest, dim]
+    mask = torch.tensor([[0] * (longest - n) + [1] * n for n in lengths], device=device)
+    last_positions = torch.tensor([[n - 1] for n in lengths], device=device)
+    return cache, mask, last_positions
+
+
+def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, heads, n, dim] -> [1, heads, length, dim], zeros first (masked out)."""
+    return F.pad(t, (0, 0, length - t.shape[2], 0))
