@@ -28,6 +28,21 @@ setup() {
     "$PY" -m common.model fetch
 }
 
+# Redis and Prometheus are real services in the tests (step 4's Redis cache, step 5's scrape).
+ensure_services() {
+    local missing=()
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v prometheus >/dev/null || missing+=(prometheus)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing ${missing[*]} with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "[setup] ${missing[*]} not installed: the tests that need them will be skipped"
+    fi
+}
+
 resolve_step() {
     local want=${1:-}
     if [ -z "$want" ]; then
@@ -54,6 +69,7 @@ case "$cmd" in
         ;;
     test)
         setup
+        ensure_services
         exec "$PY" -m pytest "$@"
         ;;
     bench)
