@@ -9,11 +9,13 @@ differ only in their engine: what happens between submit and the deltas.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from starlette.requests import Request as HTTPRequest
@@ -34,6 +36,32 @@ class Engine(Protocol):
         """Take the request; its deltas will arrive on request.deltas(). May raise APIError."""
 
 
+class Outcome(str, enum.Enum):
+    """How an API request ended. Every request to a generation route gets exactly one."""
+
+    SUCCESS = "success"
+    CLIENT_ERROR = "client_error"  # 4xx: the request was wrong
+    SERVER_ERROR = "server_error"  # 5xx, or a stream that broke
+    REJECTED = "rejected"  # 429 / 503: valid, but the server would not take it now
+    CANCELLED = "cancelled"  # the client went away first
+
+    @classmethod
+    def for_status(cls, status: int) -> Outcome:
+        if status in (429, 503):
+            return cls.REJECTED
+        return cls.CLIENT_ERROR if 400 <= status < 500 else cls.SERVER_ERROR
+
+
+class Observer:
+    """Hooks around every generation request; this one does nothing. A step may watch."""
+
+    def on_start(self, http: HTTPRequest, request: Request) -> None:
+        """The request is valid and about to be submitted to the engine."""
+
+    def on_end(self, http: HTTPRequest, outcome: Outcome, request: Request | None) -> None:
+        """Called once per request; `request` is None when it failed before one was made."""
+
+
 @dataclass
 class Serving:
     """What the routes need from the step, set on app.state.serving by its lifespan."""
@@ -42,6 +70,7 @@ class Serving:
     tokenizer: object
     max_model_len: int
     engine: Engine
+    observer: Observer = field(default_factory=Observer)
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -87,18 +116,24 @@ async def read_json(http: HTTPRequest):
 
 
 async def chat_completions(http: HTTPRequest) -> Response:
-    state = serving(http)
+    return await _generate(http, _prepare_chat)
+
+
+async def completions(http: HTTPRequest) -> Response:
+    return await _generate(http, _prepare_completion)
+
+
+async def _prepare_chat(http: HTTPRequest, state: Serving):
     parsed = protocol.parse_chat_request(await read_json(http))
     prompt_ids = state.tokenizer.apply_chat_template(
         parsed.messages, add_generation_prompt=True, tokenize=True, return_dict=False
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     request = state.make_request(list(prompt_ids), parsed.params, rid)
-    return await _respond(http, state, request, parsed.params, _ChatFormat(rid, parsed.params))
+    return request, parsed.params, _ChatFormat(rid, parsed.params)
 
 
-async def completions(http: HTTPRequest) -> Response:
-    state = serving(http)
+async def _prepare_completion(http: HTTPRequest, state: Serving):
     parsed = protocol.parse_completion_request(await read_json(http))
     if isinstance(parsed.prompt, str):
         prompt_ids = state.tokenizer.encode(parsed.prompt, add_special_tokens=False)
@@ -108,7 +143,28 @@ async def completions(http: HTTPRequest) -> Response:
             raise APIError("'prompt' has token ids outside the vocabulary", param="prompt")
     rid = f"cmpl-{uuid.uuid4().hex}"
     request = state.make_request(prompt_ids, parsed.params, rid)
-    return await _respond(http, state, request, parsed.params, _TextFormat(rid, parsed.params))
+    return request, parsed.params, _TextFormat(rid, parsed.params)
+
+
+async def _generate(http: HTTPRequest, prepare) -> Response:
+    """Validate, submit, answer; report exactly one outcome to the observer."""
+    arrival = time.monotonic()  # latencies count from here, body parsing included
+    state, request = None, None
+    try:
+        state = serving(http)
+        request, params, fmt = await prepare(http, state)
+        request.arrival_time = arrival
+        request.headers = {k.lower(): v for k, v in http.headers.items()}
+        state.observer.on_start(http, request)
+        return await _respond(http, state, request, params, fmt)
+    except APIError as exc:
+        if state is not None:
+            state.observer.on_end(http, Outcome.for_status(exc.status), request)
+        raise
+    except Exception:
+        if state is not None:
+            state.observer.on_end(http, Outcome.SERVER_ERROR, request)
+        raise
 
 
 async def models(http: HTTPRequest) -> Response:
@@ -163,17 +219,18 @@ class _TextFormat:
 
 
 async def _respond(http, state: Serving, request: Request, params, fmt) -> Response:
-    request.headers = {k.lower(): v for k, v in http.headers.items()}
     await state.engine.submit(request)
     if params.stream:
-        events = _sse(request, fmt, params.include_usage)
+        events = _sse(http, state, request, fmt, params.include_usage)
         headers = {**_SSE_HEADERS, **request.response_headers}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     result = await _until_done_or_disconnect(http, request, _collect(request))
     if result is None:  # nobody is listening any more
+        state.observer.on_end(http, Outcome.CANCELLED, request)
         return Response(status_code=499)
     text, finish = result
     use = protocol.usage(request.num_prompt_tokens, request.num_output_tokens)
+    state.observer.on_end(http, Outcome.SUCCESS, request)
     return JSONResponse(fmt.whole(text, finish, use), headers=request.response_headers)
 
 
@@ -207,7 +264,8 @@ async def _wait_disconnect(receive: Callable) -> None:
         pass
 
 
-async def _sse(request: Request, fmt, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(http, state: Serving, request: Request, fmt, include_usage: bool):
+    outcome = Outcome.CANCELLED  # unless the stream gets to its end
     try:
         first = fmt.first_chunk()
         if first is not None:
@@ -219,11 +277,14 @@ async def _sse(request: Request, fmt, include_usage: bool) -> AsyncIterator[str]
             use = protocol.usage(request.num_prompt_tokens, request.num_output_tokens)
             yield sse_event(protocol.usage_chunk(fmt.kind, fmt.rid, fmt.model, use))
         yield "data: [DONE]\n\n"
+        outcome = Outcome.SUCCESS
     except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+        outcome = Outcome.SERVER_ERROR
         log.exception("stream %s failed", request.request_id)
         yield sse_event(APIError(f"generation failed: {type(exc).__name__}", 500).body())
     finally:
         request.cancel()  # a no-op when finished; stops the worker when the client left
+        state.observer.on_end(http, outcome, request)
 
 
 def sse_event(payload: dict) -> str:

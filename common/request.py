@@ -60,6 +60,7 @@ class Request:
         self.finish_reason: str | None = None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
+        self.token_times: list[float] = []  # monotonic time of each output token
         self.queue_wait_s: float | None = None  # set by engines that queue
         self.cached_prompt_tokens = 0  # prompt tokens whose KV came from a prefix cache
         self.headers: dict[str, str] = {}  # the client's HTTP headers, lower-case names
@@ -92,8 +93,10 @@ class Request:
 
     def append_token(self, token_id: int) -> bool:
         """Record one sampled token, emit its text. Returns True once the request is finished."""
+        now = time.monotonic()
         if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
+            self.first_token_time = now
+        self.token_times.append(now)
         self.output_ids.append(token_id)
         if token_id in self.eos_token_ids:
             return self._finish("stop", self._drain()[0])
@@ -129,9 +132,12 @@ class Request:
     def _finish(self, reason: str, text: str) -> bool:
         self.status, self.finish_reason = RequestStatus.FINISHED, reason
         self.finish_time = time.monotonic()
-        self._emit(Delta(text, finish_reason=reason))
+        # Callbacks are queued before the last delta: they run before the client can get its
+        # answer, so nothing it does next can overtake them.
+        self.text += text
         for callback in self._done_callbacks:
             self._loop.call_soon_threadsafe(callback, self)
+        self._loop.call_soon_threadsafe(self._channel.put_nowait, Delta(text, finish_reason=reason))
         return True
 
     def _emit(self, delta: Delta) -> None:

@@ -35,6 +35,19 @@ def wait_for_keys(redis_server, count: int = 1) -> None:
         time.sleep(0.02)
 
 
+def wait_until_blocked(redis_server) -> None:
+    """Until a PING with a 50 ms timeout fails: DEBUG SLEEP has Redis frozen."""
+    probe = redis.Redis.from_url(redis_server.url, socket_timeout=0.05)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            probe.ping()
+        except redis.TimeoutError:
+            return
+        time.sleep(0.01)
+    raise AssertionError("Redis never blocked")
+
+
 def test_hits_are_stored_in_redis_and_shared_between_servers(tiny_model_dir, redis_server):
     with redis_client(tiny_model_dir, redis_server) as a:
         first = a.post(CHAT, json=chat("shared answer"))
@@ -74,6 +87,7 @@ def test_slow_redis_is_bypassed_by_timeout(tiny_model_dir, redis_server):
             )
         )
         blocker.start()
+        wait_until_blocked(redis_server)
         try:
             response = client.post(CHAT, json=chat("slow"))
         finally:
