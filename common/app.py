@@ -14,12 +14,13 @@ from common.config import ServerConfig
 from common.errors import EXCEPTION_HANDLERS
 
 
-def create_app(lifespan, extra_routes: list | None = None) -> Starlette:
+def create_app(lifespan, extra_routes: list | None = None, middleware=None) -> Starlette:
     """The OpenAI routes plus a step's own, with OpenAI-shaped errors for every failure."""
     return Starlette(
         routes=[*ROUTES, *(extra_routes or [])],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
+        middleware=middleware,
     )
 
 

@@ -54,17 +54,24 @@ def make_response_cache(config: Config) -> ResponseCache:
     return ResponseCache(backend, config.served_model_name)
 
 
+def build_engine(
+    config: Config, lm
+) -> tuple[PrefixBatchingEngine | CachingEngine, MockPrefixCache]:
+    prefix_cache = MockPrefixCache(config.block_size, config.prefix_cache_mb << 20)
+    queue = RequestQueue(config.max_queue_size)
+    engine = PrefixBatchingEngine(
+        lm, queue, config.max_batch_size, config.max_wait_ms, prefix_cache
+    )
+    if config.response_cache:
+        engine = CachingEngine(engine, make_response_cache(config))
+    return engine, prefix_cache
+
+
 def build_app(config: Config) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette):
         lm = load_model(config)
-        prefix_cache = MockPrefixCache(config.block_size, config.prefix_cache_mb << 20)
-        queue = RequestQueue(config.max_queue_size)
-        engine = PrefixBatchingEngine(
-            lm, queue, config.max_batch_size, config.max_wait_ms, prefix_cache
-        )
-        if config.response_cache:
-            engine = CachingEngine(engine, make_response_cache(config))
+        engine, _ = build_engine(config, lm)
         engine.start()
         app.state.serving = Serving(config, lm.tokenizer, lm.max_model_len, engine)
         yield

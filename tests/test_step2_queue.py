@@ -93,10 +93,12 @@ def test_queue_full_is_an_openai_429_over_http(start_server, tiny_model_dir):
         "step2_queue", GATEWAY_MODEL=str(tiny_model_dir), GATEWAY_MAX_QUEUE_SIZE="1"
     )
     long = {"model": "SmolLM2-135M-Instruct", "prompt": "x", "max_tokens": 1500, "stream": True}
-    with httpx.Client(timeout=60) as http, http.stream(
-        "POST", server.url + "/v1/completions", json=long
-    ) as running:
-        next(running.iter_lines())  # the worker has it
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", server.url + "/v1/completions", json=long) as running,
+    ):
+        lines = running.iter_lines()  # keep a reference: a dropped iterator closes the stream
+        next(lines)  # the worker has it
         with http.stream("POST", server.url + "/v1/completions", json=long) as queued:
             assert queued.status_code == 200  # headers come before the first token
             rejected = http.post(server.url + "/v1/completions", json={**long, "stream": False})

@@ -1,0 +1,3 @@
+from step5_observability.server import main
+
+main()
