@@ -1,0 +1,111 @@
+"""`python -m bench [run] ...`, `python -m bench check ...`, `python -m bench history ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from bench import floors, history
+from bench.profiles import PROFILES
+from bench.runner import RESULTS_ROOT, RunConfig, run_bench
+from bench.servers import discover_steps, select_steps
+from bench.workload import DEFAULT_WORKLOAD
+
+DEFAULT_FLOORS = Path(__file__).resolve().parent / "floors.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    command, rest = ("run", argv)
+    if argv and argv[0] in ("run", "check", "history"):
+        command, rest = argv[0], argv[1:]
+    handler = {"run": _run, "check": _check, "history": _history}[command]
+    sys.exit(handler(rest))
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the steps.")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p.add_argument("--steps", help="comma-separated numbers or names (default: every step)")
+    p.add_argument("--target", help="benchmark this OpenAI-compatible URL instead of the steps")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the timed runs (answers are always checked in float32)",
+    )
+    p.add_argument("--results", type=Path, help="results folder (default: bench/results/<time>)")
+    p.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD)
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="reference answers (a results.json or {'answers': ...}) instead of starting step 1",
+    )
+    p.add_argument("--skip-check", action="store_true", help="time without checking answers")
+    p.add_argument("--ready-timeout", type=float, default=120.0, help="s to wait for /health")
+    overrides = p.add_argument_group("profile overrides")
+    overrides.add_argument("--levels", type=_csv_ints, help="concurrency levels, e.g. 1,4")
+    overrides.add_argument("--max-tokens", type=int)
+    overrides.add_argument("--run-time", type=float, help="s of new requests per level")
+    overrides.add_argument("--stop-timeout", type=float, help="s for in-flight streams to end")
+    overrides.add_argument("--max-requests", type=int, help="requests per level")
+    return p
+
+
+def _run(argv: list[str]) -> int:
+    args = _run_parser().parse_args(argv)
+    profile = PROFILES[args.profile].with_overrides(
+        levels=args.levels,
+        max_tokens=args.max_tokens,
+        run_time_s=args.run_time,
+        stop_timeout_s=args.stop_timeout,
+        max_requests=args.max_requests,
+    )
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    config = RunConfig(
+        profile=profile,
+        dtype=args.dtype,
+        steps=() if args.target else tuple(select_steps(discover_steps(), args.steps)),
+        target=args.target,
+        results_dir=(args.results or RESULTS_ROOT / stamp).resolve(),
+        workload_path=args.workload.resolve(),
+        reference_path=args.reference.resolve() if args.reference else None,
+        skip_check=args.skip_check,
+        ready_timeout_s=args.ready_timeout,
+    )
+    results = run_bench(config)
+    print((config.results_dir / "table.md").read_text())
+    return 0 if all(entry["status"] == "ok" for entry in results["steps"]) else 2
+
+
+def _check(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench check")
+    p.add_argument("--results", type=Path, default=RESULTS_ROOT / "latest")
+    p.add_argument("--floors", type=Path, default=DEFAULT_FLOORS)
+    args = p.parse_args(argv)
+    return floors.run_check(args.results, args.floors)
+
+
+def _history(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench history")
+    p.add_argument("--append", type=Path, metavar="RESULTS_DIR", help="add this run's summary")
+    p.add_argument("--file", type=Path, default=history.HISTORY_FILE)
+    p.add_argument("--out", type=Path, default=RESULTS_ROOT / "history.png")
+    p.add_argument("--profile", default="quick", help="chart only runs of this profile")
+    args = p.parse_args(argv)
+    if args.append:
+        line = history.append(args.append, args.file)
+        print(f"appended {(line['commit'] or '?')[:10]} ({line['profile']}) to {args.file}")
+        return 0
+    entries = history.read(args.file)
+    if not entries:
+        print(f"no runs in {args.file}; add one with --append RESULTS_DIR")
+        return 1
+    print(f"wrote {history.chart(entries, args.out, args.profile)}")
+    return 0

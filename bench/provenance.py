@@ -1,0 +1,109 @@
+"""What every number is recorded with: the commit, whether the tree was dirty, the machine and
+the library versions. A number without these cannot be compared with anything."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+
+from bench.servers import ROOT
+
+
+def git_facts(root: Path = ROOT) -> dict:
+    commit = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain")  # untracked files count: they may be code
+    return {"commit": commit, "dirty": bool(status) if commit else None}
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def machine_facts() -> dict:
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "device": _device(),
+        "os": platform.platform(),
+        "load_avg_1m": load_average(),
+        "python": platform.python_version(),
+    }
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+class ForeignCpu:
+    """The share of the machine's CPU that other processes used over an interval.
+
+    Other work skews every timing, and a load average cannot tell it from the bench's own
+    threads. So: all busy CPU time on the machine, minus the harness's own, its waited-for
+    children's (the load generator) and the server's, over wall time times cores.
+    """
+
+    def __init__(self, server_cpu_s: Callable[[], float]) -> None:
+        self._server_cpu_s = server_cpu_s
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        me = psutil.Process().cpu_times()
+        ours = me.user + me.system + me.children_user + me.children_system + self._server_cpu_s()
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        return time.monotonic(), busy, ours
+
+    def share(self) -> float | None:
+        """Call after the load generator has been waited for, so its CPU time is counted."""
+        wall, busy, ours = (b - a for a, b in zip(self._start, self._sample(), strict=True))
+        if wall <= 0:
+            return None
+        return round(max(0.0, (busy - ours) / (wall * (os.cpu_count() or 1))), 3)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _device() -> str:
+    """What the servers will run on with device=auto (they pick CUDA when there is one)."""
+    import torch  # slow to import, so only here
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    return "cpu"
+
+
+def library_versions() -> dict:
+    names = ("torch", "transformers", "locust", "starlette", "uvicorn")
+    return {name: _version(name) for name in names}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

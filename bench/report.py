@@ -1,0 +1,150 @@
+"""Writing a run down: results.json (everything), table.md (the summary) and the charts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.profiles import CONCURRENCY_CAPS
+
+COLUMNS = (
+    "step",
+    "concurrency",
+    "req/s",
+    "out tok/s",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "TPOT p50 ms",
+    "e2e p50 s",
+    "e2e p99 s",
+    "errors",
+    "rejected",
+    "peak RSS MB",
+    "other CPU",
+    "note",
+)
+
+
+def write_json(results: dict, results_dir: Path) -> Path:
+    path = results_dir / "results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def write_all(results: dict, results_dir: Path) -> None:
+    from bench import charts  # matplotlib is slow to import; only the end of a run needs it
+
+    write_json(results, results_dir)
+    (results_dir / "table.md").write_text(markdown(results))
+    charts.write_charts(results, results_dir)
+
+
+def fmt(value: float | None, digits: int, scale: float = 1.0) -> str:
+    return "–" if value is None else f"{value * scale:.{digits}f}"
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def markdown(results: dict) -> str:
+    lines = [*_header(results), *_busy_warning(results), "", _row(COLUMNS)]
+    lines.append(_row(["---"] * len(COLUMNS)))
+    for entry in results["steps"]:
+        lines.extend(_step_rows(entry))
+    lines.extend(["", *_footnotes(results)])
+    return "\n".join(lines) + "\n"
+
+
+def _header(results: dict) -> list[str]:
+    meta, config = results["meta"], results["config"]
+    profile, machine, versions = config["profile"], meta["machine"], meta["versions"]
+    commit = (meta.get("commit") or "unknown")[:10] + (" (dirty)" if meta.get("dirty") else "")
+    return [
+        f"Profile **{profile['name']}**, dtype **{config['dtype']}**, "
+        f"max_tokens {profile['max_tokens']}, temperature 0, streaming; "
+        f"each level: {profile['run_time_s']:.0f} s of new requests + up to "
+        f"{profile['stop_timeout_s']:.0f} s to finish, at most {profile['max_requests']} requests.",
+        f"Commit {commit}; {machine['cpu_model']}, {machine['cores']} cores, "
+        f"{machine['memory_gb']} GB, device {machine['device']}; torch {versions['torch']}, "
+        f"transformers {versions['transformers']}, locust {versions['locust']}.",
+    ]
+
+
+BUSY_SHARE = 0.15  # of all cores, used by processes other than the bench and the server
+
+
+def _busy_warning(results: dict) -> list[str]:
+    shares = [lv.get("foreign_cpu") for e in results["steps"] for lv in e["levels"]]
+    peak = max((x for x in shares if x is not None), default=0.0)
+    if peak <= BUSY_SHARE:
+        return []
+    return [
+        f"**Warning: the machine was busy**: other processes used up to {peak:.0%} of its CPU "
+        "during a level (column 'other CPU'), so these timings are unreliable."
+    ]
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _step_rows(entry: dict) -> list[str]:
+    if not entry["levels"]:
+        note = f"**{entry['status']}**: {entry['message']}"
+        return [_row([entry["step"], *["–"] * (len(COLUMNS) - 2), note])]
+    rows = [_row(_level_cells(entry["step"], level)) for level in entry["levels"]]
+    if entry["status"] != "ok":
+        rows.append(_row([entry["step"], *["–"] * (len(COLUMNS) - 2), entry["message"]]))
+    return rows
+
+
+def _level_cells(step: str, level: dict) -> list[str]:
+    s = level["summary"]
+    concurrency = str(level["concurrency"])
+    if level["users"] < level["concurrency"]:
+        concurrency += f" (cap {level['users']})"
+    return [
+        step,
+        concurrency,
+        fmt(s["req_per_s"], 2),
+        fmt(s["output_tok_s"], 1),
+        fmt(s["ttft_p50_s"], 0, 1000),
+        fmt(s["ttft_p99_s"], 0, 1000),
+        fmt(s["tpot_p50_s"], 0, 1000),
+        fmt(s["e2e_p50_s"], 2),
+        fmt(s["e2e_p99_s"], 2),
+        percent(s["error_rate"]),
+        percent(s["rejection_rate"]),
+        fmt(level["peak_rss_mb"], 0),
+        percent(level.get("foreign_cpu")),
+        _note(level),
+    ]
+
+
+def _note(level: dict) -> str:
+    notes = [f"partial: {level['partial_reason']}"] if level["partial"] else []
+    if level["summary"]["cut_off"]:
+        notes.append(f"{level['summary']['cut_off']} cut off at the end")
+    if not level["summary"]["completed"]:
+        notes.append("no request completed")
+    return "; ".join(notes)
+
+
+def _footnotes(results: dict) -> list[str]:
+    notes = [
+        "req/s and out tok/s count completed requests over the window from the first send to "
+        "the last byte. TTFT: to the first text chunk. TPOT: per output token after the first. "
+        "errors: share of requests that failed; rejected: share of first attempts answered "
+        "429/503. Peak RSS: the server process, sampled every 0.25 s. Other CPU: share of the "
+        "machine's CPU used by processes other than the bench and the server during the level.",
+    ]
+    caps = ", ".join(f"{step} at {cap}" for step, cap in CONCURRENCY_CAPS.items())
+    notes.append(
+        f"Concurrency is capped for {caps} users: step 0 loads a fresh copy of the weights for "
+        "every request in flight, so more users would only measure memory exhaustion."
+    )
+    reference = results.get("reference")
+    check = f"checked against {reference['source']}" if reference else "not checked"
+    notes.append(f"Greedy answers (float32) {check} before timing; refused steps are not timed.")
+    return [f"- {note}" for note in notes]

@@ -1,0 +1,386 @@
+"""The run: for each step, start it, check its answers, warm it up, load it level by level.
+
+Results are written after every step, so a run cut short still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from bench import correctness, report
+from bench.profiles import CONCURRENCY_CAPS, Profile, plan_levels
+from bench.provenance import ForeignCpu, git_facts, library_versions, machine_facts
+from bench.records import Record
+from bench.servers import ROOT, NotReady, StepServer, TargetServer, discover_steps
+from bench.stats import summarise
+from bench.workload import Workload, chat_body, load_workload
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    profile: Profile
+    dtype: str  # what every timed run uses; the answer check always runs in float32
+    steps: tuple[str, ...]  # empty when target is set
+    target: str | None
+    results_dir: Path
+    workload_path: Path
+    reference_path: Path | None = None  # precomputed answers instead of starting step 1
+    skip_check: bool = False
+    ready_timeout_s: float = 120.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+class Progress:
+    """Prints what is happening and how long the run has taken so far."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.start
+
+    def say(self, message: str) -> None:
+        minutes, seconds = divmod(int(self.elapsed_s), 60)
+        print(f"[bench {minutes:2d}:{seconds:02d}] {message}", flush=True)
+
+
+def run_bench(config: RunConfig) -> dict:
+    progress = Progress()
+    workload = load_workload(config.workload_path)
+    for sub in ("records", "logs"):
+        (config.results_dir / sub).mkdir(parents=True, exist_ok=True)
+    results = _new_results(config, workload)
+    results["reference"] = _reference(config, workload, progress)
+    for name in _order(config, results["reference"]):
+        answers = (results["reference"] or {}).get("answers")
+        entry = _bench_one(config, name, workload, answers, progress)
+        results["steps"].append(entry)
+        if (entry["check"] or {}).get("is_reference"):
+            results["reference"] = {
+                "source": f"{name} float32",
+                "answers": entry["check"]["answers"],
+            }
+        report.write_json(results, config.results_dir)
+    in_order = list(config.steps or (config.target,))
+    results["steps"].sort(key=lambda entry: in_order.index(entry["step"]))
+    results["meta"]["elapsed_s"] = round(progress.elapsed_s, 1)
+    results["meta"]["finished_at"] = _now()
+    report.write_all(results, config.results_dir)
+    _link_latest(config.results_dir)
+    progress.say(f"done: {config.results_dir}")
+    return results
+
+
+def _new_results(config: RunConfig, workload: Workload) -> dict:
+    meta = {
+        **git_facts(),
+        "started_at": _now(),
+        "machine": machine_facts(),
+        "versions": library_versions(),
+        "workload": {"version": workload.version, "sha256": workload.sha256},
+        "concurrency_caps": CONCURRENCY_CAPS,
+    }
+    return {"schema": 1, "meta": meta, "config": config.to_dict(), "steps": []}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- reference answers
+
+
+def _reference(config: RunConfig, workload: Workload, progress: Progress) -> dict | None:
+    """Answers to check against, unless the reference step is benched first and gives them."""
+    if config.skip_check:
+        progress.say("answer check skipped (--skip-check)")
+        return None
+    if config.reference_path is not None:
+        answers = correctness.load_reference(config.reference_path)
+        return {"source": str(config.reference_path), "answers": answers}
+    if correctness.REFERENCE_STEP in config.steps:
+        return None  # _order() runs it first; its own check phase records the answers
+    if correctness.REFERENCE_STEP not in discover_steps():
+        raise SystemExit(f"no {correctness.REFERENCE_STEP} to check against: pass --reference")
+    return _reference_from_step(config, workload, progress)
+
+
+def _order(config: RunConfig, reference: dict | None) -> list[str]:
+    """Step order, except that the reference step goes first when the others need its answers."""
+    names = list(config.steps or (config.target,))
+    wanted = not config.skip_check and reference is None
+    if wanted and correctness.REFERENCE_STEP in names:
+        names.remove(correctness.REFERENCE_STEP)
+        names.insert(0, correctness.REFERENCE_STEP)
+    return names
+
+
+def _reference_from_step(config: RunConfig, workload: Workload, progress: Progress) -> dict:
+    step, dtype = correctness.REFERENCE_STEP, correctness.CHECK_DTYPE
+    progress.say(f"reference answers: starting {step} ({dtype})")
+    server = StepServer(step, dtype, config.results_dir / "logs" / "reference.log")
+    try:
+        server.wait_ready(config.ready_timeout_s)
+        model = correctness.model_name(server.url)
+        answers = correctness.answers(server.url, workload, model)
+    finally:
+        server.stop()
+    return {"source": f"{step} {dtype}", "answers": answers}
+
+
+# ---------------------------------------------------------------- one step
+
+
+def _bench_one(
+    config: RunConfig, name: str, workload: Workload, reference: dict | None, progress: Progress
+) -> dict:
+    entry: dict = {"step": name, "status": "ok", "message": None, "check": None, "levels": []}
+    server = None
+    try:
+        server = _start(config, name, _first_dtype(config), progress)
+        entry["ready_s"] = round(server.wait_ready(config.ready_timeout_s), 1)
+        model = correctness.model_name(server.url)
+        checking = not config.skip_check
+        if checking and not _check(server, workload, model, reference, entry, progress):
+            return entry
+        server = _restart_for_timing(config, server, progress, entry)
+        entry["dtype"] = server.dtype
+        _warm_up(server.url, workload, model, config.profile, progress)
+        _run_levels(config, server, model, entry, progress)
+    except NotReady as exc:
+        _fail(entry, "failed_to_start", str(exc), server, progress)
+    except httpx.HTTPError as exc:
+        status = "died" if server is not None and not server.alive() else "failed"
+        _fail(entry, status, f"{type(exc).__name__}: {exc}", server, progress)
+    finally:
+        if server is not None:
+            server.stop()
+    return entry
+
+
+def _first_dtype(config: RunConfig) -> str:
+    """Start in float32 when answers will be checked, so one process can do both if it can."""
+    checking = not config.skip_check
+    return correctness.CHECK_DTYPE if checking else config.dtype
+
+
+def _start(config: RunConfig, name: str, dtype: str, progress: Progress):
+    if config.target:
+        progress.say(f"target {name}")
+        return TargetServer(name)
+    progress.say(f"{name}: starting ({dtype})")
+    return StepServer(name, dtype, config.results_dir / "logs" / f"{name}.log")
+
+
+def _check(server, workload, model: str, reference: dict | None, entry: dict, progress) -> bool:
+    if reference is None and server.step == correctness.REFERENCE_STEP:
+        answers = correctness.answers(server.url, workload, model)
+        entry["check"] = {"passed": True, "is_reference": True, "answers": answers}
+        progress.say(f"{server.step}: recorded the reference answers ({len(answers)} prompts)")
+        return True
+    if reference is None:  # the reference step failed: nothing to validate against
+        entry["status"], entry["message"] = "refused", "no reference answers to check against"
+        progress.say(f"{server.step}: REFUSED, not timed: {entry['message']}")
+        return False
+    result = correctness.verify(server.url, workload, model, reference)
+    entry["check"] = result.to_dict()
+    if result.passed:
+        progress.say(f"{server.step}: answers match the reference ({len(reference)} prompts)")
+        return True
+    ids = ", ".join(m["id"] for m in result.mismatches)
+    entry["status"], entry["message"] = "refused", f"answers differ from the reference: {ids}"
+    progress.say(f"{server.step}: REFUSED, not timed: {entry['message']}")
+    return False
+
+
+def _restart_for_timing(config: RunConfig, server, progress: Progress, entry: dict):
+    if config.target or server.dtype == config.dtype:
+        return server
+    server.stop()
+    server = _start(config, server.step, config.dtype, progress)
+    entry["ready_s"] = round(server.wait_ready(config.ready_timeout_s), 1)
+    return server
+
+
+def _warm_up(url: str, workload: Workload, model: str, profile: Profile, progress) -> None:
+    """A few short requests first, so one-off costs (lazy init, allocator growth) are not timed."""
+    for i in range(profile.warmup_requests):
+        prompt = workload.prompts[i % len(workload.prompts)]
+        body = chat_body(workload, prompt, model, min(profile.max_tokens, 8), stream=False)
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=120.0).raise_for_status()
+    progress.say(f"warmed up with {profile.warmup_requests} requests")
+
+
+def _fail(entry: dict, status: str, message: str, server, progress: Progress) -> None:
+    entry["status"], entry["message"] = status, message
+    if server is not None:
+        entry["exit_code"] = server.exit_code
+        entry["log_tail"] = server.log_tail()
+    progress.say(f"{entry['step']}: {status.upper()}: {message}")
+
+
+# ---------------------------------------------------------------- levels
+
+
+def _run_levels(config: RunConfig, server, model: str, entry: dict, progress) -> None:
+    cap = CONCURRENCY_CAPS.get(entry["step"])
+    for level, users in plan_levels(config.profile.levels, cap):
+        result = _run_level(config, server, model, level, users, progress)
+        entry["levels"].append(result)
+        if result["server_died"]:
+            message = f"server died during concurrency {level} (exit code {server.exit_code})"
+            _fail(entry, "died", message, server, progress)
+            return
+    partial = [str(lv["concurrency"]) for lv in entry["levels"] if lv["partial"]]
+    if partial:
+        entry["status"] = "partial"
+        entry["message"] = f"partial results at concurrency {', '.join(partial)}"
+
+
+def _run_level(config: RunConfig, server, model: str, level: int, users: int, progress) -> dict:
+    profile = config.profile
+    tag = f"{_short(server.step)}-c{level}"
+    records_path = config.results_dir / "records" / f"{tag}.jsonl"
+    capped = f" (capped at {users} users)" if users < level else ""
+    progress.say(
+        f"{server.step}: concurrency {level}{capped}, up to {profile.run_time_s:.0f}"
+        f"+{profile.stop_timeout_s:.0f} s or {profile.max_requests} requests"
+    )
+    started = time.monotonic()
+    loadgen = _spawn_loadgen(config, server.url, model, users, records_path, tag)
+    watch = _watch(loadgen, server, profile.level_timeout_s)
+    if not watch["server_died"] and not server.alive():
+        watch["server_died"] = True  # a --target can only be asked afterwards
+    records = read_records(records_path)
+    result = _level_result(level, users, records, watch, time.monotonic() - started)
+    result["records_file"] = str(records_path.relative_to(config.results_dir))
+    progress.say(_level_line(server.step, result))
+    return result
+
+
+def _short(step: str) -> str:
+    return step.split("_")[0] if step.startswith("step") else "target"
+
+
+def _spawn_loadgen(config: RunConfig, url: str, model: str, users: int, records: Path, tag: str):
+    profile = config.profile
+    args = {
+        "--host": url,
+        "--users": users,
+        "--run-time": profile.run_time_s,
+        "--stop-timeout": profile.stop_timeout_s,
+        "--model": model,
+        "--max-tokens": profile.max_tokens,
+        "--max-requests": profile.max_requests,
+        "--workload": config.workload_path,
+        "--records": records,
+    }
+    flags = [str(part) for pair in args.items() for part in pair]
+    log = open(config.results_dir / "logs" / f"{tag}-loadgen.log", "wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.loadgen", *flags], cwd=ROOT, stdout=log, stderr=log
+    )
+
+
+def _watch(loadgen: subprocess.Popen, server, timeout_s: float) -> dict:
+    """Wait for the load generator, sampling server memory; stop early if the server dies."""
+    peak, started = 0, time.monotonic()
+    foreign = ForeignCpu(server.cpu_seconds)
+    died = timed_out = False
+    while loadgen.poll() is None:
+        peak = max(peak, server.rss_bytes() or 0)
+        if server.exited():
+            died = True
+            break
+        if time.monotonic() - started > timeout_s:
+            timed_out = True
+            break
+        time.sleep(0.25)
+    _end(loadgen)
+    rc = loadgen.returncode if not (died or timed_out) else None
+    return {
+        "server_died": died,
+        "timed_out": timed_out,
+        "loadgen_rc": rc,
+        "peak_rss": peak,
+        "foreign_cpu": foreign.share(),
+    }
+
+
+def _end(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def read_records(path: Path) -> list[Record]:
+    """Every complete line; a last line cut off by a kill is dropped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(Record.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            continue
+    return records
+
+
+def _level_result(level: int, users: int, records: list[Record], watch: dict, took: float):
+    failed_loadgen = watch["loadgen_rc"] not in (0, None)
+    partial = watch["server_died"] or watch["timed_out"] or failed_loadgen
+    reasons = [
+        ("server died", watch["server_died"]),
+        ("level timed out", watch["timed_out"]),
+        (f"load generator exited {watch['loadgen_rc']}", failed_loadgen),
+    ]
+    return {
+        "concurrency": level,
+        "users": users,
+        "partial": partial,
+        "partial_reason": ", ".join(text for text, hit in reasons if hit) or None,
+        "server_died": watch["server_died"],
+        "duration_s": round(took, 1),
+        "peak_rss_mb": round(watch["peak_rss"] / 2**20, 1) if watch["peak_rss"] else None,
+        "foreign_cpu": watch["foreign_cpu"],
+        "summary": summarise(records),
+    }
+
+
+def _level_line(step: str, result: dict) -> str:
+    s = result["summary"]
+    line = (
+        f"{step}: concurrency {result['concurrency']}: {s['completed']}/{s['requests']} ok "
+        f"({s['cut_off']} cut off), "
+        f"{report.fmt(s['output_tok_s'], 1)} tok/s, e2e p50 {report.fmt(s['e2e_p50_s'], 2)} s, "
+        f"took {result['duration_s']:.0f} s"
+    )
+    return line + (f" PARTIAL ({result['partial_reason']})" if result["partial"] else "")
+
+
+def _link_latest(results_dir: Path) -> None:
+    """bench/results/latest -> the newest run, when the run lives under bench/results."""
+    if results_dir.resolve().parent != RESULTS_ROOT:
+        return
+    latest = RESULTS_ROOT / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(results_dir.name)
