@@ -62,6 +62,21 @@ class Observer:
         """Called once per request; `request` is None when it failed before one was made."""
 
 
+class Observers(Observer):
+    """Several observers as one, called in order."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def on_start(self, http: HTTPRequest, request: Request) -> None:
+        for observer in self.observers:
+            observer.on_start(http, request)
+
+    def on_end(self, http: HTTPRequest, outcome: Outcome, request: Request | None) -> None:
+        for observer in self.observers:
+            observer.on_end(http, outcome, request)
+
+
 @dataclass
 class Serving:
     """What the routes need from the step, set on app.state.serving by its lifespan."""
@@ -278,7 +293,10 @@ async def _sse(http, state: Serving, request: Request, fmt, include_usage: bool)
             yield sse_event(protocol.usage_chunk(fmt.kind, fmt.rid, fmt.model, use))
         yield "data: [DONE]\n\n"
         outcome = Outcome.SUCCESS
-    except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+    except APIError as exc:  # e.g. a deadline passed while queued: headers are already sent
+        outcome = Outcome.for_status(exc.status)
+        yield sse_event(exc.body())
+    except Exception as exc:  # report in-band, as OpenAI does
         outcome = Outcome.SERVER_ERROR
         log.exception("stream %s failed", request.request_id)
         yield sse_event(APIError(f"generation failed: {type(exc).__name__}", 500).body())

@@ -74,11 +74,14 @@ def build_app(config: Config) -> Starlette:
         stats.cancel()
         await engine.stop()
 
+    return create_app(lifespan, [metrics_route(registry)], [Middleware(RequestIdMiddleware)])
+
+
+def metrics_route(registry: CollectorRegistry) -> Route:
     async def metrics_endpoint(http) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    routes = [Route("/metrics", metrics_endpoint, methods=["GET"])]
-    return create_app(lifespan, routes, [Middleware(RequestIdMiddleware)])
+    return Route("/metrics", metrics_endpoint, methods=["GET"])
 
 
 def snapshot(registry: CollectorRegistry) -> dict:

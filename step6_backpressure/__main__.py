@@ -1,0 +1,3 @@
+from step6_backpressure.server import main
+
+main()

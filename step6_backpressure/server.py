@@ -1,0 +1,150 @@
+"""Step 6: backpressure and stability. Stay useful when more work arrives than can be done.
+
+New since step 5: admission control (bounded waiting requests and prompt tokens, 429 with
+Retry-After), queue deadlines, input limits, liveness vs readiness, a graceful drain on SIGTERM,
+an optional API key, and rejection/timeout/cancellation counts. Serving is step 5's.
+Run: python -m step6_backpressure
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import uvicorn
+from prometheus_client import CollectorRegistry, Gauge
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from common.api import Observers
+from common.app import create_app, setup_logging
+from common.model import load_model
+from step4_mock_kv.server import build_engine
+from step5_observability.metrics import CacheCollector, Metrics, MetricsObserver, watch_batch_sizes
+from step5_observability.server import Config as ObservabilityConfig
+from step5_observability.server import metrics_route, snapshot
+from step5_observability.structured_logs import (
+    RequestIdMiddleware,
+    log_request,
+    log_stats_every,
+    use_format,
+)
+from step6_backpressure.admission import (
+    AdmissionCollector,
+    AdmissionController,
+    AdmittingEngine,
+    BodyLimitMiddleware,
+    LimitedServing,
+    Limits,
+)
+from step6_backpressure.lifecycle import (
+    ApiKeyMiddleware,
+    GracefulServer,
+    Lifecycle,
+    live,
+    readiness,
+)
+
+
+@dataclass(frozen=True)
+class Config(ObservabilityConfig):
+    max_waiting_requests: int = 64  # admitted but not yet running; one more gets a 429
+    max_waiting_tokens: int = 32768  # prompt tokens of those
+    queue_timeout_s: float = 30.0  # default deadline to start generating
+    max_queue_timeout_s: float = 120.0  # the most a request may ask for (X-Queue-Timeout)
+    max_prompt_tokens: int = 4096
+    max_tokens_limit: int = 1024  # the largest max_tokens accepted
+    max_body_bytes: int = 1 << 20
+    ready_when_saturated: bool = False
+    drain_timeout_s: float = 30.0
+    api_key: str = ""  # empty: no authentication
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.max_waiting_requests, self.max_waiting_tokens, self.max_body_bytes) < 1:
+            raise ValueError("waiting bounds and max_body_bytes must be at least 1")
+
+    def limits(self) -> Limits:
+        return Limits(
+            self.max_waiting_requests,
+            self.max_waiting_tokens,
+            self.queue_timeout_s,
+            self.max_queue_timeout_s,
+            self.max_prompt_tokens,
+            self.max_tokens_limit,
+        )
+
+
+def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
+    lifecycle = lifecycle or Lifecycle(config.drain_timeout_s)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    tasks = Gauge(
+        "gateway_event_loop_tasks", "Live asyncio tasks (leaks show here).", registry=registry
+    )
+    tasks.set_function(lambda: len(asyncio.all_tasks()))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        use_format(config.log_format)
+        started = time.monotonic()
+        lm = load_model(config)
+        metrics.model_load.set(time.monotonic() - started)
+        watch_batch_sizes(lm.model, metrics)
+        inner, prefix_cache = build_engine(config, lm)
+        admission = AdmissionController(config.limits())
+        registry.register(CacheCollector(prefix_cache, getattr(inner, "cache", None)))
+        registry.register(AdmissionCollector(admission))
+        on_end = partial(log_request, log_prompts=config.log_prompts)
+        observer = Observers(admission, MetricsObserver(metrics, on_end=on_end))
+        engine = AdmittingEngine(inner, admission)
+        engine.start()
+        app.state.serving = LimitedServing(
+            config, lm.tokenizer, lm.max_model_len, engine, observer, config.limits()
+        )
+        lifecycle.admission = admission
+        stats = asyncio.create_task(
+            log_stats_every(config.stats_interval_s, partial(snapshot, registry))
+        )
+        yield
+        stats.cancel()
+        await engine.stop()
+
+    routes = [
+        metrics_route(registry),
+        Route("/health/live", live, methods=["GET"]),
+        Route("/health/ready", readiness(lifecycle, config.ready_when_saturated), methods=["GET"]),
+    ]
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),
+    ]
+    if config.api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=config.api_key))
+    app = create_app(lifespan, routes, middleware)
+    app.state.lifecycle = lifecycle
+    return app
+
+
+def main() -> None:
+    config = Config.load(sys.argv[1:])
+    setup_logging(config.log_level)
+    lifecycle = Lifecycle(config.drain_timeout_s)
+    app = build_app(config, lifecycle)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    GracefulServer(uv_config, lifecycle).run()
+
+
+if __name__ == "__main__":
+    main()
