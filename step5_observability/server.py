@@ -56,25 +56,34 @@ def build_app(config: Config) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        use_format(config.log_format)
-        started = time.monotonic()
-        lm = load_model(config)
-        metrics.model_load.set(time.monotonic() - started)
-        watch_batch_sizes(lm.model, metrics)
-        engine, prefix_cache = build_engine(config, lm)
-        registry.register(CacheCollector(prefix_cache, getattr(engine, "cache", None)))
-        on_end = partial(log_request, log_prompts=config.log_prompts)
-        observer = MetricsObserver(metrics, on_end=on_end)
+        lm, engine, observer = load_observed(config, registry, metrics)
         engine.start()
         app.state.serving = Serving(config, lm.tokenizer, lm.max_model_len, engine, observer)
-        stats = asyncio.create_task(
-            log_stats_every(config.stats_interval_s, partial(snapshot, registry))
-        )
+        stats = start_stats_log(config, registry)
         yield
         stats.cancel()
         await engine.stop()
 
     return create_app(lifespan, [metrics_route(registry)], [Middleware(RequestIdMiddleware)])
+
+
+def load_observed(config: Config, registry: CollectorRegistry, metrics: Metrics):
+    """Step 4's model and engine, with load time, batch sizes and cache counters observed."""
+    use_format(config.log_format)
+    started = time.monotonic()
+    lm = load_model(config)
+    metrics.model_load.set(time.monotonic() - started)
+    watch_batch_sizes(lm.model, metrics)
+    engine, prefix_cache = build_engine(config, lm)
+    registry.register(CacheCollector(prefix_cache, getattr(engine, "cache", None)))
+    on_end = partial(log_request, log_prompts=config.log_prompts)
+    return lm, engine, MetricsObserver(metrics, on_end=on_end)
+
+
+def start_stats_log(config: Config, registry: CollectorRegistry) -> asyncio.Task:
+    return asyncio.create_task(
+        log_stats_every(config.stats_interval_s, partial(snapshot, registry))
+    )
 
 
 def metrics_route(registry: CollectorRegistry) -> Route:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import uvicorn
 from prometheus_client import CollectorRegistry, Gauge
@@ -23,16 +21,11 @@ from starlette.routing import Route
 
 from common.api import Observers
 from common.app import create_app, setup_logging
-from common.model import load_model
-from step4_mock_kv.server import build_engine
-from step5_observability.metrics import CacheCollector, Metrics, MetricsObserver, watch_batch_sizes
+from step5_observability.metrics import Metrics
 from step5_observability.server import Config as ObservabilityConfig
-from step5_observability.server import metrics_route, snapshot
+from step5_observability.server import load_observed, metrics_route, start_stats_log
 from step5_observability.structured_logs import (
     RequestIdMiddleware,
-    log_request,
-    log_stats_every,
-    use_format,
 )
 from step6_backpressure.admission import (
     AdmissionCollector,
@@ -91,26 +84,17 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        use_format(config.log_format)
-        started = time.monotonic()
-        lm = load_model(config)
-        metrics.model_load.set(time.monotonic() - started)
-        watch_batch_sizes(lm.model, metrics)
-        inner, prefix_cache = build_engine(config, lm)
+        lm, inner, metrics_observer = load_observed(config, registry, metrics)
         admission = AdmissionController(config.limits())
-        registry.register(CacheCollector(prefix_cache, getattr(inner, "cache", None)))
         registry.register(AdmissionCollector(admission))
-        on_end = partial(log_request, log_prompts=config.log_prompts)
-        observer = Observers(admission, MetricsObserver(metrics, on_end=on_end))
+        observer = Observers(admission, metrics_observer)
         engine = AdmittingEngine(inner, admission)
         engine.start()
         app.state.serving = LimitedServing(
             config, lm.tokenizer, lm.max_model_len, engine, observer, config.limits()
         )
         lifecycle.admission = admission
-        stats = asyncio.create_task(
-            log_stats_every(config.stats_interval_s, partial(snapshot, registry))
-        )
+        stats = start_stats_log(config, registry)
         yield
         stats.cancel()
         await engine.stop()
