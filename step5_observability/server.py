@@ -67,14 +67,15 @@ def build_app(config: Config) -> Starlette:
     return create_app(lifespan, [metrics_route(registry)], [Middleware(RequestIdMiddleware)])
 
 
-def load_observed(config: Config, registry: CollectorRegistry, metrics: Metrics):
-    """Step 4's model and engine, with load time, batch sizes and cache counters observed."""
+def load_observed(config: Config, registry: CollectorRegistry, metrics: Metrics, build=None):
+    """The model and an engine (step 4's unless `build` makes another), observed: load time,
+    batch sizes, cache counters. `build(config, lm)` returns (engine, prefix cache)."""
     use_format(config.log_format)
     started = time.monotonic()
     lm = load_model(config)
     metrics.model_load.set(time.monotonic() - started)
     watch_batch_sizes(lm.model, metrics)
-    engine, prefix_cache = build_engine(config, lm)
+    engine, prefix_cache = (build or build_engine)(config, lm)
     registry.register(CacheCollector(prefix_cache, getattr(engine, "cache", None)))
     on_end = partial(log_request, log_prompts=config.log_prompts)
     return lm, engine, MetricsObserver(metrics, on_end=on_end)

@@ -43,10 +43,12 @@ class Lifecycle:
     def in_flight(self) -> int:
         return len(self.admission.live) if self.admission is not None else 0
 
-    def drained(self) -> bool:
+    def drained(self, open_responses: int) -> bool:
+        """Nothing admitted is unfinished and no response is still being written."""
         if not self.draining:
             return False
-        return self.in_flight() == 0 or time.monotonic() >= self.drain_deadline
+        idle = self.in_flight() == 0 and open_responses == 0
+        return idle or time.monotonic() >= self.drain_deadline
 
 
 class GracefulServer(uvicorn.Server):
@@ -62,7 +64,8 @@ class GracefulServer(uvicorn.Server):
         self.lifecycle.start_drain()
 
     async def on_tick(self, counter: int) -> bool:
-        if self.lifecycle.drained():
+        # A request leaves `in_flight` just before its response is sent: wait for that too.
+        if self.lifecycle.drained(open_responses=len(self.server_state.tasks)):
             log.warning("drained (%d still in flight): exiting", self.lifecycle.in_flight())
             self.should_exit = True
         return await super().on_tick(counter)

@@ -73,7 +73,8 @@ class Config(ObservabilityConfig):
         )
 
 
-def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
+def build_app(config: Config, lifecycle: Lifecycle | None = None, build=None) -> Starlette:
+    """`build(config, lm) -> (engine, prefix cache)` swaps the serving engine (step 7 does)."""
     lifecycle = lifecycle or Lifecycle(config.drain_timeout_s)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -84,7 +85,7 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        lm, inner, metrics_observer = load_observed(config, registry, metrics)
+        lm, inner, metrics_observer = load_observed(config, registry, metrics, build)
         admission = AdmissionController(config.limits())
         registry.register(AdmissionCollector(admission))
         observer = Observers(admission, metrics_observer)
@@ -115,19 +116,23 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
     return app
 
 
-def main() -> None:
-    config = Config.load(sys.argv[1:])
+def serve_gracefully(build, config_class) -> None:
+    """Like common.app.serve, but the first SIGTERM drains (see lifecycle.py)."""
+    config = config_class.load(sys.argv[1:])
     setup_logging(config.log_level)
     lifecycle = Lifecycle(config.drain_timeout_s)
-    app = build_app(config, lifecycle)
     uv_config = uvicorn.Config(
-        app,
+        build(config, lifecycle),
         host=config.host,
         port=config.port,
         log_level=config.log_level,
         timeout_graceful_shutdown=5,
     )
     GracefulServer(uv_config, lifecycle).run()
+
+
+def main() -> None:
+    serve_gracefully(build_app, Config)
 
 
 if __name__ == "__main__":
