@@ -276,19 +276,24 @@ def test_disconnect_storm_leaves_no_running_work_and_no_leaked_tasks(start_serve
 @pytest.mark.integration
 def test_sigterm_during_load_finishes_in_flight_and_refuses_new(start_server, tiny_model_dir):
     server = start(
-        start_server, tiny_model_dir, GATEWAY_MAX_BATCH_SIZE="4", GATEWAY_DRAIN_TIMEOUT_S="60"
+        start_server,
+        tiny_model_dir,
+        GATEWAY_MAX_BATCH_SIZE="4",
+        GATEWAY_MAX_WAIT_MS="3000",
+        GATEWAY_QUEUE_TIMEOUT_S="120",
+        GATEWAY_DRAIN_TIMEOUT_S="120",
     )
     results = []
 
     def long(i):
-        r = httpx.post(server.url + URL, json=body(prompt=f"d{i}", max_tokens=600), timeout=120)
+        r = httpx.post(server.url + URL, json=body(prompt=f"d{i}", max_tokens=300), timeout=300)
         finish = r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else r.text
         results.append((r.status_code, finish))
 
     workers = [threading.Thread(target=long, args=(i,)) for i in range(3)]
     for w in workers:
         w.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60  # all three in one batch (max_wait_ms gathers them)
     while metric(server.url, "gateway_requests_running") < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     server.proc.send_signal(signal.SIGTERM)

@@ -65,7 +65,10 @@ def send_load(url: str, stop: threading.Event, worker: int) -> None:
         }
         if i % 7 == 0:
             body["temperature"] = 5  # a client error, for the outcome panel
-        httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        try:
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        except httpx.HTTPError:
+            pass  # a slow answer is the server's problem to show, not the load's
         i += 1
 
 
