@@ -1,0 +1,1 @@
+"""Step 7: continuous batching over a paged KV cache, with prefix caching."""

@@ -1,0 +1,3 @@
+from step7_real_kv.server import main
+
+main()

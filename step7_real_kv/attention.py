@@ -1,0 +1,58 @@
+"""Attention over the paged pool: queries of the new tokens against keys gathered by slot.
+
+Grouped-query attention: 9 query heads share 3 key/value heads, query head h reading kv head
+h // (9 // 3), as transformers' repeat_kv does. Instead of repeating K and V, the queries of one
+kv head are stacked: q [.., kv_heads, group, ..] against k [.., kv_heads, ..].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from step7_real_kv.batch import Batch
+from step7_real_kv.paged_kv import PagedKVCache
+
+
+def paged_attention(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: Batch) -> torch.Tensor:
+    """q: [T, heads, head_dim] for the batch's new tokens, their K/V already written to the
+    pool -> attention output [T, heads, head_dim]."""
+    out = torch.empty_like(q)
+    d = batch.num_decodes
+    if d:
+        k, v = kv.gather(layer, batch.decode_slots)  # [D, context, kv_heads, head_dim]
+        out[:d] = decode_attention(q[:d], k, v, batch.decode_mask)
+    for chunk in batch.prefills:
+        rows = slice(chunk.start, chunk.start + chunk.length)
+        k, v = kv.gather(layer, chunk.context_slots)  # [context, kv_heads, head_dim]
+        out[rows] = prefill_attention(q[rows], k, v)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """One query per sequence. q: [B, heads, dim]; k, v: [B, context, kv_heads, dim];
+    mask: [B, context] bool (False on padding) -> [B, heads, dim]."""
+    b, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.view(b, kv_heads, heads // kv_heads, dim)  # the group's queries as rows
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv_heads, context, dim]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    return out.reshape(b, heads, dim)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A chunk of n new tokens after `cached` earlier ones, causal. q: [n, heads, dim];
+    k, v: [cached + n, kv_heads, dim] -> [n, heads, dim]."""
+    n, heads, dim = q.shape
+    context, kv_heads = k.shape[:2]
+    group = heads // kv_heads
+    # [n, kv_heads, group, dim] -> [kv_heads, group * n, dim]: row r is query r % n
+    q = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * n, dim)
+    # token i of the chunk sits at position cached + i and sees keys 0..cached + i
+    causal = torch.ones(n, context, dtype=torch.bool, device=q.device).tril(context - n)
+    out = F.scaled_dot_product_attention(
+        q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=causal.repeat(group, 1)
+    )  # [kv_heads, group * n, dim]
+    return out.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)

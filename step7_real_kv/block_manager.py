@@ -1,0 +1,106 @@
+"""The block manager: who owns which KV block, and which full blocks can be found again by name.
+
+The KV pool (paged_kv.py) is cut into `num_blocks` blocks of `block_size` token slots. This class
+only does the bookkeeping, with block ids: a reference count per block (a block shared by two
+sequences through a common prefix has count 2), a free list, and a map from a full block's
+chained hash (common.prefix.block_hashes) to the block that holds it.
+
+A block whose count drops to 0 goes to the back of the free list but keeps its hash, so a later
+prompt with the same prefix still finds it ("freed but findable"). Allocation takes from the
+front, so the least recently freed block is the one reused (LRU); only then is its hash dropped.
+
+It answers the same PrefixCache protocol as the step-4 cache: `match` pins the longest cached
+prefix (the hit's state is the list of block ids), `release` unpins, `insert` names blocks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from common.prefix import CacheStats, PrefixHit, block_hashes
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be at least 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.stats = CacheStats()
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.by_hash: dict[bytes, int] = {}
+        # Free block ids, least recently freed first; an OrderedDict gives O(1) removal when a
+        # freed-but-cached block is found again by `match`.
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_ids)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """How many blocks hold `num_tokens` token slots."""
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------ owning blocks
+
+    def allocate(self, n: int) -> list[int]:
+        """n fresh blocks with reference count 1. Raises if fewer than n are free."""
+        if n > self.num_free:
+            raise MemoryError(f"asked for {n} KV blocks, {self.num_free} free")
+        return [self._take(self.free_ids.popitem(last=False)[0]) for _ in range(n)]
+
+    def _take(self, block_id: int) -> int:
+        old = self.block_hash[block_id]
+        if old is not None:  # reusing a cached block evicts its prefix
+            del self.by_hash[old]
+            self.block_hash[block_id] = None
+            self.stats.evictions += 1
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference to each block. The tail goes back first, so under pressure the
+        longest (least shareable) suffix of a prefix is evicted before its first blocks."""
+        for block_id in reversed(block_ids):
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free_ids[block_id] = None
+            elif self.ref_counts[block_id] < 0:
+                raise RuntimeError(f"KV block {block_id} freed twice")
+
+    def _pin(self, block_id: int) -> None:
+        if self.ref_counts[block_id] == 0:
+            del self.free_ids[block_id]
+        self.ref_counts[block_id] += 1
+
+    # ------------------------------------------------------------ the PrefixCache protocol
+
+    def match(self, token_ids: Sequence[int]) -> PrefixHit:
+        """The longest run of cached full blocks at the start of `token_ids`, pinned."""
+        keys, found = [], []
+        for key in block_hashes(token_ids, self.block_size):
+            block_id = self.by_hash.get(key)
+            if block_id is None:
+                break
+            keys.append(key)
+            found.append(block_id)
+        for block_id in found:
+            self._pin(block_id)
+        hit = PrefixHit(len(found) * self.block_size, found, keys)
+        self.stats.queried_tokens += len(token_ids)
+        self.stats.hit_tokens += hit.num_tokens
+        return hit
+
+    def release(self, hit: PrefixHit) -> None:
+        self.free(hit.state)
+
+    def insert(self, token_ids: Sequence[int], state: Sequence[int]) -> None:
+        """Name the full blocks of `token_ids`, held in blocks `state` (a block table), by their
+        chained hashes. A name already taken (the same prefix computed twice) keeps its block."""
+        for key, block_id in zip(block_hashes(token_ids, self.block_size), state, strict=False):
+            if key in self.by_hash or self.block_hash[block_id] is not None:
+                continue
+            self.by_hash[key] = block_id
+            self.block_hash[block_id] = key

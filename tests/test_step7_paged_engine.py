@@ -1,0 +1,217 @@
+"""Step 7's engine: paged attention equals dense attention, and greedy tokens equal plain
+transformers `generate` in float32 however the scheduler slices the work: mixed batches, block
+boundaries, prefix-cache hits, chunked prefill, preemption and recomputation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from common.config import ServerConfig
+from common.errors import APIError
+from common.model import load_model
+from step2_queue.queue import RequestQueue
+from step7_real_kv.attention import decode_attention, prefill_attention
+from step7_real_kv.engine import PagedEngine
+from step7_real_kv.paged_kv import PagedKVCache, slot_numbers
+from tests.conftest import tiny_client
+from tests.engine_helpers import drain, make_request
+
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog",
+    "One two three four five six seven eight nine ten eleven twelve thirteen",
+    "A",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    return load_model(ServerConfig(model=str(tiny_model_dir)))
+
+
+def reference(lm, prompt: str, max_tokens: int) -> list[int]:
+    ids = torch.tensor([lm.tokenizer.encode(prompt, add_special_tokens=False)])
+    out = lm.model.generate(ids, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=0)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def run_engine(lm, prompts, max_tokens, engine=None, **engine_args):
+    """Submit every prompt at once and step the engine until all are done, on this thread."""
+
+    async def go():
+        nonlocal engine
+        engine = engine or PagedEngine(lm, RequestQueue(64), **engine_args)
+        requests = [make_request(lm, p, max_tokens) for p in prompts]
+        for request in requests:
+            engine.scheduler.add(request)
+        while engine.scheduler.has_work:
+            engine.step()
+        texts = [await drain(r) for r in requests]
+        return [r.output_ids for r in requests], texts
+
+    outputs, texts = asyncio.run(go())
+    return outputs, texts, engine
+
+
+def assert_pool_empty(engine: PagedEngine) -> None:
+    blocks = engine.blocks
+    assert blocks.num_free == blocks.num_blocks
+    assert set(blocks.ref_counts) == {0}
+
+
+# ---------------------------------------------------------------- attention over blocks
+
+
+def dense_attention(q, k, v, cached: int) -> torch.Tensor:
+    """q [n, heads, d], k/v [context, kv_heads, d]: repeat kv heads, causal after `cached`."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1).transpose(0, 1) for t in (k, v))
+    scores = q.transpose(0, 1) @ k.transpose(1, 2) / q.shape[-1] ** 0.5  # [heads, n, context]
+    n, context = q.shape[0], k.shape[1]
+    allowed = torch.ones(n, context, dtype=torch.bool).tril(cached)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return (probs @ v).transpose(0, 1)
+
+
+@pytest.mark.parametrize("cached, n", [(0, 5), (7, 3), (8, 1), (3, 9)])
+def test_paged_attention_equals_dense(cached, n):
+    torch.manual_seed(cached * 10 + n)
+    pool = PagedKVCache(1, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=8)
+    table = [5, 2, 7, 0]  # scattered, out of order
+    k, v = torch.randn(cached + n, 2, 8), torch.randn(cached + n, 2, 8)
+    slots = torch.tensor(slot_numbers(table, 0, cached + n, 4))
+    pool.write(0, slots, k, v)
+    q = torch.randn(n, 6, 8)
+    paged_k, paged_v = pool.gather(0, slots)
+    expected = dense_attention(q, k, v, cached)
+    torch.testing.assert_close(prefill_attention(q, paged_k, paged_v), expected)
+    if n == 1:  # one query: the batched decode path, padded to a longer context
+        pad = torch.cat([slots, torch.zeros(3, dtype=torch.long)])[None]
+        mask = (torch.arange(pad.shape[1]) < cached + n)[None]
+        pk, pv = pool.gather(0, pad)
+        torch.testing.assert_close(decode_attention(q, pk, pv, mask)[0], expected[0])
+
+
+# ---------------------------------------------------------------- exactness on the tiny model
+
+
+def test_single_prompts_match_generate(tiny_lm):
+    for prompt in PROMPTS:
+        outputs, _, engine = run_engine(tiny_lm, [prompt], 10, block_size=4, num_kv_blocks=64)
+        assert outputs[0] == reference(tiny_lm, prompt, 10)
+        assert_pool_empty(engine)
+
+
+def test_mixed_batch_matches_each_alone(tiny_lm):
+    outputs, texts, engine = run_engine(tiny_lm, PROMPTS, 12, block_size=4, num_kv_blocks=64)
+    assert outputs == [reference(tiny_lm, p, 12) for p in PROMPTS]
+    assert texts == [tiny_lm.tokenizer.decode(o) for o in outputs]
+    assert_pool_empty(engine)
+
+
+@pytest.mark.parametrize("length", [3, 4, 5, 8, 9])
+def test_prompts_ending_at_and_across_block_boundaries(tiny_lm, length):
+    ids = list(range(1000, 1000 + length))
+    prompt = tiny_lm.tokenizer.decode(ids)
+    assert len(tiny_lm.tokenizer.encode(prompt, add_special_tokens=False)) >= 1
+    outputs, _, engine = run_engine(tiny_lm, [prompt], 9, block_size=4, num_kv_blocks=32)
+    assert outputs[0] == reference(tiny_lm, prompt, 9)
+
+
+def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(tiny_lm):
+    shared = PROMPTS[2]
+    _, _, engine = run_engine(tiny_lm, [shared], 4, block_size=4, num_kv_blocks=64)
+    longer = shared + " fourteen fifteen"
+    outputs, _, engine = run_engine(tiny_lm, [longer, shared], 8, engine=engine)
+    assert engine.blocks.stats.hit_tokens >= 8  # at least two full blocks were found
+    assert outputs == [reference(tiny_lm, longer, 8), reference(tiny_lm, shared, 8)]
+    assert_pool_empty(engine)
+
+
+def test_chunked_prefill_mixed_with_decodes(tiny_lm):
+    outputs, _, engine = run_engine(
+        tiny_lm, PROMPTS, 12, block_size=4, num_kv_blocks=64, max_num_batched_tokens=5
+    )
+    assert outputs == [reference(tiny_lm, p, 12) for p in PROMPTS]
+
+
+def test_preempted_sequences_resume_without_repeating_tokens(tiny_lm):
+    # 12 blocks of 4 = 48 slots for four sequences that grow to ~90 tokens together.
+    outputs, texts, engine = run_engine(
+        tiny_lm, PROMPTS, 14, block_size=4, num_kv_blocks=12, max_num_batched_tokens=16
+    )
+    assert engine.scheduler.num_preemptions > 0
+    assert outputs == [reference(tiny_lm, p, 14) for p in PROMPTS]
+    assert texts == [tiny_lm.tokenizer.decode(o) for o in outputs]  # nothing streamed twice
+    assert_pool_empty(engine)
+
+
+def test_filling_the_pool_and_draining_it_frees_every_block(tiny_lm):
+    prompts = [f"request number {i} says hello" for i in range(10)]
+    _, _, engine = run_engine(tiny_lm, prompts, 20, block_size=4, num_kv_blocks=24)
+    assert engine.scheduler.num_preemptions > 0
+    assert_pool_empty(engine)
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_cancelled_sequence_frees_its_blocks_at_once(tiny_lm):
+    async def go():
+        engine = PagedEngine(tiny_lm, RequestQueue(4), block_size=4, num_kv_blocks=40)
+        keep, drop = make_request(tiny_lm, "keep me", 6), make_request(tiny_lm, "drop me", 100)
+        engine.scheduler.add(keep)
+        engine.scheduler.add(drop)
+        engine.step()
+        engine.step()
+        drop.cancel()
+        engine.step()
+        assert [s.request for s in engine.scheduler.running] == [keep]
+        while engine.scheduler.has_work:
+            engine.step()
+        return engine, drop
+
+    engine, drop = asyncio.run(go())
+    assert drop.num_output_tokens < 10
+    assert_pool_empty(engine)
+
+
+def test_bfloat16_runs_the_same_code_path(tiny_model_dir):
+    lm = load_model(ServerConfig(model=str(tiny_model_dir), dtype="bfloat16"))
+    outputs, _, engine = run_engine(lm, PROMPTS, 6, block_size=4, num_kv_blocks=64)
+    assert engine.kv.k.dtype == torch.bfloat16
+    assert all(1 <= len(o) <= 6 for o in outputs)
+    assert_pool_empty(engine)
+
+
+def test_request_larger_than_the_pool_is_refused(tiny_lm):
+    async def go():
+        engine = PagedEngine(tiny_lm, RequestQueue(4), block_size=4, num_kv_blocks=4)
+        with pytest.raises(APIError, match="KV pool"):
+            await engine.submit(make_request(tiny_lm, "hello", 20))
+        await engine.submit(make_request(tiny_lm, "hello", 8))  # 9 tokens: 3 blocks fit
+
+    asyncio.run(go())
+
+
+def test_server_answers_over_http(tiny_model_dir):
+    with tiny_client("step7_real_kv", tiny_model_dir, num_kv_blocks=64) as client:
+        body = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 5}
+        response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 5
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.integration
+def test_real_model_greedy_matches_generate_under_pressure(real_model_dir):
+    lm = load_model(ServerConfig(model=str(real_model_dir)))
+    prompts = ["The capital of France is", "Water boils at", "The capital of France is not"]
+    expected = [reference(lm, p, 10) for p in prompts]
+    outputs, _, engine = run_engine(lm, prompts, 10, block_size=4, num_kv_blocks=9)
+    assert outputs == expected
+    assert engine.scheduler.num_preemptions > 0 and engine.blocks.stats.hit_tokens > 0
+    assert_pool_empty(engine)
