@@ -69,14 +69,16 @@ def build_app(config: Config) -> Starlette:
 
 def load_observed(config: Config, registry: CollectorRegistry, metrics: Metrics, build=None):
     """The model and an engine (step 4's unless `build` makes another), observed: load time,
-    batch sizes, cache counters. `build(config, lm)` returns (engine, prefix cache)."""
+    batch sizes, cache counters. `build(config, lm)` returns (engine, prefix cache, *collectors)."""
     use_format(config.log_format)
     started = time.monotonic()
     lm = load_model(config)
     metrics.model_load.set(time.monotonic() - started)
     watch_batch_sizes(lm.model, metrics)
-    engine, prefix_cache = (build or build_engine)(config, lm)
+    engine, prefix_cache, *collectors = (build or build_engine)(config, lm)
     registry.register(CacheCollector(prefix_cache, getattr(engine, "cache", None)))
+    for collector in collectors:  # an engine's own metrics, if it has any
+        registry.register(collector)
     on_end = partial(log_request, log_prompts=config.log_prompts)
     return lm, engine, MetricsObserver(metrics, on_end=on_end)
 

@@ -1,29 +1,33 @@
-"""Step 7: continuous batching over a paged KV cache, with automatic prefix caching.
+"""Step 7, the full server: continuous batching over a paged KV cache, with prefix caching.
 
-New since step 3: the batch is rebuilt every iteration (finished sequences leave, new ones join,
-long prompts are prefilled in chunks beside the decodes), keys and values live in a preallocated
-pool of fixed-size blocks, and full blocks are shared between prompts with the same prefix.
-Run: python -m step7_real_kv
+New since step 6: the serving engine. The batch is rebuilt every iteration (finished sequences
+leave, new ones join, long prompts are prefilled in chunks beside the decodes), keys and values
+live in a preallocated pool of fixed-size blocks, and full blocks are shared between prompts with
+the same prefix. Everything around the engine is step 6's: response cache, metrics and logs,
+admission, deadlines, drain. Run: python -m step7_real_kv
 """
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 
-from common.api import Serving
-from common.app import create_app, serve
-from common.model import load_model
+from common.model import LoadedModel
 from step2_queue.queue import RequestQueue
-from step3_batching.server import Config as BatchingConfig
+from step4_mock_kv.response_cache import CachingEngine
+from step4_mock_kv.server import make_response_cache
+from step6_backpressure.lifecycle import Lifecycle
+from step6_backpressure.server import Config as BackpressureConfig
+from step6_backpressure.server import build_app as build_backpressure_app
+from step6_backpressure.server import serve_gracefully
 from step7_real_kv.engine import PagedEngine
 
 
 @dataclass(frozen=True)
-class Config(BatchingConfig):
-    block_size: int = 16  # token slots per KV block
+class Config(BackpressureConfig):
+    # block_size (16) comes from step 4: here it is the token slots per KV block.
     num_kv_blocks: int = 2048  # blocks in the pool: 32768 tokens, 720 KiB a block in float32
     max_num_batched_tokens: int = 256  # new tokens per iteration (decodes + prefill chunks)
     max_num_seqs: int = 64  # sequences running at once
@@ -36,28 +40,45 @@ class Config(BatchingConfig):
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
 
 
-def build_app(config: Config) -> Starlette:
-    @asynccontextmanager
-    async def lifespan(app: Starlette):
-        lm = load_model(config)
-        engine = PagedEngine(
-            lm,
-            RequestQueue(config.max_queue_size),
-            config.block_size,
-            config.num_kv_blocks,
-            config.max_num_batched_tokens,
-            config.max_num_seqs,
-        )
-        engine.start()
-        app.state.serving = Serving(config, lm.tokenizer, lm.max_model_len, engine)
-        yield
-        await engine.stop()
+def build_paged_engine(config: Config, lm: LoadedModel):
+    """The paged engine, behind step 4's response cache; its block manager is the prefix cache."""
+    engine = PagedEngine(
+        lm, RequestQueue(config.max_queue_size), config.block_size, config.num_kv_blocks,
+        config.max_num_batched_tokens, config.max_num_seqs,
+    )  # fmt: skip
+    served = CachingEngine(engine, make_response_cache(config)) if config.response_cache else engine
+    return served, engine.blocks, KVCollector(engine)
 
-    return create_app(lifespan)
+
+class KVCollector:
+    """gateway_kv_blocks_{used,total} and gateway_preemptions_total, read at scrape time."""
+
+    def __init__(self, engine: PagedEngine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        blocks = self.engine.blocks
+        yield GaugeMetricFamily(
+            "gateway_kv_blocks_total", "Blocks in the KV pool.", value=blocks.num_blocks
+        )
+        yield GaugeMetricFamily(
+            "gateway_kv_blocks_used",
+            "Blocks held by sequences.",
+            value=blocks.num_blocks - blocks.num_free,
+        )
+        yield CounterMetricFamily(
+            "gateway_preemptions",
+            "Sequences preempted for blocks.",
+            value=self.engine.scheduler.num_preemptions,
+        )
+
+
+def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
+    return build_backpressure_app(config, lifecycle, build=build_paged_engine)
 
 
 def main() -> None:
-    serve(build_app, Config)
+    serve_gracefully(build_app, Config)
 
 
 if __name__ == "__main__":

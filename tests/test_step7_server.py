@@ -1,0 +1,40 @@
+"""Step 7 is the full server: the paged engine keeps steps 4-6 around it (response cache,
+metrics with KV-block and preemption counts, admission limits, readiness)."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import tiny_client
+
+BODY = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi there", "max_tokens": 5, "temperature": 0}
+
+
+def values(text: str) -> dict[str, float]:
+    return {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if not s.labels
+    }
+
+
+def test_full_server_keeps_the_earlier_steps(tiny_model_dir):
+    with tiny_client(
+        "step7_real_kv", tiny_model_dir, num_kv_blocks=64, max_tokens_limit=8
+    ) as client:
+        first = client.post("/v1/completions", json=BODY)
+        again = client.post("/v1/completions", json=BODY)
+        too_long = client.post("/v1/completions", json={**BODY, "max_tokens": 9})
+        ready = client.get("/health/ready")
+        page = values(client.get("/metrics").text)
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+    assert again.headers["x-cache"] == "hit"  # step 4's response cache
+    assert too_long.status_code == 400  # step 6's input limits
+    assert ready.json() == {"status": "ready"}  # step 6's readiness
+    assert "x-request-id" in first.headers  # step 5's request ids
+    assert page["gateway_kv_blocks_total"] == 64
+    assert page["gateway_kv_blocks_used"] == 0  # everything finished, every block back
+    assert page["gateway_preemptions_total"] == 0
+    assert page["gateway_prefix_cache_queried_tokens_total"] > 0
+    assert page["gateway_generation_tokens_total"] == 10
