@@ -135,8 +135,17 @@ def test_a_cancelled_row_stops_and_the_others_finish_unharmed(tiny_lm):
         await engine.stop()
         return keep, leave, texts
 
-    keep, leave, _ = run(go())
+    rows = []
+    hook = tiny_lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        keep, leave, _ = run(go())
+    finally:
+        hook.remove()
     assert leave.status == RequestStatus.CANCELLED and leave.num_output_tokens < 400
+    # The cancelled row left the batch at once: the forward passes went from 3 rows to 2.
+    assert rows[0] == 3 and rows[-1] == 2 and rows == sorted(rows, reverse=True)
     for i, request in enumerate(keep):
         assert request.num_output_tokens == 400
         assert request.output_ids == alone(tiny_lm, f"keep {i}", 400)
