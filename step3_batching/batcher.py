@@ -21,28 +21,18 @@ from transformers import DynamicCache
 
 from common.model import LoadedModel
 from common.request import Request, RequestStatus, log_done
-from step2_queue.queue import RequestQueue
+from step2_queue.queue import QueueEngine, RequestQueue
 
 
-class BatchingEngine:
+class BatchingEngine(QueueEngine):
+    """Step 2's engine (queue, start, stop, submit); only the worker loop changes."""
+
     def __init__(
         self, lm: LoadedModel, queue: RequestQueue, max_batch_size: int, max_wait_ms: float
     ) -> None:
-        self.lm = lm
-        self.queue = queue
+        super().__init__(lm, queue)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
-        self._worker: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._worker = asyncio.create_task(self._run(), name="batch-worker")
-
-    async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-
-    async def submit(self, request: Request) -> None:
-        self.queue.put(request)
 
     async def _run(self) -> None:
         while True:
