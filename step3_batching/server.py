@@ -23,7 +23,7 @@ from step3_batching.batcher import BatchingEngine
 @dataclass(frozen=True)
 class Config(QueueConfig):
     max_batch_size: int = 16  # rows in one forward pass
-    max_wait_ms: float = 10.0  # how long the worker waits to fill a batch
+    max_wait_ms: float = 100.0  # how long the worker waits to fill a batch
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -56,7 +56,7 @@ def build_app(config: Config) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        lm, engine, observer = load_observed(config, registry, metrics)
+        lm, engine, observer, _ = load_observed(config, registry, metrics)
         engine.start()
         app.state.serving = Serving(config, lm.tokenizer, lm.max_model_len, engine, observer)
         stats = start_stats_log(config, registry)
@@ -69,7 +69,8 @@ def build_app(config: Config) -> Starlette:
 
 def load_observed(config: Config, registry: CollectorRegistry, metrics: Metrics, build=None):
     """The model and an engine (step 4's unless `build` makes another), observed: load time,
-    batch sizes, cache counters. `build(config, lm)` returns (engine, prefix cache, *collectors)."""
+    batch sizes, cache counters. `build(config, lm)` returns (engine, prefix cache, *collectors).
+    Returns the model, the engine, the request observer and the prefix cache."""
     use_format(config.log_format)
     started = time.monotonic()
     lm = load_model(config)
@@ -80,7 +81,7 @@ def load_observed(config: Config, registry: CollectorRegistry, metrics: Metrics,
     for collector in collectors:  # an engine's own metrics, if it has any
         registry.register(collector)
     on_end = partial(log_request, log_prompts=config.log_prompts)
-    return lm, engine, MetricsObserver(metrics, on_end=on_end)
+    return lm, engine, MetricsObserver(metrics, on_end=on_end), prefix_cache
 
 
 def start_stats_log(config: Config, registry: CollectorRegistry) -> asyncio.Task:

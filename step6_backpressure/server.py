@@ -73,8 +73,11 @@ class Config(ObservabilityConfig):
         )
 
 
-def build_app(config: Config, lifecycle: Lifecycle | None = None, build=None) -> Starlette:
-    """`build(config, lm) -> (engine, prefix cache)` swaps the serving engine (step 7 does)."""
+def build_app(
+    config: Config, lifecycle: Lifecycle | None = None, build=None, admission=None
+) -> Starlette:
+    """`build(config, lm) -> (engine, prefix cache, *collectors)` swaps the serving engine, and
+    `admission(limits, prefix cache)` the admission controller (step 7 does both)."""
     lifecycle = lifecycle or Lifecycle(config.drain_timeout_s)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -85,16 +88,16 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None, build=None) ->
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        lm, inner, metrics_observer = load_observed(config, registry, metrics, build)
-        admission = AdmissionController(config.limits())
-        registry.register(AdmissionCollector(admission))
-        observer = Observers(admission, metrics_observer)
-        engine = AdmittingEngine(inner, admission)
+        lm, inner, metrics_observer, prefix_cache = load_observed(config, registry, metrics, build)
+        controller = (admission or _plain_admission)(config.limits(), prefix_cache)
+        registry.register(AdmissionCollector(controller))
+        observer = Observers(controller, metrics_observer)
+        engine = AdmittingEngine(inner, controller)
         engine.start()
         app.state.serving = LimitedServing(
             config, lm.tokenizer, lm.max_model_len, engine, observer, config.limits()
         )
-        lifecycle.admission = admission
+        lifecycle.admission = controller
         stats = start_stats_log(config, registry)
         yield
         stats.cancel()
@@ -114,6 +117,10 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None, build=None) ->
     app = create_app(lifespan, routes, middleware)
     app.state.lifecycle = lifecycle
     return app
+
+
+def _plain_admission(limits: Limits, prefix_cache) -> AdmissionController:
+    return AdmissionController(limits)
 
 
 def serve_gracefully(build, config_class) -> None:

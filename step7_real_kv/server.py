@@ -4,7 +4,7 @@ New since step 6: the serving engine. The batch is rebuilt every iteration (fini
 leave, new ones join, long prompts are prefilled in chunks beside the decodes), keys and values
 live in a preallocated pool of fixed-size blocks, and full blocks are shared between prompts with
 the same prefix. Everything around the engine is step 6's: response cache, metrics and logs,
-admission, deadlines, drain. Run: python -m step7_real_kv
+admission (which now also counts free KV blocks), deadlines, drain. Run: python -m step7_real_kv
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from step6_backpressure.lifecycle import Lifecycle
 from step6_backpressure.server import Config as BackpressureConfig
 from step6_backpressure.server import build_app as build_backpressure_app
 from step6_backpressure.server import serve_gracefully
+from step7_real_kv.admission import KVAdmission
 from step7_real_kv.engine import PagedEngine
 
 
@@ -74,7 +75,9 @@ class KVCollector:
 
 
 def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
-    return build_backpressure_app(config, lifecycle, build=build_paged_engine)
+    return build_backpressure_app(
+        config, lifecycle, build=build_paged_engine, admission=KVAdmission
+    )
 
 
 def main() -> None:

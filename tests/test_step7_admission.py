@@ -1,0 +1,92 @@
+"""Step 7's admission also counts KV blocks: the prompts waiting, plus the newcomer's, must fit
+in the blocks free right now, or the newcomer gets a 429 (reason kv_blocks) with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from common.errors import APIError
+from common.request import Request
+from common.sampling import SamplingParams
+from step6_backpressure.admission import Limits
+from step7_real_kv.admission import KVAdmission
+from step7_real_kv.block_manager import BlockManager
+from tests.test_step6_backpressure import metric
+
+LIMITS = Limits(
+    max_waiting_requests=100,
+    max_waiting_tokens=10_000,
+    queue_timeout_s=30,
+    max_queue_timeout_s=60,
+    max_prompt_tokens=1000,
+    max_tokens=100,
+)
+
+
+def test_kv_admission_counts_free_blocks_and_waiting_prompts(tokenizer):
+    def request(prompt_tokens: int) -> Request:
+        params = SamplingParams(temperature=0.0)
+        return Request([42] * prompt_tokens, params, 4, tokenizer, {tokenizer.eos_token_id})
+
+    def rejected(admission: KVAdmission, prompt_tokens: int) -> APIError:
+        with pytest.raises(APIError) as caught:
+            admission.admit(request(prompt_tokens))
+        return caught.value
+
+    async def scenario() -> None:
+        blocks = BlockManager(num_blocks=10, block_size=4)
+        held = blocks.allocate(7)  # running sequences hold 7 of the 10 blocks
+        admission = KVAdmission(LIMITS, blocks)
+
+        error = rejected(admission, 13)  # 4 blocks, 3 free
+        assert (error.status, error.code) == (429, "kv_blocks")
+        assert int(error.headers["Retry-After"]) >= 1
+        admission.admit(request(8))  # 2 blocks: fits, and now waits
+        assert rejected(admission, 5).code == "kv_blocks"  # 2 waiting + 2 > 3 free
+        admission.admit(request(4))  # 2 waiting + 1 = 3: exactly fits
+
+        blocks.free(held)  # the running sequences finish
+        admission.admit(request(13))  # 3 waiting + 4 <= 10 free
+        assert admission.reasons["rejected:kv_blocks"] == 2
+
+        admission.draining = True  # draining outranks a full pool: 503, not 429
+        assert rejected(admission, 40).status == 503
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.integration
+def test_a_prompt_that_does_not_fit_the_free_blocks_gets_a_429(start_server, tokenizer):
+    server = start_server(
+        "step7_real_kv",
+        GATEWAY_NUM_KV_BLOCKS="8",  # 8 blocks x 16 slots = 128 tokens in all
+        GATEWAY_BLOCK_SIZE="16",
+        GATEWAY_RESPONSE_CACHE="false",
+    )
+    long_prompt, short_prompt = " apple" * 90, " pear" * 40
+    assert 81 <= len(tokenizer.encode(long_prompt, add_special_tokens=False)) <= 96  # 6 blocks
+    assert 33 <= len(tokenizer.encode(short_prompt, add_special_tokens=False)) <= 48  # 3 blocks
+    model = "SmolLM2-135M-Instruct"
+    small = {"model": model, "prompt": short_prompt, "max_tokens": 4, "temperature": 0}
+    busy = {**small, "prompt": long_prompt, "max_tokens": 30, "stream": True}
+
+    with (
+        httpx.Client(timeout=120) as http,
+        http.stream("POST", server.url + "/v1/completions", json=busy) as stream,
+    ):
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data:"))  # running, holding 6 blocks
+        refused = http.post(server.url + "/v1/completions", json=small)
+        for _ in lines:  # let the long one finish: its blocks come back
+            pass
+        admitted = http.post(server.url + "/v1/completions", json=small)
+
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "kv_blocks"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert admitted.status_code == 200
+    assert metric(server.url, "gateway_admission_events_total", reason="rejected:kv_blocks") == 1
+    assert metric(server.url, "gateway_kv_blocks_used") == 0
