@@ -1,4 +1,5 @@
-"""`python -m bench [run] ...`, `python -m bench check ...`, `python -m bench history ...`."""
+"""`python -m bench [run] ...`, `python -m bench check ...`, `python -m bench history ...`,
+`python -m bench publish RESULTS_DIR`."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ DEFAULT_FLOORS = Path(__file__).resolve().parent / "floors.json"
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command, rest = ("run", argv)
-    if argv and argv[0] in ("run", "check", "history"):
+    if argv and argv[0] in ("run", "check", "history", "publish"):
         command, rest = argv[0], argv[1:]
-    handler = {"run": _run, "check": _check, "history": _history}[command]
+    handler = {"run": _run, "check": _check, "history": _history, "publish": _publish}[command]
     sys.exit(handler(rest))
 
 
@@ -108,4 +109,18 @@ def _history(argv: list[str]) -> int:
         print(f"no runs in {args.file}; add one with --append RESULTS_DIR")
         return 1
     print(f"wrote {history.chart(entries, args.out, args.profile)}")
+    return 0
+
+
+def _publish(argv: list[str]) -> int:
+    from bench.publish import publish
+
+    p = argparse.ArgumentParser(
+        prog="python -m bench publish",
+        description="Copy a run's table and charts into bench/charts/<profile>/ and the READMEs.",
+    )
+    p.add_argument("results", type=Path, help="a results folder, e.g. bench/results/latest")
+    args = p.parse_args(argv)
+    for readme in publish(args.results.resolve()):
+        print(f"updated {readme}")
     return 0

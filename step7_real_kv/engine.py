@@ -17,7 +17,7 @@ import torch
 from common.errors import APIError
 from common.model import LoadedModel
 from common.request import Request, RequestStatus, log_done
-from step2_queue.queue import RequestQueue
+from step2_queue.queue import QueueEngine, RequestQueue
 from step7_real_kv.batch import build_batch
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.model_runner import ModelRunner
@@ -28,7 +28,9 @@ from step7_real_kv.sequence import Sequence
 log = logging.getLogger("gateway")
 
 
-class PagedEngine:
+class PagedEngine(QueueEngine):
+    """Step 2's engine (queue, start, stop, submit) with step 7's loop: one iteration at a time."""
+
     def __init__(
         self,
         lm: LoadedModel,
@@ -41,7 +43,7 @@ class PagedEngine:
         config = lm.model.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        self.lm, self.queue = lm, queue
+        super().__init__(lm, queue)
         self.kv = PagedKVCache(
             config.num_hidden_layers, num_kv_blocks, block_size,
             config.num_key_value_heads, head_dim, lm.dtype, lm.device,
@@ -49,20 +51,12 @@ class PagedEngine:
         self.blocks = BlockManager(num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
         self.runner = ModelRunner(lm, self.kv)
-        self._worker: asyncio.Task | None = None
         log.info(
             "paged KV pool: %d blocks x %d tokens, %.0f MiB",
             num_kv_blocks, block_size, num_kv_blocks * self.kv.bytes_per_block / 2**20,
         )  # fmt: skip
 
     # ------------------------------------------------------------ on the event loop
-
-    def start(self) -> None:
-        self._worker = asyncio.create_task(self._run(), name="paged-engine")
-
-    async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
 
     async def submit(self, request: Request) -> None:
         if not self.scheduler.fits(request):
@@ -72,7 +66,7 @@ class PagedEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        self.queue.put(request)
+        await super().submit(request)
 
     async def _run(self) -> None:
         while True:

@@ -17,6 +17,7 @@ import pytest
 
 from bench import floors, history
 from bench.profiles import plan_levels
+from bench.publish import publish
 from bench.records import Record, backoff_delay, parse_stream, retry_after_seconds
 from bench.servers import discover_steps, select_steps
 from bench.stats import percentile, summarise
@@ -245,6 +246,25 @@ def test_a_real_run_writes_json_table_and_charts(step1_run):
     assert table.count("| step1_central_loader |") == 2
     for name in ("throughput.png", "latency.png", "ttft.png", "curves.png"):
         assert (step1_run / name).read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.integration
+def test_publish_puts_the_table_and_charts_into_the_readmes(step1_run, tmp_path):
+    (tmp_path / "README.md").write_text("# Project\n\nIntro.\n")
+    (tmp_path / "step1_central_loader").mkdir()
+    step_readme = tmp_path / "step1_central_loader" / "README.md"
+    step_readme.write_text("# Step 1\n")
+    for _ in range(2):  # the second run replaces the section instead of adding another
+        written = publish(step1_run, root=tmp_path)
+    assert written == [tmp_path / "README.md", step_readme]
+    charts = tmp_path / "bench" / "charts" / "quick"
+    assert (charts / "throughput.png").read_bytes().startswith(PNG_MAGIC)
+    top, step = (tmp_path / "README.md").read_text(), step_readme.read_text()
+    assert top.startswith("# Project\n\nIntro.") and top.count("<!-- bench:quick:start -->") == 1
+    assert top.count("| step1_central_loader |") == 2 and "(bench/charts/quick/ttft.png)" in top
+    assert step.count("## Bench (quick profile)") == 1
+    assert step.count("| step1_central_loader |") == 2
+    assert "(../bench/charts/quick/throughput.png)" in step
 
 
 @pytest.mark.integration
