@@ -11,19 +11,9 @@ import pytest
 from common.errors import APIError
 from common.request import Request
 from common.sampling import SamplingParams
-from step6_backpressure.admission import Limits
 from step7_real_kv.admission import KVAdmission
 from step7_real_kv.block_manager import BlockManager
-from tests.test_step6_backpressure import metric
-
-LIMITS = Limits(
-    max_waiting_requests=100,
-    max_waiting_tokens=10_000,
-    queue_timeout_s=30,
-    max_queue_timeout_s=60,
-    max_prompt_tokens=1000,
-    max_tokens=100,
-)
+from tests.test_step6_backpressure import limits, metric
 
 
 def test_kv_admission_counts_free_blocks_and_waiting_prompts(tokenizer):
@@ -39,7 +29,7 @@ def test_kv_admission_counts_free_blocks_and_waiting_prompts(tokenizer):
     async def scenario() -> None:
         blocks = BlockManager(num_blocks=10, block_size=4)
         held = blocks.allocate(7)  # running sequences hold 7 of the 10 blocks
-        admission = KVAdmission(LIMITS, blocks)
+        admission = KVAdmission(limits(), blocks)  # at most 4 waiting, 100 tokens
 
         error = rejected(admission, 13)  # 4 blocks, 3 free
         assert (error.status, error.code) == (429, "kv_blocks")
