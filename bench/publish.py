@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from bench.report import COLUMNS
+from bench.report import COLUMNS, table_row
 from bench.servers import ROOT
 
 CHARTS = ("throughput.png", "latency.png", "ttft.png", "curves.png")
@@ -50,7 +50,7 @@ def publish(results_dir: Path, root: Path = ROOT) -> list[Path]:
 def _split(table: str) -> tuple[list[str], list[str]]:
     """The lines above the table, and the table's body rows."""
     lines = table.splitlines()
-    start = lines.index(_row(COLUMNS))
+    start = lines.index(table_row(COLUMNS))
     header = [line for line in lines[:start] if line.strip()]
     body = []
     for line in lines[start + 2 :]:
@@ -58,10 +58,6 @@ def _split(table: str) -> tuple[list[str], list[str]]:
             break
         body.append(line)
     return header, body
-
-
-def _row(cells) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 def _row_step(row: str) -> str:
@@ -74,7 +70,7 @@ def _top_section(table: str, link: str, profile: str) -> str:
 
 
 def _step_section(header, rows, link, profile, shown) -> str:
-    table = [_row(COLUMNS), _row(["---"] * len(COLUMNS)), *rows]
+    table = [table_row(COLUMNS), table_row(["---"] * len(COLUMNS)), *rows]
     compared = " next to " + shown[0] if len(shown) == 2 else ""
     return "\n".join(
         [

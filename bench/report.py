@@ -48,8 +48,8 @@ def percent(value: float | None) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [*_header(results), *_busy_warning(results), "", _row(COLUMNS)]
-    lines.append(_row(["---"] * len(COLUMNS)))
+    lines = [*_header(results), *_busy_warning(results), "", table_row(COLUMNS)]
+    lines.append(table_row(["---"] * len(COLUMNS)))
     for entry in results["steps"]:
         lines.extend(_step_rows(entry))
     lines.extend(["", *_footnotes(results)])
@@ -85,17 +85,17 @@ def _busy_warning(results: dict) -> list[str]:
     ]
 
 
-def _row(cells) -> str:
+def table_row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def _step_rows(entry: dict) -> list[str]:
     if not entry["levels"]:
         note = f"**{entry['status']}**: {entry['message']}"
-        return [_row([entry["step"], *["–"] * (len(COLUMNS) - 2), note])]
-    rows = [_row(_level_cells(entry["step"], level)) for level in entry["levels"]]
+        return [table_row([entry["step"], *["–"] * (len(COLUMNS) - 2), note])]
+    rows = [table_row(_level_cells(entry["step"], level)) for level in entry["levels"]]
     if entry["status"] != "ok":
-        rows.append(_row([entry["step"], *["–"] * (len(COLUMNS) - 2), entry["message"]]))
+        rows.append(table_row([entry["step"], *["–"] * (len(COLUMNS) - 2), entry["message"]]))
     return rows
 
 

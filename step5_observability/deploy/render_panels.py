@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from bench.servers import free_port
 
 DEPLOY = Path(__file__).resolve().parent
 SYSTEM = "You are a concise assistant. Answer in one or two short sentences. " * 4
@@ -33,12 +34,6 @@ QUESTIONS = [
     "Name a planet.",
     "What is water made of?",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 180) -> None:
