@@ -91,16 +91,15 @@ class PagedEngine(QueueEngine):
         work = self.scheduler.schedule()
         if not work:
             return
-        batch = build_batch(work, self.blocks.block_size, self.lm.device)
         try:
+            batch = build_batch(work, self.blocks.block_size, self.lm.device)
             logits = self.runner.forward(batch)  # [sampled sequences, vocab]
-        except Exception as exc:  # the worker must outlive a bad batch
-            log.exception("forward pass failed")
+            self._advance(work)
+            for seq, row in zip(batch.sampled, logits, strict=True):
+                self._take_token(seq, row)
+        except Exception as exc:  # the worker must outlive a bad iteration (forward or sampling)
+            log.exception("iteration failed")
             self._fail(work, exc)
-            return
-        self._advance(work)
-        for seq, row in zip(batch.sampled, logits, strict=True):
-            self._take_token(seq, row)
 
     def _advance(self, work: Work) -> None:
         for seq, n in work:
@@ -124,8 +123,9 @@ class PagedEngine(QueueEngine):
 
     def _fail(self, work: Work, error: BaseException) -> None:
         for seq, _ in work:
-            seq.request.fail(error)
-            self._retire(seq)
+            if not seq.request.finished:  # rows that ended before the fault keep their answer
+                seq.request.fail(error)
+                self._retire(seq)
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)

@@ -34,13 +34,17 @@ def test_kv_admission_counts_free_blocks_and_waiting_prompts(tokenizer):
         error = rejected(admission, 13)  # 4 blocks, 3 free
         assert (error.status, error.code) == (429, "kv_blocks")
         assert int(error.headers["Retry-After"]) >= 1
-        admission.admit(request(8))  # 2 blocks: fits, and now waits
+        waiting = request(8)
+        admission.admit(waiting)  # 2 blocks: fits, and now waits
+        assert rejected(admission, 5).code == "kv_blocks"  # 2 waiting + 2 > 3 free
+        waiting.cancel()  # its client left: its blocks stop counting at once
+        admission.admit(request(5))  # 2 blocks of 3 free
         assert rejected(admission, 5).code == "kv_blocks"  # 2 waiting + 2 > 3 free
         admission.admit(request(4))  # 2 waiting + 1 = 3: exactly fits
 
         blocks.free(held)  # the running sequences finish
         admission.admit(request(13))  # 3 waiting + 4 <= 10 free
-        assert admission.reasons["rejected:kv_blocks"] == 2
+        assert admission.reasons["rejected:kv_blocks"] == 3
 
         admission.draining = True  # draining outranks a full pool: 503, not 429
         assert rejected(admission, 40).status == 503
@@ -69,6 +73,7 @@ def test_a_prompt_that_does_not_fit_the_free_blocks_gets_a_429(start_server, tok
     ):
         lines = stream.iter_lines()
         next(line for line in lines if line.startswith("data:"))  # running, holding 6 blocks
+        used_while_running = metric(server.url, "gateway_kv_blocks_used")
         refused = http.post(server.url + "/v1/completions", json=small)
         for _ in lines:  # let the long one finish: its blocks come back
             pass
@@ -79,4 +84,5 @@ def test_a_prompt_that_does_not_fit_the_free_blocks_gets_a_429(start_server, tok
     assert int(refused.headers["retry-after"]) >= 1
     assert admitted.status_code == 200
     assert metric(server.url, "gateway_admission_events_total", reason="rejected:kv_blocks") == 1
+    assert used_while_running >= 6
     assert metric(server.url, "gateway_kv_blocks_used") == 0

@@ -185,12 +185,35 @@ def test_bfloat16_runs_the_same_code_path(tiny_model_dir):
     assert_pool_empty(engine)
 
 
+def test_a_fault_while_sampling_fails_that_iteration_not_the_engine(tiny_lm):
+    async def go():
+        engine = PagedEngine(tiny_lm, RequestQueue(4), block_size=4, num_kv_blocks=32)
+        broken = make_request(tiny_lm, PROMPTS[1], 5)
+        broken.sampler.sample = lambda logits: 1 / 0
+        engine.scheduler.add(broken)
+        engine.step()  # used to escape the worker thread and end the engine's loop
+        with pytest.raises(ZeroDivisionError):  # the client gets the error
+            await drain(broken)
+        assert_pool_empty(engine)
+        healthy = make_request(tiny_lm, PROMPTS[1], 5)
+        engine.scheduler.add(healthy)
+        while engine.scheduler.has_work:
+            engine.step()
+        return healthy.output_ids
+
+    assert asyncio.run(go()) == reference(tiny_lm, PROMPTS[1], 5)
+
+
 def test_request_larger_than_the_pool_is_refused(tiny_lm):
     async def go():
         engine = PagedEngine(tiny_lm, RequestQueue(4), block_size=4, num_kv_blocks=4)
+        prompt_tokens = len(tiny_lm.tokenizer.encode("hello", add_special_tokens=False))
         with pytest.raises(APIError, match="KV pool"):
             await engine.submit(make_request(tiny_lm, "hello", 20))
+        with pytest.raises(APIError, match="KV pool"):  # 17 slots: one over the pool's 16
+            await engine.submit(make_request(tiny_lm, "hello", 17 - prompt_tokens))
         await engine.submit(make_request(tiny_lm, "hello", 8))  # 9 tokens: 3 blocks fit
+        await engine.submit(make_request(tiny_lm, "hello", 16 - prompt_tokens))  # exactly full
 
     asyncio.run(go())
 
