@@ -18,7 +18,7 @@ from common.app import create_app, serve
 from common.model import load_model
 from step2_queue.queue import RequestQueue
 from step3_batching.server import Config as BatchingConfig
-from step4_mock_kv.batcher import PrefixBatchingEngine
+from step4_mock_kv.prefix_prefill import PrefixBatchingEngine
 from step4_mock_kv.prefix_cache import MockPrefixCache
 from step4_mock_kv.response_cache import (
     CachingEngine,

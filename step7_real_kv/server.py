@@ -22,7 +22,7 @@ from step6_backpressure.lifecycle import Lifecycle
 from step6_backpressure.server import Config as BackpressureConfig
 from step6_backpressure.server import build_app as build_backpressure_app
 from step6_backpressure.server import serve_gracefully
-from step7_real_kv.admission import KVAdmission
+from step7_real_kv.kv_admission import KVAdmission
 from step7_real_kv.engine import PagedEngine
 
 

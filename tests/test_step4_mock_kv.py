@@ -13,7 +13,7 @@ from common.generation import generate
 from common.model import load_model
 from common.prefix import block_hashes
 from step3_batching.batcher import run_batch
-from step4_mock_kv.batcher import _run
+from step4_mock_kv.prefix_prefill import _run
 from step4_mock_kv.prefix_cache import MockPrefixCache
 from tests.conftest import tiny_client
 from tests.engine_helpers import make_request

@@ -11,7 +11,7 @@ import pytest
 from common.errors import APIError
 from common.request import Request
 from common.sampling import SamplingParams
-from step7_real_kv.admission import KVAdmission
+from step7_real_kv.kv_admission import KVAdmission
 from step7_real_kv.block_manager import BlockManager
 from tests.test_step6_backpressure import limits, metric
 
