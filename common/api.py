@@ -12,6 +12,7 @@ import asyncio
 import enum
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from common import protocol
 from common.config import ServerConfig
 from common.errors import APIError
 from common.protocol import GenerateParams
-from common.request import Request
+from common.request import DeltaChannel, Request
 
 log = logging.getLogger("gateway")
 
@@ -34,6 +35,14 @@ log = logging.getLogger("gateway")
 class Engine(Protocol):
     async def submit(self, request: Request) -> None:
         """Take the request; its deltas will arrive on request.deltas(). May raise APIError."""
+
+
+class BackgroundEngine(Engine, Protocol):
+    """An engine with a worker of its own, started and stopped by the step's lifespan."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class Outcome(str, enum.Enum):
@@ -109,7 +118,13 @@ class Serving:
                 code="context_length_exceeded",
             )
         return Request(
-            prompt_ids, params.sampling, max_tokens, self.tokenizer, self.eos_token_ids, rid
+            prompt_ids,
+            params.sampling,
+            max_tokens,
+            self.tokenizer,
+            self.eos_token_ids,
+            rid,
+            channel=DeltaChannel(),
         )
 
 
@@ -125,6 +140,42 @@ async def read_json(http: HTTPRequest):
         return json.loads(await http.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+# The headers the API understands. The domain never sees HTTP: they become typed fields.
+NO_CACHE = ("no-cache", "no-store")  # Cache-Control values that skip any response cache
+QUEUE_TIMEOUT_HEADER = "x-queue-timeout"  # seconds this request may wait to start
+
+
+def read_headers(http: HTTPRequest, request: Request) -> None:
+    control = http.headers.get("cache-control", "").lower()
+    request.skip_response_cache = any(word in control for word in NO_CACHE)
+    raw = http.headers.get(QUEUE_TIMEOUT_HEADER)
+    if raw is not None:
+        request.queue_timeout_s = _positive_seconds(raw)
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise APIError(
+            f"'{QUEUE_TIMEOUT_HEADER}' must be a positive number of seconds",
+            param=QUEUE_TIMEOUT_HEADER,
+        )
+    return value
+
+
+def usage(request: Request) -> dict:
+    return protocol.usage(
+        request.num_prompt_tokens, request.num_output_tokens, request.cached_prompt_tokens
+    )
+
+
+def response_headers(request: Request) -> dict[str, str]:
+    return {"X-Cache": request.response_cache} if request.response_cache else {}
 
 
 # ---------------------------------------------------------------- routes
@@ -169,7 +220,7 @@ async def _generate(http: HTTPRequest, prepare) -> Response:
         state = serving(http)
         request, params, fmt = await prepare(http, state)
         request.arrival_time = arrival
-        request.headers = {k.lower(): v for k, v in http.headers.items()}
+        read_headers(http, request)
         state.observer.on_start(http, request)
         return await _respond(http, state, request, params, fmt)
     except APIError as exc:
@@ -237,16 +288,16 @@ async def _respond(http, state: Serving, request: Request, params, fmt) -> Respo
     await state.engine.submit(request)
     if params.stream:
         events = _sse(http, state, request, fmt, params.include_usage)
-        headers = {**_SSE_HEADERS, **request.response_headers}
+        headers = {**_SSE_HEADERS, **response_headers(request)}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     result = await _until_done_or_disconnect(http, request, _collect(request))
     if result is None:  # nobody is listening any more
         state.observer.on_end(http, Outcome.CANCELLED, request)
         return Response(status_code=499)
     text, finish = result
-    use = protocol.usage(request.num_prompt_tokens, request.num_output_tokens)
+    use = usage(request)
     state.observer.on_end(http, Outcome.SUCCESS, request)
-    return JSONResponse(fmt.whole(text, finish, use), headers=request.response_headers)
+    return JSONResponse(fmt.whole(text, finish, use), headers=response_headers(request))
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -289,7 +340,7 @@ async def _sse(http, state: Serving, request: Request, fmt, include_usage: bool)
             if delta.text or delta.finish_reason:
                 yield sse_event(fmt.chunk(delta.text, delta.finish_reason))
         if include_usage:
-            use = protocol.usage(request.num_prompt_tokens, request.num_output_tokens)
+            use = usage(request)
             yield sse_event(protocol.usage_chunk(fmt.kind, fmt.rid, fmt.model, use))
         yield "data: [DONE]\n\n"
         outcome = Outcome.SUCCESS

@@ -32,8 +32,13 @@ def setup_logging(level: str) -> None:
     )
 
 
+def program_name(build_app: Callable) -> str:
+    """`python -m step1_central_loader`, for --help: the package of the step's server module."""
+    return f"python -m {build_app.__module__.split('.')[0]}"
+
+
 def serve(build_app: Callable[[ServerConfig], Starlette], config_class=ServerConfig) -> None:
     """Read config from GATEWAY_* env vars and flags, build the step's app, run uvicorn."""
-    config = config_class.load(sys.argv[1:])
+    config = config_class.load(sys.argv[1:], prog=program_name(build_app))
     setup_logging(config.log_level)
     uvicorn.run(build_app(config), host=config.host, port=config.port, log_level=config.log_level)

@@ -10,14 +10,16 @@ cache both build on it and answer the same `PrefixCache` protocol.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar
+
+State = TypeVar("State")
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
-    """One chained hash per *full* block of `token_ids` (a trailing partial block has none)."""
-    hashes, parent = [], b""
+def block_hashes(token_ids: list[int], block_size: int, parent: bytes = b"") -> list[bytes]:
+    """One chained hash per *full* block of `token_ids` (a trailing partial block has none).
+    `parent` is the name of the block before `token_ids[0]`, to continue a chain."""
+    hashes = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         block = token_ids[start : start + block_size]
         digest = hashlib.sha256(parent)
@@ -29,7 +31,7 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
 
 @dataclass
 class CacheStats:
-    """Counted in tokens: hit rate = hit_tokens / queried_tokens."""
+    """Counted in tokens: hit rate = hit_tokens / queried_tokens; evictions in blocks."""
 
     queried_tokens: int = 0
     hit_tokens: int = 0
@@ -41,23 +43,31 @@ class CacheStats:
 
 
 @dataclass
-class PrefixHit:
+class PrefixHit(Generic[State]):
     """The longest cached prefix of a prompt, pinned until released."""
 
     num_tokens: int  # a multiple of the block size; 0 on a miss
-    state: Any = None  # what the cache stores for that prefix (KV tensors, block ids, ...)
-    keys: list[bytes] = field(default_factory=list)  # the block hashes that matched
+    state: State  # what the cache holds for those tokens (step 4: K/V tensors, step 7: block ids)
+    keys: list[bytes] = field(default_factory=list)  # the names of the matched blocks
 
 
-class PrefixCache(Protocol):
+class PrefixCache(Protocol[State]):
+    """What steps 4 and 7 both implement: find, pin and unpin, and offer computed prefixes."""
+
     block_size: int
     stats: CacheStats
 
-    def match(self, token_ids: Sequence[int]) -> PrefixHit:
-        """Find the longest cached full-block prefix and pin it (reference count +1)."""
+    def match(self, token_ids: list[int]) -> PrefixHit[State]:
+        """The longest run of cached full blocks at the start of `token_ids`, pinned (every
+        matched block's reference count +1, so it cannot be evicted while in use)."""
+        ...
 
-    def release(self, hit: PrefixHit) -> None:
-        """Unpin what `match` pinned; unpinned entries may be evicted."""
+    def release(self, hit: PrefixHit[State]) -> None:
+        """Unpin what `match` pinned; unpinned blocks may be evicted, least recently used
+        first."""
+        ...
 
-    def insert(self, token_ids: Sequence[int], state: Any) -> None:
-        """Offer the state of a computed prefix; the cache keeps what fits its budget."""
+    def insert(self, token_ids: list[int], state: State) -> None:
+        """Offer the full blocks of `token_ids`, computed as `state`; names already cached keep
+        their block."""
+        ...

@@ -1,7 +1,10 @@
-"""The request: the one noun every step passes around.
+"""The request: the one noun every step passes around, and the channel its answer travels on.
 
-A Request is made on the event loop by an HTTP handler, run by some model worker (the loop
-itself in step 0, a thread from step 1 on), and streams Deltas back through its own channel.
+A Request is what the API asked for and everything that happens to it: its token ids (prompt,
+then output), its status, its timings. It owns them: engines read and advance them through its
+methods, and nothing else keeps a copy. It knows nothing of HTTP or of event loops; the API
+(common/api.py) turns headers into its typed fields and gives it a DeltaChannel to answer on.
+
 `append_token` is the single place where a sampled token becomes text, stop sequences and
 max_tokens are checked, and the finish reason is decided; every engine calls it.
 """
@@ -14,7 +17,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from common.detokenize import IncrementalDetokenizer, StopMatcher
@@ -25,7 +28,7 @@ log = logging.getLogger("gateway")
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"
+    WAITING = "waiting"  # not in a forward pass yet (or preempted, and waiting again)
     RUNNING = "running"
     FINISHED = "finished"
     CANCELLED = "cancelled"
@@ -38,6 +41,25 @@ class Delta:
     error: BaseException | None = None
 
 
+class DeltaChannel:
+    """Carries one request's deltas from the thread that generates to the event loop that
+    answers. `send` is safe from any thread; `receive` runs on the loop it was made on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+
+    def send(self, delta: Delta) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+
+    def call_soon(self, callback: Callable[..., object], *args: object) -> None:
+        """Run `callback(*args)` on the loop, in order with the deltas sent."""
+        self._loop.call_soon_threadsafe(callback, *args)
+
+    async def receive(self) -> Delta:
+        return await self._queue.get()
+
+
 class Request:
     def __init__(
         self,
@@ -47,39 +69,50 @@ class Request:
         tokenizer,
         eos_token_ids: set[int],
         request_id: str | None = None,
+        channel: DeltaChannel | None = None,
     ) -> None:
         self.request_id = request_id or f"req-{next(_ids)}"
-        self.prompt_ids = list(prompt_ids)
+        self.token_ids = list(prompt_ids)  # the prompt, then every sampled token
+        self.num_prompt_tokens = len(prompt_ids)
         self.sampling = sampling
         self.sampler = Sampler(sampling)
         self.max_tokens = max_tokens
         self.eos_token_ids = eos_token_ids
-        self.output_ids: list[int] = []
         self.text = ""  # everything emitted so far
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
+        # From the client's headers (common/api.py), for the steps that honour them.
+        self.skip_response_cache = False  # Cache-Control: no-cache / no-store
+        self.queue_timeout_s: float | None = None  # X-Queue-Timeout
+        self.response_cache: str | None = None  # "hit" | "miss" once a response cache looked
+        # Timings on the monotonic clock, and what the engine reports back.
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
-        self.token_times: list[float] = []  # monotonic time of each output token
+        self.token_times: list[float] = []  # when each output token was sampled
+        self.finish_time: float | None = None
         self.queue_wait_s: float | None = None  # set by engines that queue
         self.cached_prompt_tokens = 0  # prompt tokens whose KV came from a prefix cache
-        self.headers: dict[str, str] = {}  # the client's HTTP headers, lower-case names
-        self.response_headers: dict[str, str] = {}  # engines may add headers to the answer
-        self._done_callbacks: list = []
-        self.finish_time: float | None = None
+        self.channel = channel
+        self._done_callbacks: list[Callable[[Request], object]] = []
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopMatcher(sampling.stop)
         self._cancel = threading.Event()
-        self._loop = asyncio.get_running_loop()
-        self._channel: asyncio.Queue[Delta] = asyncio.Queue()
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_ids)
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def finished(self) -> bool:
@@ -97,13 +130,13 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
-        self.output_ids.append(token_id)
+        self.token_ids.append(token_id)
         if token_id in self.eos_token_ids:
             return self._finish("stop", self._drain()[0])
         text, hit_stop = self._stops.push(self._detok.push(token_id))
         if hit_stop:
             return self._finish("stop", text)
-        if len(self.output_ids) >= self.max_tokens:
+        if self.num_output_tokens >= self.max_tokens:
             rest, hit_stop = self._drain()
             return self._finish("stop" if hit_stop else "length", text + rest)
         if text:
@@ -117,33 +150,41 @@ class Request:
 
     def finish_with(self, text: str, output_ids: list[int], finish_reason: str) -> None:
         """Complete at once with a known answer (a cached one) instead of generating it."""
-        self.output_ids = list(output_ids)
+        del self.token_ids[self.num_prompt_tokens :]
+        self.token_ids += output_ids
         self.first_token_time = time.monotonic()
         self._finish(finish_reason, text)
 
-    def add_done_callback(self, callback) -> None:
-        """Call `callback(request)` on the event loop once the request has finished normally."""
+    def add_done_callback(self, callback: Callable[[Request], object]) -> None:
+        """Call `callback(request)` (on the channel's loop) once it has finished normally."""
         self._done_callbacks.append(callback)
 
     def fail(self, error: BaseException) -> None:
         self.status = RequestStatus.FINISHED
-        self._emit(Delta("", error=error))
+        self.finish_time = time.monotonic()
+        self._send(Delta("", error=error))
 
     def _finish(self, reason: str, text: str) -> bool:
         self.status, self.finish_reason = RequestStatus.FINISHED, reason
         self.finish_time = time.monotonic()
-        # Callbacks are queued before the last delta: they run before the client can get its
-        # answer, so nothing it does next can overtake them.
         self.text += text
+        # Callbacks go before the last delta: they run before the client can get its answer,
+        # so nothing it does next can overtake them.
         for callback in self._done_callbacks:
-            self._loop.call_soon_threadsafe(callback, self)
-        self._loop.call_soon_threadsafe(self._channel.put_nowait, Delta(text, finish_reason=reason))
+            if self.channel is None:
+                callback(self)
+            else:
+                self.channel.call_soon(callback, self)
+        self._send(Delta(text, finish_reason=reason))
         return True
 
     def _emit(self, delta: Delta) -> None:
         self.text += delta.text
-        # Safe from any thread: the channel is only touched on the event loop.
-        self._loop.call_soon_threadsafe(self._channel.put_nowait, delta)
+        self._send(delta)
+
+    def _send(self, delta: Delta) -> None:
+        if self.channel is not None:
+            self.channel.send(delta)
 
     # ------------------------------------------------------------ called on the event loop
 
@@ -155,8 +196,10 @@ class Request:
         self._cancel.set()
 
     async def deltas(self) -> AsyncIterator[Delta]:
+        if self.channel is None:
+            raise RuntimeError("this request has no channel to answer on")
         while True:
-            delta = await self._channel.get()
+            delta = await self.channel.receive()
             if delta.error is not None:
                 raise delta.error
             yield delta

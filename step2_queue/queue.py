@@ -20,7 +20,7 @@ import time
 from common.errors import APIError
 from common.generation import generate
 from common.model import LoadedModel
-from common.request import Request, log_done
+from common.request import Request, RequestStatus, log_done
 
 log = logging.getLogger("gateway")
 
@@ -61,10 +61,12 @@ class RequestQueue:
                 return request
 
     def _admit(self, request: Request) -> bool:
+        """On the event loop, as the request leaves the queue: it is running from here on."""
         request.queue_wait_s = time.monotonic() - request.arrival_time
         if request.cancelled:
             log_done(request, queue_wait_s=round(request.queue_wait_s, 4), dropped="queued")
             return False
+        request.status = RequestStatus.RUNNING
         return True
 
 

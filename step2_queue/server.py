@@ -14,14 +14,16 @@ from starlette.applications import Starlette
 
 from common.api import Serving
 from common.app import create_app, serve
-from common.config import ServerConfig
+from common.config import ServerConfig, knob
 from common.model import load_model
 from step2_queue.queue import QueueEngine, RequestQueue
 
 
 @dataclass(frozen=True)
 class Config(ServerConfig):
-    max_queue_size: int = 64  # requests waiting for the worker; one more gets a 429
+    """Step 2: a bounded request queue in front of one model worker."""
+
+    max_queue_size: int = knob(64, "requests waiting for the worker; one more gets a 429")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
@@ -23,16 +24,17 @@ from common.model import LoadedModel
 from common.request import Request, RequestStatus, log_done
 from step2_queue.queue import QueueEngine, RequestQueue
 
+if TYPE_CHECKING:
+    from step3_batching.server import Config
+
 
 class BatchingEngine(QueueEngine):
     """Step 2's engine (queue, start, stop, submit); only the worker loop changes."""
 
-    def __init__(
-        self, lm: LoadedModel, queue: RequestQueue, max_batch_size: int, max_wait_ms: float
-    ) -> None:
+    def __init__(self, lm: LoadedModel, queue: RequestQueue, config: Config) -> None:
         super().__init__(lm, queue)
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_ms / 1000
+        self.max_batch_size = config.max_batch_size
+        self.max_wait_s = config.max_wait_ms / 1000
 
     async def _run(self) -> None:
         while True:
@@ -77,8 +79,6 @@ def log_batch(batch: list[Request]) -> None:
 def _decode_batch(lm: LoadedModel, batch: list[Request]) -> None:
     input_ids, mask = left_pad([r.prompt_ids for r in batch], lm.tokenizer.pad_token_id, lm.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not advance positions
-    for request in batch:
-        request.status = RequestStatus.RUNNING
     cache = DynamicCache()
     logits = forward(lm, input_ids, mask, positions, cache)
     decode(lm, batch, cache, mask, positions[:, -1:], logits)

@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 
 from common.api import Serving
 from common.app import create_app, serve
+from common.config import knob
 from common.model import load_model
 from step2_queue.queue import RequestQueue
 from step2_queue.server import Config as QueueConfig
@@ -22,8 +23,10 @@ from step3_batching.batcher import BatchingEngine
 
 @dataclass(frozen=True)
 class Config(QueueConfig):
-    max_batch_size: int = 16  # rows in one forward pass
-    max_wait_ms: float = 100.0  # how long the worker waits to fill a batch
+    """Step 3: batching. Step 2's queue, and a worker that runs several requests at once."""
+
+    max_batch_size: int = knob(16, "rows in one forward pass")
+    max_wait_ms: float = knob(100.0, "how long the worker waits to fill a batch")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,7 +39,7 @@ def build_app(config: Config) -> Starlette:
     async def lifespan(app: Starlette):
         lm = load_model(config)
         queue = RequestQueue(config.max_queue_size)
-        engine = BatchingEngine(lm, queue, config.max_batch_size, config.max_wait_ms)
+        engine = BatchingEngine(lm, queue, config)
         engine.start()
         app.state.serving = Serving(config, lm.tokenizer, lm.max_model_len, engine)
         yield

@@ -5,18 +5,17 @@ with the same tokens as an earlier one produces the same keys and values for tha
 them, and the next prompt only has to prefill its new suffix.
 
 The bookkeeping here is the real thing, the same protocol step 7's paged cache implements
-(common.prefix.PrefixCache): prompts are named block by block with chained hashes, a new prompt
-finds the longest chain that is cached, entries in use are pinned by a reference count, and
-unpinned entries are evicted least-recently-used first when the byte budget is exceeded. What is
-"mock" is the storage: each entry is an ordinary per-prefix copy of the tensors (one per layer),
-not blocks in a shared preallocated pool, so two prompts that share a prefix store it twice.
+(common.prefix.PrefixCache): prompts are cut into blocks named by chained hashes, a new prompt
+finds the longest run of named blocks it starts with, blocks in use are pinned by a reference
+count, and unpinned blocks are evicted least-recently-used first when the byte budget is
+exceeded. What is "mock" is the storage: each block is its own small tensors in a dictionary, so
+a hit copies the prefix out into transformers' contiguous cache (and `insert` copies it in),
+where step 7 keeps one preallocated pool that attention reads in place.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,80 +27,85 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
-class _Entry:
-    entry_id: int
-    hashes: list[bytes]  # one per full block this entry holds
-    kv: list[LayerKV]
+class _Block:
+    kv: list[LayerKV]  # per layer, [1, kv_heads, block_size, head_dim] each
     nbytes: int
     refs: int = 0
 
 
 class MockPrefixCache:
+    """PrefixCache[list[LayerKV]]: a hit's state is the prefix's keys and values, per layer."""
+
     def __init__(self, block_size: int, budget_bytes: int) -> None:
         self.block_size = block_size
         self.budget_bytes = budget_bytes
         self.stats = CacheStats()
         self.used_bytes = 0
-        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # LRU order: oldest first
-        self._by_hash: dict[bytes, set[int]] = {}  # block hash -> entries holding that prefix
-        self._ids = itertools.count()
+        self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # by name, oldest use first
 
-    def match(self, token_ids: Sequence[int]) -> PrefixHit:
-        # At least one prompt token must be left to prefill: its logits give the first token.
-        usable = block_hashes(token_ids[: len(token_ids) - 1], self.block_size)
+    def match(self, token_ids: list[int]) -> PrefixHit[list[LayerKV]]:
+        keys = []
+        for key in block_hashes(token_ids, self.block_size):
+            if key not in self._blocks:
+                break
+            keys.append(key)
+        for key in keys:
+            self._blocks[key].refs += 1
+        self._touch(keys)
+        num_tokens = len(keys) * self.block_size
         self.stats.queried_tokens += len(token_ids)
-        for n_blocks in range(len(usable), 0, -1):
-            holders = self._by_hash.get(usable[n_blocks - 1])
-            if holders:
-                entry = self._entries[next(iter(holders))]
-                return self._pin(entry, n_blocks, usable[:n_blocks])
-        return PrefixHit(0)
+        self.stats.hit_tokens += num_tokens
+        return PrefixHit(num_tokens, self._concat(keys), keys)
 
-    def _pin(self, entry: _Entry, n_blocks: int, keys: list[bytes]) -> PrefixHit:
-        entry.refs += 1
-        self._entries.move_to_end(entry.entry_id)
-        n_tokens = n_blocks * self.block_size
-        self.stats.hit_tokens += n_tokens
-        state = [(k[:, :, :n_tokens], v[:, :, :n_tokens]) for k, v in entry.kv]
-        return PrefixHit(n_tokens, (entry.entry_id, state), keys)
-
-    def release(self, hit: PrefixHit) -> None:
-        if hit.num_tokens:
-            entry = self._entries.get(hit.state[0])
-            if entry is not None:
-                entry.refs -= 1
-            self._evict_over_budget()
-
-    def insert(self, token_ids: Sequence[int], state: list[LayerKV]) -> None:
-        """Keep the full-block prefix of `token_ids` whose per-layer KV is `state`."""
-        hashes = block_hashes(token_ids, self.block_size)
-        if not hashes or hashes[-1] in self._by_hash:
-            return  # nothing to name, or this whole prefix is already held
-        n_tokens = len(hashes) * self.block_size
-        kv = [(k[:, :, :n_tokens].clone(), v[:, :, :n_tokens].clone()) for k, v in state]
-        nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
-        if nbytes > self.budget_bytes:
-            return
-        entry = _Entry(next(self._ids), hashes, kv, nbytes)
-        self._entries[entry.entry_id] = entry
-        for h in hashes:
-            self._by_hash.setdefault(h, set()).add(entry.entry_id)
-        self.used_bytes += nbytes
+    def release(self, hit: PrefixHit[list[LayerKV]]) -> None:
+        for key in hit.keys:
+            self._blocks[key].refs -= 1  # pinned blocks are never evicted, so still here
         self._evict_over_budget()
 
+    def insert(self, token_ids: list[int], state: list[LayerKV]) -> None:
+        """Keep each full block of `token_ids`, cut out of `state` (per layer, [1, kv_heads,
+        >= len(token_ids), head_dim]), unless a block of that name is already kept."""
+        keys = block_hashes(token_ids, self.block_size)
+        for i, key in enumerate(keys):
+            if key not in self._blocks:
+                self._add(key, state, slice(i * self.block_size, (i + 1) * self.block_size))
+        self._touch(keys)
+        self._evict_over_budget()
+
+    def _add(self, key: bytes, state: list[LayerKV], span: slice) -> None:
+        kv = [(k[:, :, span].clone(), v[:, :, span].clone()) for k, v in state]
+        nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+        if nbytes <= self.budget_bytes:  # a block bigger than the whole budget is not kept
+            self._blocks[key] = _Block(kv, nbytes)
+            self.used_bytes += nbytes
+
+    def _touch(self, keys: list[bytes]) -> None:
+        """Mark as just used, the first block last: under pressure a prefix loses its tail
+        first, and its head (shared by more prompts) stays findable longest."""
+        for key in reversed(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+
+    def _concat(self, keys: list[bytes]) -> list[LayerKV]:
+        """The matched blocks joined per layer: [1, kv_heads, len(keys) * block_size, dim]."""
+        if not keys:
+            return []
+        blocks = [self._blocks[key].kv for key in keys]
+        layers = range(len(blocks[0]))
+        return [
+            (
+                torch.cat([b[layer][0] for b in blocks], dim=2),
+                torch.cat([b[layer][1] for b in blocks], dim=2),
+            )
+            for layer in layers
+        ]
+
     def _evict_over_budget(self) -> None:
-        for entry in list(self._entries.values()):  # oldest first
+        for key in list(self._blocks):  # least recently used first
             if self.used_bytes <= self.budget_bytes:
                 return
-            if entry.refs == 0:
-                self._remove(entry)
-
-    def _remove(self, entry: _Entry) -> None:
-        del self._entries[entry.entry_id]
-        for h in entry.hashes:
-            holders = self._by_hash[h]
-            holders.discard(entry.entry_id)
-            if not holders:
-                del self._by_hash[h]
-        self.used_bytes -= entry.nbytes
-        self.stats.evictions += 1
+            block = self._blocks[key]
+            if block.refs == 0:
+                del self._blocks[key]
+                self.used_bytes -= block.nbytes
+                self.stats.evictions += 1

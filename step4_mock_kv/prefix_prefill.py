@@ -9,21 +9,30 @@ cache and decoded together exactly as in step 3 (`decode` is imported from there
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from common.model import LoadedModel
-from common.request import Request, RequestStatus
+from common.request import Request
+from step2_queue.queue import RequestQueue
 from step3_batching.batcher import BatchingEngine, decode, run_batch
 from step4_mock_kv.prefix_cache import LayerKV, MockPrefixCache
 
+if TYPE_CHECKING:
+    from step4_mock_kv.server import Config
+
 
 class PrefixBatchingEngine(BatchingEngine):
-    def __init__(self, lm: LoadedModel, queue, max_batch_size, max_wait_ms, prefix_cache) -> None:
-        super().__init__(lm, queue, max_batch_size, max_wait_ms)
-        self.prefix_cache: MockPrefixCache = prefix_cache
+    """Step 3's engine; only how a batch is prefilled changes."""
+
+    def __init__(
+        self, lm: LoadedModel, queue: RequestQueue, config: Config, prefix_cache: MockPrefixCache
+    ) -> None:
+        super().__init__(lm, queue, config)
+        self.prefix_cache = prefix_cache
 
     def run_batch(self, batch: list[Request]) -> None:
         run_batch(self.lm, batch, partial(_run, prefix_cache=self.prefix_cache))
@@ -31,8 +40,6 @@ class PrefixBatchingEngine(BatchingEngine):
 
 @torch.inference_mode()
 def _run(lm: LoadedModel, batch: list[Request], prefix_cache: MockPrefixCache) -> None:
-    for request in batch:
-        request.status = RequestStatus.RUNNING
     rows = [prefill(lm, r, prefix_cache) for r in batch]
     cache, mask, last_positions = stack_rows([kv for kv, _ in rows], lm.device)
     logits = torch.stack([row_logits for _, row_logits in rows])  # [B, vocab]
@@ -41,10 +48,11 @@ def _run(lm: LoadedModel, batch: list[Request], prefix_cache: MockPrefixCache) -
 
 def prefill(lm: LoadedModel, request: Request, prefix_cache: MockPrefixCache):
     """Prefill one prompt, skipping its cached prefix. Returns (per-layer KV, last logits)."""
-    hit = prefix_cache.match(request.prompt_ids)
+    # At least the last prompt token must run through the model: its logits give the first token.
+    hit = prefix_cache.match(request.prompt_ids[:-1])
     try:
         cache = DynamicCache()
-        for layer, (k, v) in enumerate(hit.state[1] if hit.num_tokens else []):
+        for layer, (k, v) in enumerate(hit.state):
             cache.update(k, v, layer)
         suffix = torch.tensor([request.prompt_ids[hit.num_tokens :]], device=lm.device)
         out = lm.model(input_ids=suffix, cache=cache, use_cache=True, logits_to_keep=1)

@@ -21,11 +21,35 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from common.config import ConfigPart, knob
 from common.request import Request
 
 log = logging.getLogger("gateway")
 
-OPT_OUT = ("no-cache", "no-store")  # Cache-Control values that skip the cache
+
+@dataclass(frozen=True)
+class ResponseCacheConfig(ConfigPart):
+    response_cache: bool = knob(True, "answer repeated deterministic requests from a cache")
+    response_cache_entries: int = knob(1024, "entries kept by the in-process cache")
+    response_cache_ttl_s: float = knob(300.0, "seconds an answer stays cached")
+    redis_url: str = knob("", "e.g. redis://127.0.0.1:6379/0: a cache shared by processes")
+    redis_timeout_s: float = knob(0.1, "a slower Redis call is abandoned (the request goes on)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.response_cache_entries < 1 or self.response_cache_ttl_s <= 0:
+            raise ValueError("response_cache_entries must be >= 1 and response_cache_ttl_s > 0")
+
+
+def make_response_cache(config: ResponseCacheConfig, model: str) -> ResponseCache | None:
+    """The configured cache for answers of `model`, or None when it is switched off."""
+    if not config.response_cache:
+        return None
+    if config.redis_url:
+        ttl, timeout = config.response_cache_ttl_s, config.redis_timeout_s
+        return ResponseCache(RedisBackend(config.redis_url, ttl, timeout), model)
+    backend = MemoryBackend(config.response_cache_entries, config.response_cache_ttl_s)
+    return ResponseCache(backend, model)
 
 
 @dataclass(frozen=True)
@@ -98,8 +122,7 @@ class ResponseCache:
 
     def key(self, request: Request) -> str | None:
         """The cache key, or None when this request must not be cached."""
-        control = request.headers.get("cache-control", "").lower()
-        if not request.sampling.deterministic or any(word in control for word in OPT_OUT):
+        if not request.sampling.deterministic or request.skip_response_cache:
             self.stats.skipped += 1
             return None
         normalized = {
@@ -156,10 +179,10 @@ class CachingEngine:
             return await self.inner.submit(request)
         cached = await self.cache.get(key)
         if cached is not None:
-            request.response_headers["X-Cache"] = "hit"
+            request.response_cache = "hit"
             request.finish_with(cached.text, cached.output_ids, cached.finish_reason)
             return
-        request.response_headers["X-Cache"] = "miss"
+        request.response_cache = "miss"
         request.add_done_callback(lambda r: self._store_later(key, r))
         await self.inner.submit(request)
 

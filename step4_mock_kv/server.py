@@ -13,30 +13,28 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 
-from common.api import Serving
+from common.api import BackgroundEngine, Serving
 from common.app import create_app, serve
-from common.model import load_model
+from common.config import knob
+from common.model import LoadedModel, load_model
 from step2_queue.queue import RequestQueue
 from step3_batching.server import Config as BatchingConfig
-from step4_mock_kv.prefix_prefill import PrefixBatchingEngine
 from step4_mock_kv.prefix_cache import MockPrefixCache
+from step4_mock_kv.prefix_prefill import PrefixBatchingEngine
 from step4_mock_kv.response_cache import (
     CachingEngine,
-    MemoryBackend,
-    RedisBackend,
     ResponseCache,
+    ResponseCacheConfig,
+    make_response_cache,
 )
 
 
 @dataclass(frozen=True)
-class Config(BatchingConfig):
-    block_size: int = 16  # tokens per prefix block
-    prefix_cache_mb: int = 512  # byte budget of the prefix cache
-    response_cache: bool = True
-    response_cache_entries: int = 1024  # in-process backend only
-    response_cache_ttl_s: float = 300.0
-    redis_url: str = ""  # e.g. redis://127.0.0.1:6379/0; empty means in-process
-    redis_timeout_s: float = 0.1
+class Config(ResponseCacheConfig, BatchingConfig):
+    """Step 4: step 3's batching with a prefix cache, and a cache of whole responses."""
+
+    block_size: int = knob(16, "tokens per prefix block")
+    prefix_cache_mb: int = knob(512, "byte budget of the prefix cache, in MiB")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,34 +42,25 @@ class Config(BatchingConfig):
             raise ValueError("block_size must be >= 1 and prefix_cache_mb >= 0")
 
 
-def make_response_cache(config: Config) -> ResponseCache:
-    if config.redis_url:
-        backend = RedisBackend(
-            config.redis_url, config.response_cache_ttl_s, config.redis_timeout_s
-        )
-    else:
-        backend = MemoryBackend(config.response_cache_entries, config.response_cache_ttl_s)
-    return ResponseCache(backend, config.served_model_name)
-
-
 def build_engine(
-    config: Config, lm
-) -> tuple[PrefixBatchingEngine | CachingEngine, MockPrefixCache]:
+    config: Config, lm: LoadedModel
+) -> tuple[BackgroundEngine, MockPrefixCache, ResponseCache | None]:
+    """Step 3's queue and batcher, prefilling through the prefix cache, behind the response
+    cache. Returns the engine to serve with, and both caches."""
     prefix_cache = MockPrefixCache(config.block_size, config.prefix_cache_mb << 20)
     queue = RequestQueue(config.max_queue_size)
-    engine = PrefixBatchingEngine(
-        lm, queue, config.max_batch_size, config.max_wait_ms, prefix_cache
-    )
-    if config.response_cache:
-        engine = CachingEngine(engine, make_response_cache(config))
-    return engine, prefix_cache
+    engine: BackgroundEngine = PrefixBatchingEngine(lm, queue, config, prefix_cache)
+    response_cache = make_response_cache(config, config.served_model_name)
+    if response_cache is not None:
+        engine = CachingEngine(engine, response_cache)
+    return engine, prefix_cache, response_cache
 
 
 def build_app(config: Config) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette):
         lm = load_model(config)
-        engine, _ = build_engine(config, lm)
+        engine, _, _ = build_engine(config, lm)
         engine.start()
         app.state.serving = Serving(config, lm.tokenizer, lm.max_model_len, engine)
         yield

@@ -8,6 +8,8 @@ model with a forward pre-hook; cache counters are read from the caches at scrape
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -45,6 +47,9 @@ class Metrics:
             ("outcome", "finish_reason"),
         )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.cached_prompt_tokens = counter(
+            "prompt_tokens_cached", "Prompt tokens of finished requests found in a prefix cache."
+        )
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.")
         self.itl = histogram(
@@ -67,6 +72,17 @@ class Metrics:
             "Time to load the model at startup.",
             registry=registry,
         )
+        self.event_loop_tasks = Gauge(
+            f"{PREFIX}_event_loop_tasks", "Live asyncio tasks (leaks show here).", registry=registry
+        )
+        self.event_loop_tasks.set_function(_count_tasks)
+
+
+def _count_tasks() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # scraped outside the server's loop (a test reading the registry)
+        return 0
 
 
 class MetricsObserver(Observer):
@@ -96,6 +112,7 @@ class MetricsObserver(Observer):
     def _observe_latencies(self, request: Request) -> None:
         m, times = self.metrics, request.token_times
         m.prompt_tokens.inc(request.num_prompt_tokens)
+        m.cached_prompt_tokens.inc(request.cached_prompt_tokens)
         m.generation_tokens.inc(request.num_output_tokens)
         if request.queue_wait_s is not None:
             m.queue_wait.observe(request.queue_wait_s)
@@ -136,7 +153,7 @@ class CacheCollector:
             yield _counter(
                 "prefix_cache_hit_tokens", "Prompt tokens found cached.", stats.hit_tokens
             )
-            yield _counter("prefix_cache_evictions", "Entries evicted.", stats.evictions)
+            yield _counter("prefix_cache_evictions", "Blocks evicted.", stats.evictions)
         if self.response_cache is not None:
             stats = self.response_cache.stats
             yield _counter("response_cache_queries", "Cacheable requests looked up.", stats.queries)

@@ -12,14 +12,28 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 from common.api import Outcome
+from common.config import ConfigPart, knob
 from common.request import Request
 
 log = logging.getLogger("gateway.requests")
 stats_log = logging.getLogger("gateway.stats")
 
 REQUEST_ID = "x-request-id"
+
+
+@dataclass(frozen=True)
+class LogConfig(ConfigPart):
+    log_format: str = knob("text", "text | json (one JSON object per line)")
+    log_prompts: bool = knob(False, "put prompt token ids in request log lines")
+    stats_interval_s: float = knob(10.0, "seconds between two stats log lines")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.log_format not in ("text", "json") or self.stats_interval_s <= 0:
+            raise ValueError("log_format must be text or json; stats_interval_s > 0")
 
 
 class JsonFormatter(logging.Formatter):
@@ -66,7 +80,7 @@ def request_fields(http, outcome: Outcome, request: Request | None, log_prompts:
         prompt_tokens=request.num_prompt_tokens,
         cached_prompt_tokens=request.cached_prompt_tokens,
         output_tokens=request.num_output_tokens,
-        response_cache=request.response_headers.get("X-Cache"),
+        response_cache=request.response_cache,
         queue_wait_s=_round(request.queue_wait_s),
         ttft_s=_round(first - request.arrival_time if first else None),
         tpot_s=_round((times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None),

@@ -19,31 +19,38 @@ import asyncio
 import math
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily
 
 from common.api import Observer, Outcome, Serving
+from common.config import ConfigPart, knob
 from common.errors import APIError
 from common.request import Request, RequestStatus
 
-QUEUE_TIMEOUT_HEADER = "x-queue-timeout"  # seconds, per request, within the configured limit
-
 
 @dataclass(frozen=True)
-class Limits:
-    max_waiting_requests: int
-    max_waiting_tokens: int
-    queue_timeout_s: float
-    max_queue_timeout_s: float
-    max_prompt_tokens: int
-    max_tokens: int
+class AdmissionConfig(ConfigPart):
+    max_waiting_requests: int = knob(64, "admitted requests not yet running; one more gets a 429")
+    max_waiting_tokens: int = knob(32768, "prompt tokens of those; more gets a 429")
+    queue_timeout_s: float = knob(30.0, "a request that has not started by then gets a 503")
+    max_queue_timeout_s: float = knob(120.0, "the longest deadline X-Queue-Timeout may ask for")
+    max_prompt_tokens: int = knob(4096, "longer prompts get a 400")
+    max_tokens_limit: int = knob(1024, "the largest max_tokens accepted (400 above)")
+    max_body_bytes: int = knob(1 << 20, "larger request bodies get a 413")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.max_waiting_requests, self.max_waiting_tokens, self.max_body_bytes) < 1:
+            raise ValueError("waiting bounds and max_body_bytes must be at least 1")
+        if min(self.queue_timeout_s, self.max_queue_timeout_s) <= 0:
+            raise ValueError("queue timeouts must be positive")
 
 
 class AdmissionController(Observer):
     """Counts what is admitted and not finished; rejects what does not fit; sets deadlines."""
 
-    def __init__(self, limits: Limits, drain_window_s: float = 30.0) -> None:
+    def __init__(self, limits: AdmissionConfig, drain_window_s: float = 30.0) -> None:
         self.limits = limits
         self.live: set[Request] = set()
         self.draining = False
@@ -92,13 +99,14 @@ class AdmissionController(Observer):
 
     def _set_deadline(self, request: Request) -> None:
         timeout = self.limits.queue_timeout_s
-        asked = request.headers.get(QUEUE_TIMEOUT_HEADER)
-        if asked is not None:
-            timeout = min(_parse_timeout(asked), self.limits.max_queue_timeout_s)
+        if request.queue_timeout_s is not None:  # the client's X-Queue-Timeout, within bounds
+            timeout = min(request.queue_timeout_s, self.limits.max_queue_timeout_s)
         asyncio.get_running_loop().call_later(timeout, self._expire, request, timeout)
 
     def _expire(self, request: Request, timeout: float) -> None:
-        if request.status != RequestStatus.WAITING or request.cancelled:
+        """On the event loop, which also owns the status change to RUNNING: no race."""
+        started = request.first_token_time is not None  # (a preempted request waits again)
+        if request.status != RequestStatus.WAITING or request.cancelled or started:
             return
         self.reasons["timeout:queue"] += 1
         error = APIError(
@@ -121,19 +129,6 @@ class AdmissionController(Observer):
             self.reasons[f"cancelled:{stage}"] += 1
         elif outcome is Outcome.SUCCESS:
             self._finished.append(time.monotonic())
-
-
-def _parse_timeout(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not value > 0:
-        raise APIError(
-            f"'{QUEUE_TIMEOUT_HEADER}' must be a positive number of seconds",
-            param=QUEUE_TIMEOUT_HEADER,
-        )
-    return value
 
 
 class AdmittingEngine:
@@ -161,7 +156,7 @@ class AdmittingEngine:
 class LimitedServing(Serving):
     """Serving with bounds on prompt length and max_tokens, checked before admission."""
 
-    limits: Limits | None = None
+    limits: AdmissionConfig = field(default_factory=AdmissionConfig)
 
     def make_request(self, prompt_ids, params, rid) -> Request:
         limits = self.limits
@@ -172,9 +167,9 @@ class LimitedServing(Serving):
                 param="messages",
                 code="prompt_too_long",
             )
-        if params.max_tokens is not None and params.max_tokens > limits.max_tokens:
+        if params.max_tokens is not None and params.max_tokens > limits.max_tokens_limit:
             raise APIError(
-                f"max_tokens is at most {limits.max_tokens} on this server",
+                f"max_tokens is at most {limits.max_tokens_limit} on this server",
                 param="max_tokens",
                 code="max_tokens_too_large",
             )

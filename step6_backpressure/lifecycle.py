@@ -13,22 +13,60 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse
+from starlette.routing import Route
 
+from common.app import program_name, setup_logging
+from common.config import ConfigPart, knob
 from common.errors import APIError, error_response
+from step6_backpressure.admission import AdmissionController
 
 log = logging.getLogger("gateway")
 
 
+@dataclass(frozen=True)
+class LifecycleConfig(ConfigPart):
+    ready_when_saturated: bool = knob(False, "stay ready (200) while the waiting queue is full")
+    drain_timeout_s: float = knob(30.0, "after SIGTERM, how long in-flight requests may finish")
+    api_key: str = knob("", "require `Authorization: Bearer <key>` on /v1 (empty: no key)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")
+
+
 class Lifecycle:
-    def __init__(self, drain_timeout_s: float) -> None:
-        self.drain_timeout_s = drain_timeout_s
-        self.admission = None  # set by the lifespan once the model is loaded
+    """Readiness and drain state of one server, shared by its routes and its uvicorn.Server."""
+
+    def __init__(self, config: LifecycleConfig) -> None:
+        self.config = config
+        self.drain_timeout_s = config.drain_timeout_s
+        self.admission: AdmissionController | None = None  # set once the model is loaded
         self.drain_deadline: float | None = None
+
+    @property
+    def routes(self) -> list[Route]:
+        ready = readiness(self, self.config.ready_when_saturated)
+        return [
+            Route("/health/live", live, methods=["GET"]),
+            Route("/health/ready", ready, methods=["GET"]),
+        ]
+
+    @property
+    def middleware(self) -> list[Middleware]:
+        api_key = self.config.api_key
+        return [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
 
     @property
     def draining(self) -> bool:
@@ -107,3 +145,19 @@ class ApiKeyMiddleware:
                 error = APIError("invalid or missing API key", 401, code="invalid_api_key")
                 return await error_response(error)(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def serve_gracefully(build_app: Callable[[Any, Lifecycle], Starlette], config_class: Any) -> None:
+    """Like common.app.serve, but the first SIGTERM drains (GracefulServer). `config_class`: a
+    ServerConfig that has LifecycleConfig's knobs."""
+    config = config_class.load(sys.argv[1:], prog=program_name(build_app))
+    setup_logging(config.log_level)
+    lifecycle = Lifecycle(config)
+    uv_config = uvicorn.Config(
+        build_app(config, lifecycle),
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    GracefulServer(uv_config, lifecycle).run()

@@ -16,12 +16,13 @@ prefix (the hit's state is the list of block ids), `release` unpins, `insert` na
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 
 from common.prefix import CacheStats, PrefixHit, block_hashes
 
 
 class BlockManager:
+    """PrefixCache[list[int]]: a hit's state is the ids of the blocks holding the prefix."""
+
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be at least 1")
@@ -60,7 +61,7 @@ class BlockManager:
         self.ref_counts[block_id] = 1
         return block_id
 
-    def free(self, block_ids: Sequence[int]) -> None:
+    def free(self, block_ids: list[int]) -> None:
         """Drop one reference to each block. The tail goes back first, so under pressure the
         longest (least shareable) suffix of a prefix is evicted before its first blocks."""
         for block_id in reversed(block_ids):
@@ -77,7 +78,7 @@ class BlockManager:
 
     # ------------------------------------------------------------ the PrefixCache protocol
 
-    def match(self, token_ids: Sequence[int]) -> PrefixHit:
+    def match(self, token_ids: list[int]) -> PrefixHit[list[int]]:
         """The longest run of cached full blocks at the start of `token_ids`, pinned."""
         keys, found = [], []
         for key in block_hashes(token_ids, self.block_size):
@@ -93,13 +94,18 @@ class BlockManager:
         self.stats.hit_tokens += hit.num_tokens
         return hit
 
-    def release(self, hit: PrefixHit) -> None:
+    def release(self, hit: PrefixHit[list[int]]) -> None:
         self.free(hit.state)
 
-    def insert(self, token_ids: Sequence[int], state: Sequence[int]) -> None:
+    def insert(self, token_ids: list[int], state: list[int]) -> None:
         """Name the full blocks of `token_ids`, held in blocks `state` (a block table), by their
-        chained hashes. A name already taken (the same prefix computed twice) keeps its block."""
-        for key, block_id in zip(block_hashes(token_ids, self.block_size), state, strict=False):
+        chained hashes."""
+        self.name(block_hashes(token_ids, self.block_size), state)
+
+    def name(self, keys: list[bytes], block_ids: list[int]) -> None:
+        """Make blocks findable by their names. A name already taken (the same prefix computed
+        twice) keeps its block."""
+        for key, block_id in zip(keys, block_ids, strict=False):
             if key in self.by_hash or self.block_hash[block_id] is not None:
                 continue
             self.by_hash[key] = block_id

@@ -39,6 +39,7 @@ class ModelRunner:
     def __init__(self, lm: LoadedModel, kv: PagedKVCache) -> None:
         config = lm.model.config
         self.kv = kv
+        self.device = lm.device
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from common.model import LoadedModel
+
 
 class PagedKVCache:
     def __init__(
@@ -34,6 +36,17 @@ class PagedKVCache:
         # pool is resident from start-up (about 1.4 GiB at the float32 defaults).
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @classmethod
+    def for_model(cls, lm: LoadedModel, num_blocks: int, block_size: int) -> PagedKVCache:
+        """A pool shaped for `lm`'s layers and key/value heads, in its dtype, on its device."""
+        config = lm.model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            config.num_hidden_layers, num_blocks, block_size,
+            config.num_key_value_heads, head_dim, lm.dtype, lm.device,
+        )  # fmt: skip
 
     @property
     def bytes_per_block(self) -> int:

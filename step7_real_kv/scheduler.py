@@ -10,32 +10,38 @@ Step 3 fixed a batch when it started. Here the batch is rebuilt every iteration:
 - a long prompt takes only what is left of the budget: it is prefilled in chunks across
   iterations, side by side with the decodes, instead of stalling them;
 - when a running sequence needs a block and none is free, the youngest running sequence is
-  preempted: its blocks are freed and it goes back to the front of the queue. Its tokens (prompt
-  and output so far) are kept, so later it is prefilled again, mostly from the prefix cache,
-  and carries on; nothing already streamed is streamed again.
+  preempted: its blocks are freed and it goes back to the front of the queue, WAITING again.
+  Its tokens (prompt and output so far) are kept, so later it is prefilled again, mostly from
+  the prefix cache, and carries on; nothing already streamed is streamed again.
 
-A finished or cancelled sequence leaves at once and its blocks go back to the pool.
+A finished or cancelled sequence leaves at once and its blocks go back to the pool. `waiting` is
+the one place a step 7 request waits: admission (kv_admission.py) counts what is there.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from typing import TYPE_CHECKING
 
-from common.request import Request
+from common.errors import APIError
+from common.prefix import block_hashes
+from common.request import Request, RequestStatus
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.sequence import Sequence
+
+if TYPE_CHECKING:
+    from step7_real_kv.engine import EngineConfig
 
 Work = list[tuple[Sequence, int]]  # (sequence, new tokens this iteration)
 
 
 class Scheduler:
-    def __init__(
-        self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int
-    ) -> None:
+    def __init__(self, blocks: BlockManager, config: EngineConfig) -> None:
         self.blocks = blocks
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
-        self.waiting: deque[Sequence] = deque()
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_num_seqs = config.max_num_seqs
+        self.waiting: deque[Sequence] = deque()  # arrival order, preempted ones at the front
         self.running: list[Sequence] = []  # admission order: the last is the youngest
         self.num_preemptions = 0
 
@@ -48,9 +54,18 @@ class Scheduler:
         longest = request.num_prompt_tokens + request.max_tokens
         return self.blocks.blocks_for(longest) <= self.blocks.num_blocks
 
-    def add(self, request: Request) -> Sequence:
+    def require_fit(self, request: Request) -> None:
+        """A 400 for a request that even an empty pool could not hold: a retry would not help."""
         if not self.fits(request):
-            raise ValueError("the request needs more KV blocks than the pool has")
+            slots = self.blocks.num_blocks * self.blocks.block_size
+            raise APIError(
+                f"prompt plus max_tokens needs more than the whole KV pool ({slots} tokens)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+
+    def add(self, request: Request) -> Sequence:
+        self.require_fit(request)
         seq = Sequence(request)
         self.waiting.append(seq)
         return seq
@@ -100,14 +115,20 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.block_table = hit.state + self.blocks.allocate(need)
-            seq.num_computed = seq.num_named_blocks = hit.num_tokens
-            seq.num_named_blocks //= self.blocks.block_size
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = hit.num_tokens
-            self.running.append(seq)
+            seq.block_names = hit.keys
+            seq.num_computed = hit.num_tokens
+            self._run(seq)
             work.append((seq, n))
             budget -= n
         return work
+
+    def _run(self, seq: Sequence) -> None:
+        request = seq.request
+        if seq.num_preemptions == 0:  # the first admission is what the client waited for
+            request.queue_wait_s = time.monotonic() - request.arrival_time
+            request.cached_prompt_tokens = seq.num_computed
+        request.status = RequestStatus.RUNNING
+        self.running.append(seq)
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give `seq` blocks for `num_tokens` slots; False when the pool is short."""
@@ -124,6 +145,7 @@ class Scheduler:
         seq.reset()
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        seq.request.status = RequestStatus.WAITING
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
@@ -136,8 +158,12 @@ class Scheduler:
         seq.reset()
 
     def name_full_blocks(self, seq: Sequence) -> None:
-        """Offer blocks that the last iteration filled to the prefix cache."""
-        full = seq.num_computed // self.blocks.block_size
-        if full > seq.num_named_blocks:
-            self.blocks.insert(seq.token_ids[: seq.num_computed], seq.block_table)
-            seq.num_named_blocks = full
+        """Offer blocks that the last iteration filled to the prefix cache. Only the new blocks
+        are hashed: the chain goes on from the name of the last block already named."""
+        size = self.blocks.block_size
+        named, full = len(seq.block_names), seq.num_computed // size
+        if full > named:
+            parent = seq.block_names[-1] if seq.block_names else b""
+            keys = block_hashes(seq.token_ids[named * size : full * size], size, parent)
+            self.blocks.name(keys, seq.block_table[named:full])
+            seq.block_names += keys

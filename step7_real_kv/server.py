@@ -3,81 +3,80 @@
 New since step 6: the serving engine. The batch is rebuilt every iteration (finished sequences
 leave, new ones join, long prompts are prefilled in chunks beside the decodes), keys and values
 live in a preallocated pool of fixed-size blocks, and full blocks are shared between prompts with
-the same prefix. Everything around the engine is step 6's: response cache, metrics and logs,
-admission (which now also counts free KV blocks), deadlines, drain. Run: python -m step7_real_kv
+the same prefix. Around the engine, imported from the steps that taught them: step 4's response
+cache, step 5's metrics and logs, step 6's admission (which here also counts free KV blocks),
+deadlines, readiness and drain. Run: python -m step7_real_kv
 """
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
-from common.model import LoadedModel
-from step2_queue.queue import RequestQueue
-from step4_mock_kv.response_cache import CachingEngine
-from step4_mock_kv.server import make_response_cache
-from step6_backpressure.lifecycle import Lifecycle
-from step6_backpressure.server import Config as BackpressureConfig
-from step6_backpressure.server import build_app as build_backpressure_app
-from step6_backpressure.server import serve_gracefully
+from common.api import Observers
+from common.app import create_app
+from common.config import ServerConfig
+from step4_mock_kv.response_cache import CachingEngine, ResponseCacheConfig, make_response_cache
+from step5_observability.metrics import CacheCollector
+from step5_observability.observability import Observability
+from step5_observability.structured_logs import LogConfig
+from step6_backpressure.admission import (
+    AdmissionCollector,
+    AdmissionConfig,
+    AdmittingEngine,
+    BodyLimitMiddleware,
+    LimitedServing,
+)
+from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_gracefully
+from step7_real_kv.engine import EngineConfig, KVCollector, PagedEngine
 from step7_real_kv.kv_admission import KVAdmission
-from step7_real_kv.engine import PagedEngine
 
 
 @dataclass(frozen=True)
-class Config(BackpressureConfig):
-    # block_size (16) comes from step 4: here it is the token slots per KV block.
-    num_kv_blocks: int = 2048  # blocks in the pool: 32768 tokens, 720 KiB a block in float32
-    max_num_batched_tokens: int = 256  # new tokens per iteration (decodes + prefill chunks)
-    max_num_seqs: int = 64  # sequences running at once
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if min(self.block_size, self.num_kv_blocks, self.max_num_seqs) < 1:
-            raise ValueError("block_size, num_kv_blocks and max_num_seqs must be at least 1")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
-
-
-def build_paged_engine(config: Config, lm: LoadedModel):
-    """The paged engine, behind step 4's response cache; its block manager is the prefix cache."""
-    engine = PagedEngine(
-        lm, RequestQueue(config.max_queue_size), config.block_size, config.num_kv_blocks,
-        config.max_num_batched_tokens, config.max_num_seqs,
-    )  # fmt: skip
-    served = CachingEngine(engine, make_response_cache(config)) if config.response_cache else engine
-    return served, engine.blocks, KVCollector(engine)
-
-
-class KVCollector:
-    """gateway_kv_blocks_{used,total} and gateway_preemptions_total, read at scrape time."""
-
-    def __init__(self, engine: PagedEngine) -> None:
-        self.engine = engine
-
-    def collect(self):
-        blocks = self.engine.blocks
-        yield GaugeMetricFamily(
-            "gateway_kv_blocks_total", "Blocks in the KV pool.", value=blocks.num_blocks
-        )
-        yield GaugeMetricFamily(
-            "gateway_kv_blocks_used",
-            "Blocks held by sequences.",
-            value=blocks.num_blocks - blocks.num_free,
-        )
-        yield CounterMetricFamily(
-            "gateway_preemptions",
-            "Sequences preempted for blocks.",
-            value=self.engine.scheduler.num_preemptions,
-        )
+class Config(
+    EngineConfig, AdmissionConfig, LifecycleConfig, LogConfig, ResponseCacheConfig, ServerConfig
+):
+    """Step 7: the paged engine's knobs, and those of the parts kept from steps 4 to 6."""
 
 
 def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
-    return build_backpressure_app(
-        config, lifecycle, build=build_paged_engine, admission=KVAdmission
-    )
+    lifecycle = lifecycle or Lifecycle(config)
+    observability = Observability(config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        lm = observability.load_model(config)
+        engine = PagedEngine(lm, config)  # KV pool, block manager, scheduler, model runner
+        engine.batch_size_hooks.append(observability.metrics.batch_size.observe)
+        response_cache = make_response_cache(config, config.served_model_name)
+        served = CachingEngine(engine, response_cache) if response_cache else engine
+        admission = KVAdmission(config, engine.scheduler)
+        observability.watch(
+            CacheCollector(engine.blocks, response_cache),  # the block manager is the prefix cache
+            AdmissionCollector(admission),
+            KVCollector(engine),
+        )
+        served = AdmittingEngine(served, admission)
+        served.start()
+        observer = Observers(admission, observability.observer)
+        app.state.serving = LimitedServing(
+            config, lm.tokenizer, lm.max_model_len, served, observer, limits=config
+        )
+        lifecycle.admission = admission
+        async with observability.stats_log():
+            yield
+        await served.stop()
+
+    routes = [*observability.routes, *lifecycle.routes]
+    middleware = [
+        *observability.middleware,
+        Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),
+        *lifecycle.middleware,
+    ]
+    return create_app(lifespan, routes, middleware)
 
 
 def main() -> None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-from common.request import Request
+from common.request import DeltaChannel, Request
 from common.sampling import SamplingParams
 
 
-def make_request(lm, prompt: str, max_tokens: int, **sampling) -> Request:
-    """Must be called on a running event loop (a Request binds to it)."""
-    ids = lm.tokenizer.encode(prompt, add_special_tokens=False)
+def make_request(lm, prompt: str | list[int], max_tokens: int, **sampling) -> Request:
+    """A request answering on a channel of the running event loop. `prompt`: text or ids."""
+    ids = (
+        lm.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else prompt
+    )
     params = SamplingParams(**{"temperature": 0.0, **sampling})
-    return Request(ids, params, max_tokens, lm.tokenizer, {lm.tokenizer.eos_token_id})
+    eos = {lm.tokenizer.eos_token_id}
+    return Request(ids, params, max_tokens, lm.tokenizer, eos, channel=DeltaChannel())
 
 
 async def drain(request: Request) -> str:

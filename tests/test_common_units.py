@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib
 
 import pytest
 import torch
 
 from common.config import ServerConfig
 from common.detokenize import IncrementalDetokenizer, StopMatcher
-from common.request import Request
+from common.request import DeltaChannel, Request
 from common.sampling import Sampler, SamplingParams
+from tests.conftest import STEPS
 
 MULTIBYTE = "Café naïve — 日本語のテキスト 🎉🚀 Ωμέγα"
 
@@ -30,6 +33,28 @@ def test_config_rejects_bad_values():
         ServerConfig(dtype="int3")
     with pytest.raises(ValueError, match="device"):
         ServerConfig(device="tpu")
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_every_knob_of_every_step_has_help_text(step, capsys):
+    config_class = getattr(importlib.import_module(f"{step}.server"), "Config", ServerConfig)
+    fields = dataclasses.fields(config_class)
+    assert all(f.metadata.get("help") for f in fields), [f.name for f in fields]
+    with pytest.raises(SystemExit):
+        config_class.load(["--help"], prog=f"python -m {step}")
+    shown = capsys.readouterr().out
+    for f in fields:
+        assert f"--{f.name.replace('_', '-')}" in shown
+        assert f.metadata["help"].split()[0] in shown
+    assert f"python -m {step}" in shown
+
+
+def test_step7_config_has_only_the_knobs_step7_uses():
+    from step7_real_kv.server import Config
+
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert not names & {"max_queue_size", "max_batch_size", "max_wait_ms", "prefix_cache_mb"}
+    assert {"num_kv_blocks", "max_waiting_requests", "redis_url", "log_format"} <= names
 
 
 # ---------------------------------------------------------------- sampling
@@ -129,7 +154,8 @@ def test_stop_matcher_holds_back_a_possible_prefix():
 def run_tokens(tokenizer, token_ids, **kwargs):
     async def go():
         params = SamplingParams(temperature=0.0, stop=kwargs.pop("stop", []))
-        request = Request([1, 2], params, kwargs.pop("max_tokens", 100), tokenizer, {2})
+        max_tokens = kwargs.pop("max_tokens", 100)
+        request = Request([1, 2], params, max_tokens, tokenizer, {2}, channel=DeltaChannel())
         for t in token_ids:
             if request.append_token(t):
                 break
@@ -174,3 +200,17 @@ def test_request_streams_multibyte_text_whole(tokenizer):
     request, deltas = run_tokens(tokenizer, ids, max_tokens=len(ids))
     assert all("\ufffd" not in d.text for d in deltas)
     assert "".join(d.text for d in deltas) == MULTIBYTE
+
+
+def test_a_request_needs_no_event_loop(tokenizer):
+    """The domain knows no transport: built, advanced and finished in plain synchronous code."""
+    stored = []
+    ids = tokenizer.encode(" Paris is lovely", add_special_tokens=False)
+    request = Request([1, 2], SamplingParams(temperature=0.0), len(ids), tokenizer, {2})
+    request.add_done_callback(stored.append)
+    finished = [request.append_token(t) for t in ids]
+    assert finished == [False] * (len(ids) - 1) + [True]
+    assert request.text == " Paris is lovely" and request.finish_reason == "length"
+    assert request.output_ids == ids and request.prompt_ids == [1, 2]
+    assert request.token_ids == [1, 2, *ids]  # one list, one owner
+    assert stored == [request]  # with no channel, callbacks run at once

@@ -13,6 +13,7 @@ from common.model import load_model
 from common.request import RequestStatus
 from step2_queue.queue import RequestQueue
 from step3_batching.batcher import BatchingEngine, left_pad, run_batch
+from step3_batching.server import Config
 from tests.conftest import tiny_client
 from tests.engine_helpers import drain, make_request, until
 
@@ -35,7 +36,7 @@ def test_left_pad_right_aligns_prompts():
 @pytest.mark.parametrize("waiting, expected", [(1, [1]), (4, [4]), (5, [4, 1])])
 def test_batch_sizes_one_exactly_full_and_one_over(tiny_lm, waiting, expected):
     async def go():
-        engine = BatchingEngine(tiny_lm, RequestQueue(16), max_batch_size=4, max_wait_ms=20)
+        engine = BatchingEngine(tiny_lm, RequestQueue(16), Config(max_batch_size=4, max_wait_ms=20))
         for i in range(waiting):
             await engine.submit(make_request(tiny_lm, f"p{i}", 2))
         sizes = []
@@ -48,7 +49,9 @@ def test_batch_sizes_one_exactly_full_and_one_over(tiny_lm, waiting, expected):
 
 def test_worker_waits_up_to_max_wait_for_a_fuller_batch(tiny_lm):
     async def go():
-        engine = BatchingEngine(tiny_lm, RequestQueue(16), max_batch_size=4, max_wait_ms=2000)
+        engine = BatchingEngine(
+            tiny_lm, RequestQueue(16), Config(max_batch_size=4, max_wait_ms=2000)
+        )
         await engine.submit(make_request(tiny_lm, "first", 2))
         pending = asyncio.ensure_future(engine.next_batch())
         await asyncio.sleep(0.05)
@@ -107,13 +110,10 @@ def test_greedy_batch_is_token_identical_to_step1_on_the_real_model(real_model_d
     async def go():
         singles, batch = [], []
         for p in prompts:
-            r = make_request(lm, "", 20)
-            r.prompt_ids = chat_ids(p)
+            r = make_request(lm, chat_ids(p), 20)
             await asyncio.to_thread(generate, lm, r)
             singles.append(r.output_ids)
-            b = make_request(lm, "", 20)
-            b.prompt_ids = chat_ids(p)
-            batch.append(b)
+            batch.append(make_request(lm, chat_ids(p), 20))
         await asyncio.to_thread(run_batch, lm, batch)
         return singles, [b.output_ids for b in batch]
 
@@ -123,7 +123,7 @@ def test_greedy_batch_is_token_identical_to_step1_on_the_real_model(real_model_d
 
 def test_a_cancelled_row_stops_and_the_others_finish_unharmed(tiny_lm):
     async def go():
-        engine = BatchingEngine(tiny_lm, RequestQueue(16), max_batch_size=3, max_wait_ms=50)
+        engine = BatchingEngine(tiny_lm, RequestQueue(16), Config(max_batch_size=3, max_wait_ms=50))
         engine.start()
         keep = [make_request(tiny_lm, f"keep {i}", 400) for i in range(2)]
         leave = make_request(tiny_lm, "leave", 400)

@@ -13,8 +13,8 @@ from common.generation import generate
 from common.model import load_model
 from common.prefix import block_hashes
 from step3_batching.batcher import run_batch
-from step4_mock_kv.prefix_prefill import _run
 from step4_mock_kv.prefix_cache import MockPrefixCache
+from step4_mock_kv.prefix_prefill import _run
 from tests.conftest import tiny_client
 from tests.engine_helpers import make_request
 
@@ -28,7 +28,7 @@ def fake_kv(tokens: list[int], layers: int = 2) -> list:
 
 
 def cached_tokens(hit) -> list[int]:
-    return hit.state[1][0][0].flatten().int().tolist() if hit.num_tokens else []
+    return hit.state[0][0].flatten().int().tolist() if hit.num_tokens else []
 
 
 def test_block_hashes_are_chained():
@@ -54,7 +54,7 @@ def test_longest_prefix_match_at_block_boundaries(prompt_len, expected_hit):
     stored = list(range(100, 111))  # 11 tokens: two full blocks are kept
     cache.insert(stored, fake_kv(stored))
     prompt = list(range(100, 100 + prompt_len))
-    hit = cache.match(prompt)
+    hit = cache.match(prompt[:-1])  # the last prompt token always runs: its logits are needed
     assert hit.num_tokens == expected_hit
     assert cached_tokens(hit) == prompt[:expected_hit]
     cache.release(hit)
@@ -130,14 +130,11 @@ def test_greedy_tokens_identical_with_and_without_a_prefix_hit(real_model_dir):
         prefix_cache = MockPrefixCache(16, 256 << 20)
         plain, rounds = [], []
         for p in prompts:
-            r = make_request(lm, "", 16)
-            r.prompt_ids = ids(p)
+            r = make_request(lm, ids(p), 16)
             await asyncio.to_thread(generate, lm, r)
             plain.append(r.output_ids)
         for _ in range(2):  # the first round fills the cache, the second hits it
-            batch = [make_request(lm, "", 16) for _ in prompts]
-            for r, p in zip(batch, prompts, strict=True):
-                r.prompt_ids = ids(p)
+            batch = [make_request(lm, ids(p), 16) for p in prompts]
             await asyncio.to_thread(run_batch, lm, batch, lambda m, b: _run(m, b, prefix_cache))
             rounds.append(batch)
         return plain, rounds

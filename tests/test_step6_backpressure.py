@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from step6_backpressure.admission import AdmissionController, Limits
+from step6_backpressure.admission import AdmissionConfig, AdmissionController
 from tests.conftest import tiny_client
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -38,16 +38,16 @@ def metric(server_url: str, name: str, **labels) -> float:
 # ---------------------------------------------------------------- admission, unit level
 
 
-def limits(**overrides) -> Limits:
+def limits(**overrides) -> AdmissionConfig:
     values = dict(
         max_waiting_requests=4,
         max_waiting_tokens=100,
         queue_timeout_s=30,
         max_queue_timeout_s=60,
         max_prompt_tokens=50,
-        max_tokens=20,
+        max_tokens_limit=20,
     )
-    return Limits(**{**values, **overrides})
+    return AdmissionConfig(**{**values, **overrides})
 
 
 def test_retry_after_follows_the_drain_rate():

@@ -11,8 +11,10 @@ import pytest
 from common.errors import APIError
 from common.request import Request
 from common.sampling import SamplingParams
-from step7_real_kv.kv_admission import KVAdmission
 from step7_real_kv.block_manager import BlockManager
+from step7_real_kv.engine import EngineConfig
+from step7_real_kv.kv_admission import KVAdmission
+from step7_real_kv.scheduler import Scheduler
 from tests.test_step6_backpressure import limits, metric
 
 
@@ -29,25 +31,31 @@ def test_kv_admission_counts_free_blocks_and_waiting_prompts(tokenizer):
     async def scenario() -> None:
         blocks = BlockManager(num_blocks=10, block_size=4)
         held = blocks.allocate(7)  # running sequences hold 7 of the 10 blocks
-        admission = KVAdmission(limits(), blocks)  # at most 4 waiting, 100 tokens
+        scheduler = Scheduler(blocks, EngineConfig(block_size=4, num_kv_blocks=10))
+        admission = KVAdmission(limits(), scheduler)  # at most 4 waiting, 100 tokens
+
+        def admit(r: Request) -> None:  # as the server does: admission, then the engine's queue
+            admission.admit(r)
+            scheduler.add(r)
 
         error = rejected(admission, 13)  # 4 blocks, 3 free
         assert (error.status, error.code) == (429, "kv_blocks")
         assert int(error.headers["Retry-After"]) >= 1
         waiting = request(8)
-        admission.admit(waiting)  # 2 blocks: fits, and now waits
+        admit(waiting)  # 2 blocks: fits, and now waits
         assert rejected(admission, 5).code == "kv_blocks"  # 2 waiting + 2 > 3 free
         waiting.cancel()  # its client left: its blocks stop counting at once
-        admission.admit(request(5))  # 2 blocks of 3 free
+        admit(request(5))  # 2 blocks of 3 free
         assert rejected(admission, 5).code == "kv_blocks"  # 2 waiting + 2 > 3 free
-        admission.admit(request(4))  # 2 waiting + 1 = 3: exactly fits
+        admit(request(4))  # 2 waiting + 1 = 3: exactly fits
 
         blocks.free(held)  # the running sequences finish
-        admission.admit(request(13))  # 3 waiting + 4 <= 10 free
+        admit(request(13))  # 3 waiting + 4 <= 10 free
         assert admission.reasons["rejected:kv_blocks"] == 3
 
+        assert rejected(admission, 16).code == "kv_blocks"  # 7 waiting + 4 > 10 free
         admission.draining = True  # draining outranks a full pool: 503, not 429
-        assert rejected(admission, 40).status == 503
+        assert rejected(admission, 16).status == 503
 
     asyncio.run(scenario())
 

@@ -12,9 +12,9 @@ import torch
 from common.config import ServerConfig
 from common.errors import APIError
 from common.model import load_model
-from step2_queue.queue import RequestQueue
+from common.request import RequestStatus
 from step7_real_kv.attention import decode_attention, prefill_attention
-from step7_real_kv.engine import PagedEngine
+from step7_real_kv.engine import EngineConfig, PagedEngine
 from step7_real_kv.paged_kv import PagedKVCache, slot_numbers
 from tests.conftest import tiny_client
 from tests.engine_helpers import drain, make_request
@@ -43,12 +43,12 @@ def run_engine(lm, prompts, max_tokens, engine=None, **engine_args):
 
     async def go():
         nonlocal engine
-        engine = engine or PagedEngine(lm, RequestQueue(64), **engine_args)
+        engine = engine or PagedEngine(lm, EngineConfig(**engine_args))
         requests = [make_request(lm, p, max_tokens) for p in prompts]
         for request in requests:
             engine.scheduler.add(request)
         while engine.scheduler.has_work:
-            engine.step()
+            await engine.step()
         texts = [await drain(r) for r in requests]
         return [r.output_ids for r in requests], texts
 
@@ -133,7 +133,13 @@ def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(tiny_lm):
 
 def test_chunked_prefill_mixed_with_decodes(tiny_lm):
     outputs, _, engine = run_engine(
-        tiny_lm, PROMPTS, 12, block_size=4, num_kv_blocks=64, max_num_batched_tokens=5
+        tiny_lm,
+        PROMPTS,
+        12,
+        block_size=4,
+        num_kv_blocks=64,
+        max_num_batched_tokens=5,
+        max_num_seqs=4,
     )
     assert outputs == [reference(tiny_lm, p, 12) for p in PROMPTS]
 
@@ -141,7 +147,13 @@ def test_chunked_prefill_mixed_with_decodes(tiny_lm):
 def test_preempted_sequences_resume_without_repeating_tokens(tiny_lm):
     # 12 blocks of 4 = 48 slots for four sequences that grow to ~90 tokens together.
     outputs, texts, engine = run_engine(
-        tiny_lm, PROMPTS, 14, block_size=4, num_kv_blocks=12, max_num_batched_tokens=16
+        tiny_lm,
+        PROMPTS,
+        14,
+        block_size=4,
+        num_kv_blocks=12,
+        max_num_batched_tokens=16,
+        max_num_seqs=4,
     )
     assert engine.scheduler.num_preemptions > 0
     assert outputs == [reference(tiny_lm, p, 14) for p in PROMPTS]
@@ -159,17 +171,17 @@ def test_filling_the_pool_and_draining_it_frees_every_block(tiny_lm):
 
 def test_cancelled_sequence_frees_its_blocks_at_once(tiny_lm):
     async def go():
-        engine = PagedEngine(tiny_lm, RequestQueue(4), block_size=4, num_kv_blocks=40)
+        engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=40))
         keep, drop = make_request(tiny_lm, "keep me", 6), make_request(tiny_lm, "drop me", 100)
         engine.scheduler.add(keep)
         engine.scheduler.add(drop)
-        engine.step()
-        engine.step()
+        await engine.step()
+        await engine.step()
         drop.cancel()
-        engine.step()
+        await engine.step()
         assert [s.request for s in engine.scheduler.running] == [keep]
         while engine.scheduler.has_work:
-            engine.step()
+            await engine.step()
         return engine, drop
 
     engine, drop = asyncio.run(go())
@@ -187,18 +199,18 @@ def test_bfloat16_runs_the_same_code_path(tiny_model_dir):
 
 def test_a_fault_while_sampling_fails_that_iteration_not_the_engine(tiny_lm):
     async def go():
-        engine = PagedEngine(tiny_lm, RequestQueue(4), block_size=4, num_kv_blocks=32)
+        engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=32))
         broken = make_request(tiny_lm, PROMPTS[1], 5)
         broken.sampler.sample = lambda logits: 1 / 0
         engine.scheduler.add(broken)
-        engine.step()  # used to escape the worker thread and end the engine's loop
+        await engine.step()  # used to escape the worker thread and end the engine's loop
         with pytest.raises(ZeroDivisionError):  # the client gets the error
             await drain(broken)
         assert_pool_empty(engine)
         healthy = make_request(tiny_lm, PROMPTS[1], 5)
         engine.scheduler.add(healthy)
         while engine.scheduler.has_work:
-            engine.step()
+            await engine.step()
         return healthy.output_ids
 
     assert asyncio.run(go()) == reference(tiny_lm, PROMPTS[1], 5)
@@ -206,7 +218,7 @@ def test_a_fault_while_sampling_fails_that_iteration_not_the_engine(tiny_lm):
 
 def test_request_larger_than_the_pool_is_refused(tiny_lm):
     async def go():
-        engine = PagedEngine(tiny_lm, RequestQueue(4), block_size=4, num_kv_blocks=4)
+        engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=4))
         prompt_tokens = len(tiny_lm.tokenizer.encode("hello", add_special_tokens=False))
         with pytest.raises(APIError, match="KV pool"):
             await engine.submit(make_request(tiny_lm, "hello", 20))
@@ -238,3 +250,28 @@ def test_real_model_greedy_matches_generate_under_pressure(real_model_dir):
     assert outputs == expected
     assert engine.scheduler.num_preemptions > 0 and engine.blocks.stats.hit_tokens > 0
     assert_pool_empty(engine)
+
+
+def test_a_preempted_sequence_waits_again_and_admission_counts_it(tiny_lm):
+    from step6_backpressure.admission import AdmissionConfig
+    from step7_real_kv.kv_admission import KVAdmission
+
+    async def go():
+        engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=12))
+        admission = KVAdmission(AdmissionConfig(), engine.scheduler)
+        requests = [make_request(tiny_lm, p, 14) for p in PROMPTS]
+        for request in requests:
+            await engine.submit(request)
+        while engine.scheduler.num_preemptions == 0:
+            await engine.step()
+        victim = engine.scheduler.waiting[0]
+        newcomer = make_request(tiny_lm, "x", 1)
+        counted = admission.blocks_needed(newcomer)
+        return victim, counted, newcomer
+
+    victim, counted, newcomer = asyncio.run(go())
+    assert victim.request.status is RequestStatus.WAITING
+    assert victim.request.num_output_tokens > 0  # it had started: its tokens are kept
+    assert victim.block_table == [] and victim.num_computed == 0
+    blocks_for = lambda n: -(-n // 4)  # noqa: E731
+    assert counted >= blocks_for(victim.num_tokens) + blocks_for(newcomer.num_prompt_tokens)

@@ -38,3 +38,30 @@ def test_full_server_keeps_the_earlier_steps(tiny_model_dir):
     assert page["gateway_preemptions_total"] == 0
     assert page["gateway_prefix_cache_queried_tokens_total"] > 0
     assert page["gateway_generation_tokens_total"] == 10
+
+
+def test_cached_prompt_tokens_are_reported_in_usage_logs_and_metrics(tiny_model_dir, caplog):
+    prompt = "one two three four five six seven eight nine ten " * 4  # several 16-token blocks
+    body = {**BODY, "prompt": prompt, "max_tokens": 2}
+    with (
+        caplog.at_level("INFO", logger="gateway.requests"),
+        tiny_client("step7_real_kv", tiny_model_dir, num_kv_blocks=64, response_cache=False) as c,
+    ):
+        first = c.post("/v1/completions", json=body).json()["usage"]
+        second = c.post("/v1/completions", json=body).json()["usage"]
+        page = values(c.get("/metrics").text)
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= 16 and cached % 16 == 0 and cached < second["prompt_tokens"]
+    logged = [r.fields["cached_prompt_tokens"] for r in caplog.records if hasattr(r, "fields")]
+    assert logged == [0, cached]
+    assert page["gateway_prompt_tokens_cached_total"] == cached
+
+
+def test_step7_observes_its_batch_sizes(tiny_model_dir):
+    with tiny_client("step7_real_kv", tiny_model_dir, num_kv_blocks=64) as client:
+        before = values(client.get("/metrics").text)
+        client.post("/v1/completions", json={**BODY, "max_tokens": 4, "prompt": "Batch me"})
+        after = values(client.get("/metrics").text)
+    assert after["gateway_batch_size_count"] - before.get("gateway_batch_size_count", 0) == 4
+    assert after["gateway_batch_size_sum"] - before.get("gateway_batch_size_sum", 0) == 4
