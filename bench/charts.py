@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only, never a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bench.peers import is_peer_row  # noqa: E402
+
 CHART_FILES = ("throughput.png", "latency.png", "ttft.png", "curves.png")
 
 
@@ -83,7 +85,8 @@ def _curves(timed: list[dict], title: str, path: Path) -> Path:
         if not points:
             continue
         xs, ys, _ = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", label=entry["step"])
+        style = "--" if is_peer_row(entry["step"]) else "-"  # peers: the yardstick, dashed
+        ax.plot(xs, ys, marker="o", linestyle=style, label=entry["step"])
         for x, y, u in points:
             ax.annotate(f"{u}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("output tokens/s (all users)")

@@ -1,5 +1,5 @@
 """`python -m bench [run] ...`, `python -m bench check ...`, `python -m bench history ...`,
-`python -m bench publish RESULTS_DIR`."""
+`python -m bench publish RESULTS_DIR`, `python -m bench regression ...`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from bench import floors, history
+from bench import floors, history, peers
 from bench.profiles import PROFILES
 from bench.runner import RESULTS_ROOT, RunConfig, run_bench
 from bench.servers import discover_steps, select_steps
@@ -20,9 +20,16 @@ DEFAULT_FLOORS = Path(__file__).resolve().parent / "floors.json"
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command, rest = ("run", argv)
-    if argv and argv[0] in ("run", "check", "history", "publish"):
+    if argv and argv[0] in ("run", "check", "history", "publish", "peers", "regression"):
         command, rest = argv[0], argv[1:]
-    handler = {"run": _run, "check": _check, "history": _history, "publish": _publish}[command]
+    handler = {
+        "run": _run,
+        "check": _check,
+        "history": _history,
+        "publish": _publish,
+        "peers": _peers,
+        "regression": _regression,
+    }[command]
     sys.exit(handler(rest))
 
 
@@ -33,7 +40,14 @@ def _csv_ints(text: str) -> tuple[int, ...]:
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the steps.")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    p.add_argument("--steps", help="comma-separated numbers or names (default: every step)")
+    p.add_argument(
+        "--steps", help="comma-separated numbers or names (default: every step; none: no step)"
+    )
+    p.add_argument(
+        "--peers",
+        help="reference servers to run after the steps: vllm,transformers,llamacpp or all "
+        "(install first: python -m bench peers install)",
+    )
     p.add_argument("--target", help="benchmark this OpenAI-compatible URL instead of the steps")
     p.add_argument(
         "--dtype",
@@ -72,7 +86,8 @@ def _run(argv: list[str]) -> int:
     config = RunConfig(
         profile=profile,
         dtype=args.dtype,
-        steps=() if args.target else tuple(select_steps(discover_steps(), args.steps)),
+        steps=_steps(args),
+        peers=peers.select_peers(args.peers),
         target=args.target,
         results_dir=(args.results or RESULTS_ROOT / stamp).resolve(),
         workload_path=args.workload.resolve(),
@@ -80,9 +95,18 @@ def _run(argv: list[str]) -> int:
         skip_check=args.skip_check,
         ready_timeout_s=args.ready_timeout,
     )
+    if not (config.steps or config.target or config.peers):
+        raise SystemExit("nothing to run: --steps none needs --peers")
     results = run_bench(config)
     print((config.results_dir / "table.md").read_text())
     return 0 if all(entry["status"] == "ok" for entry in results["steps"]) else 2
+
+
+def _steps(args: argparse.Namespace) -> tuple[str, ...]:
+    """`--steps none` runs only the peers (step 1 still answers the check prompts)."""
+    if args.target or (args.steps or "").strip() == "none":
+        return ()
+    return tuple(select_steps(discover_steps(), args.steps))
 
 
 def _check(argv: list[str]) -> int:
@@ -112,6 +136,10 @@ def _history(argv: list[str]) -> int:
     return 0
 
 
+def _peers(argv: list[str]) -> int:
+    return peers.main(argv)
+
+
 def _publish(argv: list[str]) -> int:
     from bench.publish import publish
 
@@ -123,4 +151,22 @@ def _publish(argv: list[str]) -> int:
     args = p.parse_args(argv)
     for readme in publish(args.results.resolve()):
         print(f"updated {readme}")
+    return 0
+
+
+def _regression(argv: list[str]) -> int:
+    from bench import regression  # matplotlib is slow to import; only this command needs it
+
+    p = argparse.ArgumentParser(
+        prog="python -m bench regression",
+        description="Charts and a summary of a run against the committed history of like runs.",
+    )
+    p.add_argument("--results", type=Path, default=RESULTS_ROOT / "latest", help="a results folder")
+    p.add_argument("--history", type=Path, default=history.HISTORY_FILE, help="committed history")
+    p.add_argument("--floors", type=Path, default=DEFAULT_FLOORS)
+    p.add_argument("--out", type=Path, help="charts and summary.md (default: RESULTS/regression)")
+    args = p.parse_args(argv)
+    out = args.out or args.results / "regression"
+    print(regression.write(args.results, args.history, args.floors, out), end="")
+    print(f"wrote {out}/summary.md and the charts")
     return 0

@@ -2,6 +2,9 @@
 
 python -m bench history --append bench/results/latest   add a run (then commit the file)
 python -m bench history                                  chart it to bench/results/history.png
+
+Its quick-profile lines are also CI's history: `python -m bench regression` (regression.py)
+compares each CI run with the lines measured like it and takes its noise band from their spread.
 """
 
 from __future__ import annotations

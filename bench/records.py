@@ -62,7 +62,8 @@ class StreamParser:
         self.record, self.sent_at = record, sent_at
         self.text_times: list[float] = []
         self.usage_tokens: int | None = None
-        self.done = False
+        self.done = False  # [DONE] arrived
+        self.finished = False  # a choice carried its finish_reason: the answer is whole
 
     def feed(self, arrived: float, line: str) -> bool:
         """Take one line; True once the stream is over ([DONE] or an in-band error)."""
@@ -78,6 +79,8 @@ class StreamParser:
             return True
         if chunk.get("usage"):
             self.usage_tokens = chunk["usage"].get("completion_tokens")
+        if any(choice.get("finish_reason") for choice in chunk.get("choices", [])):
+            self.finished = True
         if any(_chunk_text(choice) for choice in chunk.get("choices", [])):
             self.text_times.append(arrived)
         return False
@@ -88,8 +91,9 @@ class StreamParser:
             record.ttft_s = times[0] - self.sent_at
             record.itl_s = [b - a for a, b in zip(times, times[1:], strict=False)]
         record.output_tokens = self.usage_tokens if self.usage_tokens is not None else len(times)
-        if not self.done and record.error is None:
-            record.error = "stream ended before [DONE]"
+        # transformers serve ends its streams after the finish_reason chunk, without [DONE].
+        if not (self.done or self.finished) and record.error is None:
+            record.error = "stream ended before [DONE] or a finish_reason"
         return record
 
 

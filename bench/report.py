@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.peers import is_peer_row
 from bench.profiles import CONCURRENCY_CAPS
 
 COLUMNS = (
@@ -94,6 +95,8 @@ def _step_rows(entry: dict) -> list[str]:
         note = f"**{entry['status']}**: {entry['message']}"
         return [table_row([entry["step"], *["–"] * (len(COLUMNS) - 2), note])]
     rows = [table_row(_level_cells(entry["step"], level)) for level in entry["levels"]]
+    if entry.get("note"):  # a peer whose answers differ is timed anyway, with this said
+        rows.append(table_row([entry["step"], *["–"] * (len(COLUMNS) - 2), entry["note"]]))
     if entry["status"] != "ok":
         rows.append(table_row([entry["step"], *["–"] * (len(COLUMNS) - 2), entry["message"]]))
     return rows
@@ -147,4 +150,10 @@ def _footnotes(results: dict) -> list[str]:
     reference = results.get("reference")
     check = f"checked against {reference['source']}" if reference else "not checked"
     notes.append(f"Greedy answers (float32) {check} before timing; refused steps are not timed.")
+    if any(is_peer_row(entry["step"]) for entry in results["steps"]):
+        notes.append(
+            "peer:* rows are reference servers (bench/peers.py) serving the same weights in "
+            "float32, whatever the dtype above. Their answers are checked too, but another "
+            "engine's numerics may flip a greedy token, so a mismatch is noted, not refused."
+        )
     return [f"- {note}" for note in notes]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import correctness, report
+from bench import correctness, peers, report
 from bench.profiles import CONCURRENCY_CAPS, Profile, plan_levels
 from bench.provenance import ForeignCpu, git_facts, library_versions, machine_facts
 from bench.records import Record
@@ -37,6 +37,7 @@ class RunConfig:
     reference_path: Path | None = None  # precomputed answers instead of starting step 1
     skip_check: bool = False
     ready_timeout_s: float = 120.0
+    peers: tuple[str, ...] = ()  # reference servers (bench/peers.py), run after the steps
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -75,7 +76,7 @@ def run_bench(config: RunConfig) -> dict:
                 "answers": entry["check"]["answers"],
             }
         report.write_json(results, config.results_dir)
-    in_order = list(config.steps or (config.target,))
+    in_order = _names(config)
     results["steps"].sort(key=lambda entry: in_order.index(entry["step"]))
     results["meta"]["elapsed_s"] = round(progress.elapsed_s, 1)
     results["meta"]["finished_at"] = _now()
@@ -121,12 +122,18 @@ def _reference(config: RunConfig, workload: Workload, progress: Progress) -> dic
 
 def _order(config: RunConfig, reference: dict | None) -> list[str]:
     """Step order, except that the reference step goes first when the others need its answers."""
-    names = list(config.steps or (config.target,))
+    names = _names(config)
     wanted = not config.skip_check and reference is None
     if wanted and correctness.REFERENCE_STEP in names:
         names.remove(correctness.REFERENCE_STEP)
         names.insert(0, correctness.REFERENCE_STEP)
     return names
+
+
+def _names(config: RunConfig) -> list[str]:
+    """Every row of the run: the steps (or the target), then the peers."""
+    servers = list(config.steps) or ([config.target] if config.target else [])
+    return servers + [peers.PEERS[name].row for name in config.peers]
 
 
 def _reference_from_step(config: RunConfig, workload: Workload, progress: Progress) -> dict:
@@ -152,8 +159,8 @@ def _bench_one(
     server = None
     try:
         server = _start(config, name, _first_dtype(config), progress)
-        entry["ready_s"] = round(server.wait_ready(config.ready_timeout_s), 1)
-        model = correctness.model_name(server.url)
+        entry["ready_s"] = round(server.wait_ready(_ready_timeout(config, name)), 1)
+        model = server.model or correctness.model_name(server.url)
         checking = not config.skip_check
         if checking and not _check(server, workload, model, reference, entry, progress):
             return entry
@@ -178,7 +185,20 @@ def _first_dtype(config: RunConfig) -> str:
     return correctness.CHECK_DTYPE if checking else config.dtype
 
 
+def _ready_timeout(config: RunConfig, name: str) -> float:
+    """A peer may need longer than a step: vLLM compiles the model at every start."""
+    if peers.is_peer_row(name):
+        return max(config.ready_timeout_s, peers.from_row(name).ready_timeout_s)
+    return config.ready_timeout_s
+
+
 def _start(config: RunConfig, name: str, dtype: str, progress: Progress):
+    if peers.is_peer_row(name):
+        wait = _ready_timeout(config, name)
+        progress.say(f"{name}: starting (float32; start-up may take up to {wait:.0f} s)")
+        return peers.start(
+            peers.from_row(name), config.results_dir / "logs" / f"{_short(name)}.log"
+        )
     if config.target:
         progress.say(f"target {name}")
         return TargetServer(name)
@@ -192,6 +212,10 @@ def _check(server, workload, model: str, reference: dict | None, entry: dict, pr
         entry["check"] = {"passed": True, "is_reference": True, "answers": answers}
         progress.say(f"{server.step}: recorded the reference answers ({len(answers)} prompts)")
         return True
+    if reference is None and peers.is_peer_row(server.step):
+        entry["note"] = "answers not checked: no reference answers"
+        progress.say(f"{server.step}: {entry['note']}; timed anyway")
+        return True
     if reference is None:  # the reference step failed: nothing to validate against
         entry["status"], entry["message"] = "refused", "no reference answers to check against"
         progress.say(f"{server.step}: REFUSED, not timed: {entry['message']}")
@@ -202,17 +226,21 @@ def _check(server, workload, model: str, reference: dict | None, entry: dict, pr
         progress.say(f"{server.step}: answers match the reference ({len(reference)} prompts)")
         return True
     ids = ", ".join(m["id"] for m in result.mismatches)
+    if peers.is_peer_row(server.step):  # another engine's numerics may flip a greedy token
+        entry["note"] = f"answers differ from the reference: {ids}"
+        progress.say(f"{server.step}: {entry['note']}; a peer is timed anyway")
+        return True
     entry["status"], entry["message"] = "refused", f"answers differ from the reference: {ids}"
     progress.say(f"{server.step}: REFUSED, not timed: {entry['message']}")
     return False
 
 
 def _restart_for_timing(config: RunConfig, server, progress: Progress, entry: dict):
-    if config.target or server.dtype == config.dtype:
-        return server
+    if config.target or server.dtype == config.dtype or peers.is_peer_row(server.step):
+        return server  # peers always serve float32
     server.stop()
     server = _start(config, server.step, config.dtype, progress)
-    entry["ready_s"] = round(server.wait_ready(config.ready_timeout_s), 1)
+    entry["ready_s"] = round(server.wait_ready(_ready_timeout(config, server.step)), 1)
     return server
 
 
@@ -273,6 +301,9 @@ def _run_level(config: RunConfig, server, model: str, level: int, users: int, pr
 
 
 def _short(step: str) -> str:
+    """The file-name tag of a row: step3, peer-vllm-cpu, target."""
+    if peers.is_peer_row(step):
+        return step.replace(":", "-")
     return step.split("_")[0] if step.startswith("step") else "target"
 
 

@@ -1,4 +1,5 @@
 """The servers under test: each step as its own fresh process, or an external --target URL.
+(bench/peers.py starts the reference servers as the same kind of process.)
 
 Both kinds answer the same small interface (url, alive, rss_bytes, stop), so the runner does
 not care which one it is measuring.
@@ -77,18 +78,31 @@ def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> float:
     raise NotReady(f"/health not ready after {timeout_s:.0f} s")
 
 
-class StepServer:
-    """`python -m <step> --port P --dtype D` in a new process group, its log in a file."""
+class ProcessServer:
+    """A server command run in a new process group on a local port, its log in a file.
 
-    def __init__(self, step: str, dtype: str, log_path: Path) -> None:
-        self.step, self.dtype, self.log_path = step, dtype, log_path
-        self.port = free_port()
+    `step` is the row name it is reported under; `model` is the name requests must send, or None
+    to ask the server's GET /v1/models.
+    """
+
+    def __init__(
+        self,
+        step: str,
+        argv: list[str],
+        log_path: Path,
+        port: int,
+        dtype: str,
+        env: dict[str, str] | None = None,
+        model: str | None = None,
+    ) -> None:
+        self.step, self.dtype, self.log_path, self.model = step, dtype, log_path, model
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
-        flags = ["--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype]
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", step, *flags, "--log-level", "warning"],
+            argv,
             cwd=ROOT,
+            env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # so that stop() can reach any children it spawned
@@ -140,12 +154,23 @@ class StepServer:
         self._log.close()
 
 
+class StepServer(ProcessServer):
+    """`python -m <step> --port P --dtype D`."""
+
+    def __init__(self, step: str, dtype: str, log_path: Path) -> None:
+        port = free_port()
+        flags = ["--host", "127.0.0.1", "--port", str(port), "--dtype", dtype]
+        argv = [sys.executable, "-m", step, *flags, "--log-level", "warning"]
+        super().__init__(step, argv, log_path, port, dtype)
+
+
 class TargetServer:
     """An OpenAI-compatible server started by someone else: no process to watch or sample."""
 
     def __init__(self, url: str) -> None:
         self.step = url
         self.dtype = "unknown"
+        self.model: str | None = None  # ask its GET /v1/models
         self.url = url.rstrip("/")
         self.exit_code = None
 

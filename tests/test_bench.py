@@ -76,8 +76,11 @@ def test_parse_stream_reports_in_band_errors_and_cut_streams():
     assert record.error == "generation failed" and not record.ok
     cut = [(1.0, sse(chat_chunk("a"))), (1.2, sse(chat_chunk("b")))]
     record = parse_stream(Record(0, 0, "p", 0.0, 200), cut, sent_at=0.0)
-    assert record.error == "stream ended before [DONE]"
+    assert record.error == "stream ended before [DONE] or a finish_reason"
     assert record.output_tokens == 2  # no usage chunk: one per text chunk
+    # transformers serve ends after the finish_reason chunk, without [DONE]: a whole answer.
+    ended = [*cut, (1.3, sse(chat_chunk(None, "stop")))]
+    assert parse_stream(Record(0, 0, "p", 0.0, 200), ended, sent_at=0.0).ok
 
 
 def test_backoff_honours_retry_after_doubles_and_caps():
