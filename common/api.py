@@ -26,7 +26,7 @@ from starlette.routing import Route
 from common import protocol
 from common.config import ServerConfig
 from common.errors import APIError
-from common.protocol import GenerateParams
+from common.protocol import GenerationRequest
 from common.request import DeltaChannel, Request
 
 log = logging.getLogger("gateway")
@@ -100,7 +100,11 @@ class Serving:
     def eos_token_ids(self) -> set[int]:
         return {self.tokenizer.eos_token_id}
 
-    def make_request(self, prompt_ids: list[int], params: GenerateParams, rid: str) -> Request:
+    def make_request(
+        self, prompt_ids: list[int], params: GenerationRequest, rid: str, prompt_param: str
+    ) -> Request:
+        """The request to submit, once the prompt fits; `prompt_param` names the prompt's field
+        (messages or prompt) in errors."""
         if params.model != self.config.served_model_name:
             raise APIError(
                 f"model '{params.model}' does not exist; this server serves "
@@ -109,17 +113,17 @@ class Serving:
                 code="model_not_found",
             )
         room = self.max_model_len - len(prompt_ids)
-        max_tokens = params.max_tokens or min(self.config.default_max_tokens, max(room, 1))
+        max_tokens = params.max_new_tokens or min(self.config.default_max_tokens, max(room, 1))
         if max_tokens > room:
             raise APIError(
                 f"this model's context window is {self.max_model_len} tokens; the prompt has "
                 f"{len(prompt_ids)} and max_tokens asks for {max_tokens}",
-                param="max_tokens" if room > 0 else "messages",
+                param="max_tokens" if room > 0 else prompt_param,
                 code="context_length_exceeded",
             )
         return Request(
             prompt_ids,
-            params.sampling,
+            params.sampling(),
             max_tokens,
             self.tokenizer,
             self.eos_token_ids,
@@ -133,13 +137,6 @@ def serving(http: HTTPRequest) -> Serving:
     if state is None:
         raise APIError("the model is still loading", status=503, code="not_ready")
     return state
-
-
-async def read_json(http: HTTPRequest):
-    try:
-        return json.loads(await http.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 # The headers the API understands. The domain never sees HTTP: they become typed fields.
@@ -190,26 +187,27 @@ async def completions(http: HTTPRequest) -> Response:
 
 
 async def _prepare_chat(http: HTTPRequest, state: Serving):
-    parsed = protocol.parse_chat_request(await read_json(http))
+    parsed = protocol.parse_chat_request(await http.body())
+    messages = [message.as_dict() for message in parsed.messages]
     prompt_ids = state.tokenizer.apply_chat_template(
-        parsed.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    request = state.make_request(list(prompt_ids), parsed.params, rid)
-    return request, parsed.params, _ChatFormat(rid, parsed.params)
+    request = state.make_request(list(prompt_ids), parsed, rid, prompt_param="messages")
+    return request, parsed, _ChatFormat(rid, parsed)
 
 
 async def _prepare_completion(http: HTTPRequest, state: Serving):
-    parsed = protocol.parse_completion_request(await read_json(http))
+    parsed = protocol.parse_completion_request(await http.body())
     if isinstance(parsed.prompt, str):
         prompt_ids = state.tokenizer.encode(parsed.prompt, add_special_tokens=False)
     else:
-        prompt_ids = parsed.prompt
-        if max(prompt_ids) >= len(state.tokenizer) or min(prompt_ids) < 0:
+        prompt_ids = list(parsed.prompt)
+        if max(prompt_ids) >= len(state.tokenizer):
             raise APIError("'prompt' has token ids outside the vocabulary", param="prompt")
     rid = f"cmpl-{uuid.uuid4().hex}"
-    request = state.make_request(prompt_ids, parsed.params, rid)
-    return request, parsed.params, _TextFormat(rid, parsed.params)
+    request = state.make_request(prompt_ids, parsed, rid, prompt_param="prompt")
+    return request, parsed, _TextFormat(rid, parsed)
 
 
 async def _generate(http: HTTPRequest, prepare) -> Response:
@@ -256,7 +254,7 @@ ROUTES = [
 
 
 class _ChatFormat:
-    def __init__(self, rid: str, params: GenerateParams) -> None:
+    def __init__(self, rid: str, params: GenerationRequest) -> None:
         self.rid, self.model, self.kind = rid, params.model, "chat.completion.chunk"
 
     def whole(self, text: str, finish: str, use: dict) -> dict:
@@ -271,7 +269,7 @@ class _ChatFormat:
 
 
 class _TextFormat:
-    def __init__(self, rid: str, params: GenerateParams) -> None:
+    def __init__(self, rid: str, params: GenerationRequest) -> None:
         self.rid, self.model, self.kind = rid, params.model, "text_completion"
 
     def whole(self, text: str, finish: str, use: dict) -> dict:

@@ -8,10 +8,15 @@ from collections.abc import Callable
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.api import ROUTES
 from common.config import ServerConfig
-from common.errors import EXCEPTION_HANDLERS
+from common.errors import EXCEPTION_HANDLERS, APIError, error_response
+
+log = logging.getLogger("gateway")
 
 
 def create_app(lifespan, extra_routes: list | None = None, middleware=None) -> Starlette:
@@ -20,8 +25,40 @@ def create_app(lifespan, extra_routes: list | None = None, middleware=None) -> S
         routes=[*ROUTES, *(extra_routes or [])],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
-        middleware=middleware,
+        middleware=[*(middleware or []), Middleware(ErrorBoundary)],  # the boundary innermost
     )
+
+
+class ErrorBoundary:
+    """The one place an unexpected exception becomes an answer: an OpenAI-shaped 500 with
+    `Connection: close` (who knows what state the connection is in), logged with the request id.
+    It sits inside the step's middleware, so the request id is known. (Starlette's handler for
+    `Exception` answers, then re-raises, and uvicorn drops the connection without a word.) A
+    fault after a response has started, in a stream, is reported in-band by the stream."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:
+            rid = Headers(scope=scope).get("x-request-id")
+            log.exception("internal error on %s, request id %s", scope.get("path"), rid)
+            if not started:
+                error = APIError("internal server error", 500, code="internal_error")
+                response = error_response(error)
+                response.headers["connection"] = "close"
+                await response(scope, receive, send)
 
 
 def setup_logging(level: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from starlette.exceptions import HTTPException
@@ -44,8 +45,15 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class ErrorResponse(JSONResponse):
+    """JSON escaped to ASCII: a message may quote the client's input, whatever it holds."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    return ErrorResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
@@ -62,14 +70,8 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
     return error_response(APIError(message, exc.status_code, code=code))
 
 
-async def handle_internal_error(request: Request, exc: Exception) -> JSONResponse:
-    # The traceback goes to the log, never to the client.
-    log.exception("internal error on %s", request.url.path)
-    return error_response(APIError("internal server error", 500, code="internal_error"))
-
-
+# Any other exception reaches common.app.ErrorBoundary: a 500, and the connection closed.
 EXCEPTION_HANDLERS = {
     APIError: handle_api_error,
     HTTPException: handle_http_exception,
-    Exception: handle_internal_error,
 }

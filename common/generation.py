@@ -24,7 +24,7 @@ def generate_steps(lm: LoadedModel, request: Request) -> Iterator[None]:
     while not request.cancelled:
         # logits_to_keep=1: only the last position's logits are needed, not the prompt's.
         out = lm.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        token = request.sampler.sample(out.logits[0, -1])  # logits: [1, 1, vocab]
+        token = request.sample(out.logits[0, -1])  # logits: [1, 1, vocab]
         if request.append_token(token):
             return
         yield

@@ -1,171 +1,223 @@
-"""The OpenAI request schemas and their validation, plus response builders.
+"""The OpenAI request schemas, as pydantic models, and the response builders.
 
-Validation turns a decoded JSON body into a typed request or raises APIError(400) naming the
-offending parameter. Unknown fields are ignored, as OpenAI-compatible servers usually do.
+The models are the documentation of the accepted API: every field's type, range and meaning is
+declared below. A body is parsed straight from its bytes by pydantic, whose JSON parser refuses
+NaN and Infinity, lone UTF-16 surrogates, invalid UTF-8, nesting deeper than about 200 levels and
+integers longer than 4300 digits. Then every field is validated strictly: no "1" for 1, no 1.0
+for an integer, no 1 for true; finite floats only; an explicit range for every number. Each
+failure becomes one OpenAI-shaped 400 naming the parameter (`messages[0].content`,
+`temperature`, ...) and saying what it must be.
+
+Unknown fields are ignored, as OpenAI-compatible servers (vLLM, TGI, llama.cpp) do, so that a
+client written for the richer OpenAI API still gets an answer: `logit_bias`, `user`, `tools`,
+`response_format` and the like do nothing here. A field sent as null counts as not sent.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from common.errors import APIError
 from common.sampling import SamplingParams
 
-ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOP_SEQUENCES = 4
+INT32_MAX = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch.Generator accepts
+Role = Literal["system", "user", "assistant", "developer", "tool"]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
-@dataclass
-class GenerateParams:
-    """What both endpoints share: model, sampling and streaming options."""
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore", frozen=True)
 
-    model: str
-    sampling: SamplingParams
-    max_tokens: int | None
-    stream: bool = False
-    include_usage: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ChatCompletionRequest:
-    messages: list[dict[str, str]]
-    params: GenerateParams
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_sent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
-@dataclass
-class CompletionRequest:
-    prompt: str | list[int]
-    params: GenerateParams
+class TextPart(Strict):
+    type: Literal["text"] = Field(description="'text' (only text parts are supported)")
+    text: str = Field(description="a string")
 
 
-def parse_chat_request(body: Any) -> ChatCompletionRequest:
-    body = _require_object(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError("'messages' must be a non-empty array", param="messages")
-    return ChatCompletionRequest(
-        [_parse_message(m, i) for i, m in enumerate(messages)],
-        _parse_params(body, max_tokens_keys=("max_completion_tokens", "max_tokens")),
+class Message(Strict):
+    role: Role = Field(description="one of system, user, assistant, developer, tool")
+    content: str | list[TextPart] = Field(description="a string or an array of text parts")
+
+    def as_dict(self) -> dict[str, str]:
+        """For the chat template: text parts joined, and `developer` read as `system`."""
+        text = self.content
+        if not isinstance(text, str):
+            text = "".join(part.text for part in text)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(Strict):
+    include_usage: bool = Field(False, description="a boolean")
+
+
+class GenerationRequest(Strict):
+    """What both endpoints share: model, length, sampling and streaming."""
+
+    model: NonEmptyStr = Field(description="a non-empty string")
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX, description="an integer of at least 1")
+    temperature: float = Field(
+        1.0, ge=0.0, le=2.0, description="a number between 0.0 and 2.0 (0: greedy)"
     )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="a number in (0.0, 1.0]")
+    top_k: int = Field(
+        -1, ge=-1, le=INT32_MAX, description="-1 (disabled) or an integer of at least 1"
+    )
+    seed: int | None = Field(
+        None, ge=SEED_MIN, le=SEED_MAX, description="an integer in [-2^63, 2^64 - 1]"
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="a number between -2.0 and 2.0"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="a number between -2.0 and 2.0"
+    )
+    stop: NonEmptyStr | list[NonEmptyStr] = Field(
+        default_factory=list,
+        description=f"a non-empty string or an array of at most {MAX_STOP_SEQUENCES} of them",
+    )
+    n: int = Field(1, ge=1, le=1, description="1 (only n=1 is supported)")
+    stream: bool = Field(False, description="a boolean")
+    stream_options: StreamOptions = Field(default_factory=StreamOptions, description="an object")
 
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 keeps no token")
+        return value
 
-def parse_completion_request(body: Any) -> CompletionRequest:
-    body = _require_object(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    is_token_list = isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)
-    if not (isinstance(prompt, str) and prompt) and not is_token_list:
-        raise APIError(
-            "'prompt' must be a non-empty string or a non-empty array of token ids "
-            "(one prompt per request)",
-            param="prompt",
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str]) -> list[str]:
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"{len(stops)} given")
+        return stops
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options.include_usage
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            stop=list(self.stop),
         )
-    return CompletionRequest(prompt, _parse_params(body, max_tokens_keys=("max_tokens",)))
 
 
-def _require_object(body: Any) -> dict:
-    if not isinstance(body, dict):
-        raise APIError("request body must be a JSON object", code="invalid_json")
-    return body
-
-
-def _parse_message(message: Any, index: int) -> dict[str, str]:
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise APIError(f"'{param}' must be an object", param=param)
-    role = message.get("role")
-    if role not in ROLES:
-        raise APIError(f"'{param}.role' must be one of {', '.join(ROLES)}", param=f"{param}.role")
-    content = message.get("content")
-    if isinstance(content, list):  # [{"type": "text", "text": "..."}]
-        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise APIError(f"'{param}.content' parts must be text", param=f"{param}.content")
-        content = "".join(str(p.get("text", "")) for p in content)
-    if not isinstance(content, str):
-        raise APIError(f"'{param}.content' must be a string", param=f"{param}.content")
-    return {"role": "system" if role == "developer" else role, "content": content}
-
-
-def _parse_params(body: dict, max_tokens_keys: tuple[str, ...]) -> GenerateParams:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError("'model' must be a non-empty string", param="model")
-    n = _number(body, "n", int, 1, 1, None)
-    if n != 1:
-        raise APIError("only n=1 is supported", param="n", code="unsupported_value")
-    max_tokens = None
-    for key in max_tokens_keys:
-        if body.get(key) is not None:
-            max_tokens = _number(body, key, int, None, 1, None)
-            break
-    stream = _bool(body, "stream", False)
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise APIError("'stream_options' must be an object", param="stream_options")
-    include_usage = _bool(options or {}, "include_usage", False, "stream_options.include_usage")
-    sampling = SamplingParams(
-        temperature=_number(body, "temperature", float, 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", float, 1.0, 0.0, 1.0, open_low=True),
-        top_k=_number(body, "top_k", int, -1, -1, None),
-        seed=_number(body, "seed", int, None, None, None),
-        stop=_parse_stop(body.get("stop")),
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[Message] = Field(min_length=1, description="a non-empty array of messages")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=INT32_MAX, description="an integer of at least 1"
     )
-    if sampling.top_k == 0:
-        raise APIError("'top_k' must be -1 (disabled) or at least 1", param="top_k")
-    return GenerateParams(model, sampling, max_tokens, stream, include_usage)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
-def _parse_stop(stop: Any) -> list[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise APIError("'stop' must be a non-empty string or an array of them", param="stop")
-    if len(stop) > MAX_STOP_SEQUENCES:
-        raise APIError(f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences", param="stop")
-    return stop
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _bool(body: dict, key: str, default: bool, param: str | None = None) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise APIError(f"'{param or key}' must be a boolean", param=param or key)
-    return value
-
-
-def _number(body, key, kind, default, low, high, open_low=False):
-    value = body.get(key)
-    if value is None:
-        return default
-    ok = (
-        _is_int(value)
-        if kind is int
-        else isinstance(value, (int, float)) and not isinstance(value, bool)
+class CompletionRequest(GenerationRequest):
+    prompt: NonEmptyStr | list[NonEmptyStr] | list[TokenId] = Field(
+        description="a non-empty string or a non-empty array of token ids (one prompt per request)"
     )
-    if not ok:
-        raise APIError(f"'{key}' must be {'an integer' if kind is int else 'a number'}", param=key)
-    too_low = low is not None and (value <= low if open_low else value < low)
-    if too_low or (high is not None and value > high):
-        bound = (
-            f"in ({low}, {high}]"
-            if open_low
-            else f"at least {low}"
-            if high is None
-            else (f"between {low} and {high}")
-        )
-        raise APIError(f"'{key}' must be {bound}, got {value}", param=key)
-    return kind(value)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list) -> str | list[int]:
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) > 1:
+                raise ValueError(f"{len(value)} prompts given")
+            return value[0]
+        if not value:
+            raise ValueError("empty")
+        return value
+
+
+# ---------------------------------------------------------------- parsing into a 400
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    return _parse(ChatCompletionRequest, body)
+
+
+def parse_completion_request(body: bytes) -> CompletionRequest:
+    return _parse(CompletionRequest, body)
+
+
+def _parse(model: type[Strict], body: bytes):
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise _as_api_error(exc.errors(include_url=False)) from None
+
+
+MODELS = (TextPart, Message, StreamOptions, ChatCompletionRequest, CompletionRequest)
+# Field name -> what it must be: the descriptions above, reused in every error message.
+EXPECTED = {name: f.description for m in MODELS for name, f in m.model_fields.items()}
+
+
+def _as_api_error(errors: list[dict]) -> APIError:
+    """One 400 for the most specific of pydantic's errors (a union reports one per member)."""
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        message = f"request body is not valid JSON: {first['msg']}"
+        return APIError(message, code="invalid_json")
+    if not first["loc"]:
+        return APIError("request body must be a JSON object", code="invalid_json")
+    error, path = max(((e, _field_path(e["loc"])) for e in errors), key=lambda p: len(p[1]))
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)[1:]
+    field = path[-1]
+    expected = f"'{param}' must be {EXPECTED[field]}"
+    if error["type"] == "missing":
+        return APIError(f"{expected}; it is missing", param=param)
+    code = "unsupported_value" if field == "n" and error["type"] != "int_type" else None
+    return APIError(f"{expected}: {_detail(error)}", param=param, code=code)
+
+
+def _field_path(loc: tuple) -> list:
+    """The field names and list indexes of a location, ending on a field name: union members'
+    tags ('str', ...) are dropped, and so is the index of an item of a list of scalars (`stop`,
+    not `stop[0]`)."""
+    path = [part for part in loc if isinstance(part, int) or part in EXPECTED]
+    while path and isinstance(path[-1], int):
+        path.pop()
+    return path
+
+
+def _detail(error: dict) -> str:
+    reason = error["msg"].removeprefix("Value error, ").rstrip(".")
+    given = repr(error.get("input"))
+    given = given if len(given) <= 40 else given[:37] + "..."
+    return f"{reason[:1].lower()}{reason[1:]}, got {given}"
 
 
 # ---------------------------------------------------------------- responses

@@ -20,6 +20,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import torch
+
 from common.detokenize import IncrementalDetokenizer, StopMatcher
 from common.sampling import Sampler, SamplingParams
 
@@ -123,6 +125,10 @@ class Request:
         return self._cancel.is_set()
 
     # ------------------------------------------------------------ called by the model worker
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """The next token from this request's logits ([vocab]), with its own sampler."""
+        return self.sampler.sample(logits, self.output_ids if self.sampling.penalized else [])
 
     def append_token(self, token_id: int) -> bool:
         """Record one sampled token, emit its text. Returns True once the request is finished."""

@@ -9,11 +9,15 @@ A row that finishes stops streaming at once, but the batch keeps stepping until 
 done, and nothing new can join it: a 10-token answer batched with a 200-token one holds its slot
 for 200 steps, and newcomers wait in the queue meanwhile. That waste is what step 7's continuous
 batching removes.
+
+A fault in the shared forward pass fails every row; a fault in one row's sampling or
+detokenizing fails that row alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -23,6 +27,8 @@ from transformers import DynamicCache
 from common.model import LoadedModel
 from common.request import Request, RequestStatus, log_done
 from step2_queue.queue import QueueEngine, RequestQueue
+
+log = logging.getLogger("gateway")
 
 if TYPE_CHECKING:
     from step3_batching.server import Config
@@ -125,10 +131,16 @@ def _step_row(request: Request, logits: torch.Tensor, active: list[bool], i: int
         active[i] = False
     if not active[i]:
         return pad_id
-    token = request.sampler.sample(logits)
-    if request.append_token(token):
+    try:
+        token = request.sample(logits)
+        if request.append_token(token):  # detokenize, stop strings, max_tokens
+            active[i] = False
+        return token
+    except Exception as exc:  # this row's own fault: it fails alone, the batch goes on
+        log.exception("request %s failed", request.request_id)
+        request.fail(exc)
         active[i] = False
-    return token
+        return pad_id
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

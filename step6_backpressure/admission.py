@@ -22,10 +22,11 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily
+from starlette.datastructures import Headers
 
 from common.api import Observer, Outcome, Serving
 from common.config import ConfigPart, knob
-from common.errors import APIError
+from common.errors import APIError, error_response
 from common.request import Request, RequestStatus
 
 
@@ -158,31 +159,38 @@ class LimitedServing(Serving):
 
     limits: AdmissionConfig = field(default_factory=AdmissionConfig)
 
-    def make_request(self, prompt_ids, params, rid) -> Request:
+    def make_request(self, prompt_ids, params, rid, prompt_param: str) -> Request:
         limits = self.limits
         if len(prompt_ids) > limits.max_prompt_tokens:
             raise APIError(
                 f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                 f"{limits.max_prompt_tokens}",
-                param="messages",
+                param=prompt_param,
                 code="prompt_too_long",
             )
-        if params.max_tokens is not None and params.max_tokens > limits.max_tokens_limit:
+        max_tokens = params.max_new_tokens
+        if max_tokens is not None and max_tokens > limits.max_tokens_limit:
             raise APIError(
                 f"max_tokens is at most {limits.max_tokens_limit} on this server",
                 param="max_tokens",
                 code="max_tokens_too_large",
             )
-        return super().make_request(prompt_ids, params, rid)
+        return super().make_request(prompt_ids, params, rid, prompt_param)
 
 
 class BodyLimitMiddleware:
-    """413 once a request body grows past `limit` bytes, before it is all read."""
+    """413 for a body past `limit` bytes: at once when Content-Length says so, else as soon as
+    more than that has arrived (a chunked body), before it is all read."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and _declared_length(scope) > self.limit:
+            error = APIError(f"request body over {self.limit} bytes", 413, code="body_too_large")
+            response = error_response(error)
+            response.headers["connection"] = "close"  # the unread body is not waited for
+            return await response(scope, receive, send)
         seen = 0
 
         async def counted_receive():
@@ -194,6 +202,11 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counted_receive if scope["type"] == "http" else receive, send)
+
+
+def _declared_length(scope) -> int:
+    raw = Headers(scope=scope).get("content-length", "")
+    return int(raw) if raw.isdigit() else 0  # a malformed header is uvicorn's to refuse
 
 
 class AdmissionCollector:

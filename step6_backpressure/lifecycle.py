@@ -133,15 +133,17 @@ def readiness(lifecycle: Lifecycle, ready_when_saturated: bool):
 
 
 class ApiKeyMiddleware:
-    """Bearer-token check on /v1/*; health and metrics stay open for probes and scrapers."""
+    """Bearer-token check on /v1/*; health and metrics stay open for probes and scrapers. The
+    scheme is case-insensitive (RFC 9110: `bearer`, `Bearer` and `BEARER` are the same)."""
 
     def __init__(self, app, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, token = given.partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token, self.expected)):
                 error = APIError("invalid or missing API key", 401, code="invalid_api_key")
                 return await error_response(error)(scope, receive, send)
         await self.app(scope, receive, send)

@@ -159,7 +159,7 @@ class PagedEngine:
 
 def _sample(seq: Sequence, logits: torch.Tensor) -> Sampled:
     try:
-        return seq.request.sampler.sample(logits)
+        return seq.request.sample(logits)
     except Exception as exc:  # reported on the loop, for this sequence only
         return exc
 

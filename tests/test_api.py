@@ -68,6 +68,29 @@ BAD_BODIES = [
     pytest.param(chat(stream="yes"), "stream", "boolean", id="stream-type"),
     pytest.param(chat(stream_options=[1]), "stream_options", "an object", id="stream-options"),
     pytest.param(chat(seed="abc"), "seed", "an integer", id="seed-type"),
+    # What a JSON parser or a torch generator chokes on: each one a 400 with its param.
+    pytest.param(b'{"model": "m", "temperature": NaN}', "temperature", "finite", id="nan"),
+    pytest.param(chat(top_p=float("inf")), "top_p", "finite", id="infinity"),
+    pytest.param(chat(seed=2**64), "seed", "2^64 - 1", id="seed-too-big"),
+    pytest.param(chat(seed=-(2**63) - 1), "seed", "-2^63", id="seed-too-small"),
+    pytest.param(chat(presence_penalty=2.5), "presence_penalty", "-2.0 and 2.0", id="penalty"),
+    pytest.param(chat(max_tokens="4"), "max_tokens", "an integer", id="strict-int"),
+    pytest.param(chat(stream=1), "stream", "a boolean", id="strict-bool"),
+    pytest.param(
+        b'{"model": "m", "max_tokens": ' + b"9" * 5000 + b"}", None, "not valid JSON", id="bigint"
+    ),
+    pytest.param(b"[" * 50_000 + b"]" * 50_000, None, "not valid JSON", id="deep"),
+    pytest.param(b'{"model": "\\ud800"}', None, "not valid JSON", id="surrogate-model"),
+    pytest.param(
+        json.dumps(chat()).replace('"hi"', '"\\udfff"').encode(), None, "JSON", id="surrogate"
+    ),
+    pytest.param(b'{"model": "caf\xe9"}', None, "not valid JSON", id="invalid-utf8"),
+    pytest.param(
+        chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+        "messages[0].content[0].type",
+        "text",
+        id="image-part",
+    ),
 ]
 
 
@@ -76,6 +99,23 @@ def test_bad_chat_input_is_a_400_and_the_server_keeps_serving(client, body, para
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     assert_error(client.post(CHAT, content=raw), 400, param, words)
     assert client.post(CHAT, json=chat()).status_code == 200
+
+
+EXTREME_BUT_VALID = [
+    {"temperature": 1e-320},  # below 1e-5: greedy, where dividing by it would overflow
+    {"temperature": 1.0, "top_p": 5e-324},  # rounds to 0 in float32: the top token stays
+    {"temperature": 1.0, "seed": -(2**63)},
+    {"temperature": 1.0, "seed": 2**64 - 1, "top_k": 2**31 - 1},
+    {"temperature": 0.7, "presence_penalty": 2.0, "frequency_penalty": -2.0},
+    {"temperature": None, "top_p": None, "stop": None, "unknown_field": {"x": [1]}},
+]
+
+
+@pytest.mark.parametrize("fields", EXTREME_BUT_VALID)
+def test_extreme_but_valid_sampling_is_served(client, fields):
+    response = client.post(CHAT, json=chat(**fields))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_bad_completion_prompts(client):
@@ -90,7 +130,8 @@ def test_bad_completion_prompts(client):
     huge = {"model": MODEL, "prompt": [10**7]}
     assert_error(client.post(url, json=huge), 400, "prompt", "outside the vocabulary")
     long_prompt = {"model": MODEL, "prompt": [5] * 2048, "max_tokens": 1}
-    assert_error(client.post(url, json=long_prompt), 400, "messages", "context window")
+    # the completions endpoint names its own prompt field, not chat's messages
+    assert_error(client.post(url, json=long_prompt), 400, "prompt", "context window")
 
 
 def test_unknown_route_and_wrong_method(client):

@@ -86,6 +86,41 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     assert set(draws(SamplingParams(temperature=1.5, top_p=1e-6, seed=1), logits)) == {best}
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-320),  # dividing by it gives inf, then NaN
+        SamplingParams(temperature=1.0, top_p=5e-324, seed=1),  # 0.0 in float32
+        SamplingParams(temperature=1.0, top_p=float.fromhex("0x1p-149"), seed=1),
+    ],
+    ids=["denormal-temperature", "denormal-top-p", "float32-denormal-top-p"],
+)
+def test_underflowing_parameters_still_give_the_most_likely_token(params):
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(0))
+    assert set(draws(params, logits)) == {int(torch.argmax(logits))}
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**63, 2**64 - 1])
+def test_every_accepted_seed_seeds_a_generator(seed):
+    logits = torch.zeros(1000)
+    assert draws(SamplingParams(temperature=1.0, seed=seed), logits) == draws(
+        SamplingParams(temperature=1.0, seed=seed), logits
+    )
+
+
+def test_presence_and_frequency_penalties_push_down_generated_tokens():
+    logits = torch.tensor([2.0, 1.9, 0.0, -1.0])
+    plain = Sampler(SamplingParams(temperature=0.0))
+    assert plain.sample(logits, [0, 0]) == 0  # no penalty: the repeat wins
+    presence = Sampler(SamplingParams(temperature=0.0, presence_penalty=0.2))
+    assert presence.sample(logits, [0]) == 1  # 2.0 - 0.2 < 1.9
+    frequency = Sampler(SamplingParams(temperature=0.0, frequency_penalty=0.06))
+    assert frequency.sample(logits, [0]) == 0  # 2.0 - 0.06 > 1.9
+    assert frequency.sample(logits, [0, 0]) == 1  # 2.0 - 0.12 < 1.9
+    rewarded = Sampler(SamplingParams(temperature=0.0, presence_penalty=-2.0))
+    assert rewarded.sample(logits, [1]) == 1  # a negative penalty favours what was said
+
+
 def test_top_k_limits_the_support():
     logits = torch.arange(100, dtype=torch.float32) / 10
     picked = set(draws(SamplingParams(temperature=2.0, top_k=3, seed=3), logits, 200))

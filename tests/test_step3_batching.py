@@ -151,6 +151,24 @@ def test_a_cancelled_row_stops_and_the_others_finish_unharmed(tiny_lm):
         assert request.output_ids == alone(tiny_lm, f"keep {i}", 400)
 
 
+def test_a_fault_in_one_row_fails_that_row_alone(tiny_lm):
+    """Sampling and detokenizing are per row: the other rows of the static batch finish exactly
+    as they would alone."""
+
+    async def go():
+        rows = [make_request(tiny_lm, p, 12) for p in ("keep a", "bad", "keep b")]
+        rows[1].sampler.sample = lambda *_: 1 / 0
+        await asyncio.to_thread(run_batch, tiny_lm, rows)
+        with pytest.raises(ZeroDivisionError):
+            await drain(rows[1])
+        return [await drain(r) for r in (rows[0], rows[2])], rows
+
+    texts, rows = run(go())
+    assert rows[0].output_ids == alone(tiny_lm, "keep a", 12)
+    assert rows[2].output_ids == alone(tiny_lm, "keep b", 12)
+    assert texts == [tiny_lm.tokenizer.decode(r.output_ids) for r in (rows[0], rows[2])]
+
+
 def test_a_bad_request_never_reaches_a_batch(tiny_model_dir):
     with tiny_client("step3_batching", tiny_model_dir) as client:
         engine = client.app.state.serving.engine

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,11 @@ def test_input_limits(client):
     stops = client.post(URL, json=body(stop=["a", "b", "c", "d", "e"]))
     assert stops.status_code == 400 and stops.json()["error"]["param"] == "stop"
     assert client.post(URL, json=body()).status_code == 200
+    # Each endpoint's own name for its prompt: `prompt` here, `messages` on chat.
+    assert long.json()["error"]["param"] == "prompt"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 200}]}
+    long_chat = client.post("/v1/chat/completions", json=chat)
+    assert long_chat.json()["error"]["param"] == "messages"
 
 
 def test_liveness_and_readiness(client):
@@ -106,6 +112,12 @@ def test_api_key(tiny_model_dir):
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
         good = c.post(URL, json=body(), headers={"Authorization": "Bearer s3cret"})
         assert good.status_code == 200
+        for scheme in ("bearer", "BEARER", "beaRer"):  # the scheme is case-insensitive
+            response = c.post(URL, json=body(), headers={"Authorization": f"{scheme} s3cret"})
+            assert response.status_code == 200, scheme
+        assert (
+            c.post(URL, json=body(), headers={"Authorization": "Basic s3cret"}).status_code == 401
+        )
         assert c.get("/health/ready").status_code == 200  # probes need no key
 
 
@@ -182,6 +194,24 @@ def test_a_thousand_malformed_bodies_get_only_4xx_and_the_server_keeps_serving(c
 
 
 # ---------------------------------------------------------------- real servers under abuse
+
+
+@pytest.mark.integration
+def test_a_body_declared_too_large_is_refused_before_it_is_sent(start_server, tiny_model_dir):
+    """Content-Length over max_body_bytes: a 413 from the headers alone, nothing else read."""
+    server = start(start_server, tiny_model_dir, GATEWAY_MAX_BODY_BYTES="1000")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        head = f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(f"{head}Content-Length: 50000000\r\n\r\n".encode())  # and no body at all
+        chunks = [s.recv(4096)]
+        while chunks[-1]:  # the server closes the connection after its answer
+            chunks.append(s.recv(4096))
+        answer = b"".join(chunks).decode()
+    status, _, rest = answer.partition("\r\n")
+    assert status == "HTTP/1.1 413 Request Entity Too Large" or " 413 " in status, answer
+    assert "body_too_large" in rest and "connection: close" in rest.lower()
+    assert httpx.post(server.url + URL, json=body(), timeout=30).status_code == 200
 
 
 def start(start_server, tiny_model_dir, **env):

@@ -201,7 +201,7 @@ def test_a_fault_while_sampling_fails_that_iteration_not_the_engine(tiny_lm):
     async def go():
         engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=32))
         broken = make_request(tiny_lm, PROMPTS[1], 5)
-        broken.sampler.sample = lambda logits: 1 / 0
+        broken.sampler.sample = lambda *_: 1 / 0
         engine.scheduler.add(broken)
         await engine.step()  # used to escape the worker thread and end the engine's loop
         with pytest.raises(ZeroDivisionError):  # the client gets the error
@@ -275,3 +275,33 @@ def test_a_preempted_sequence_waits_again_and_admission_counts_it(tiny_lm):
     assert victim.block_table == [] and victim.num_computed == 0
     blocks_for = lambda n: -(-n // 4)  # noqa: E731
     assert counted >= blocks_for(victim.num_tokens) + blocks_for(newcomer.num_prompt_tokens)
+
+
+def test_a_fault_in_one_sequence_fails_that_sequence_alone(tiny_lm):
+    """Sampling and detokenizing are per sequence: healthy neighbours in the same iterations
+    finish exactly as they would alone, the faulty ones get their error, every block returns."""
+
+    async def go():
+        engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=64))
+        healthy = [make_request(tiny_lm, p, 8) for p in (PROMPTS[0], PROMPTS[2])]
+        bad_sampler = make_request(tiny_lm, PROMPTS[1], 8)
+        bad_sampler.sampler.sample = lambda *_: 1 / 0
+        bad_text = make_request(tiny_lm, PROMPTS[3], 8)
+        bad_text._detok.push = lambda token: [][token]  # IndexError while detokenizing
+        for request in (healthy[0], bad_sampler, bad_text, healthy[1]):
+            await engine.submit(request)
+        sizes = []
+        engine.batch_size_hooks.append(sizes.append)
+        while engine.scheduler.has_work:
+            await engine.step()
+        for broken, error in ((bad_sampler, ZeroDivisionError), (bad_text, IndexError)):
+            with pytest.raises(error):
+                await drain(broken)
+        texts = [await drain(r) for r in healthy]
+        return [r.output_ids for r in healthy], texts, sizes[0], engine
+
+    outputs, texts, first_batch, engine = asyncio.run(go())
+    assert first_batch == 4  # all four shared the first iteration
+    assert outputs == [reference(tiny_lm, p, 8) for p in (PROMPTS[0], PROMPTS[2])]
+    assert texts == [tiny_lm.tokenizer.decode(o) for o in outputs]
+    assert_pool_empty(engine)

@@ -65,3 +65,17 @@ def test_step7_observes_its_batch_sizes(tiny_model_dir):
         after = values(client.get("/metrics").text)
     assert after["gateway_batch_size_count"] - before.get("gateway_batch_size_count", 0) == 4
     assert after["gateway_batch_size_sum"] - before.get("gateway_batch_size_sum", 0) == 4
+
+
+def test_a_prompt_larger_than_the_whole_pool_is_a_400_not_a_429(tiny_model_dir):
+    """Retrying could never help, so no 429 and no Retry-After: the pool is 4 x 16 tokens."""
+    with tiny_client("step7_real_kv", tiny_model_dir, num_kv_blocks=4) as client:
+        prompt = "one two three four five six seven eight nine ten " * 8  # about 80 tokens
+        too_big = client.post("/v1/completions", json={**BODY, "prompt": prompt})
+        too_long = client.post("/v1/completions", json={**BODY, "max_tokens": 80})
+        fits = client.post("/v1/completions", json=BODY)
+    for response in (too_big, too_long):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "context_length_exceeded"
+        assert "retry-after" not in response.headers
+    assert fits.status_code == 200
