@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -48,10 +49,14 @@ def _bars(timed: list[dict], title: str, path: Path, metrics: list[tuple[str, st
     """One panel per metric; in each, a group of bars per step, one bar per concurrency."""
     fig, axes = plt.subplots(len(metrics), 1, figsize=(10, 3.6 * len(metrics)), squeeze=False)
     for ax, (key, label) in zip(axes[:, 0], metrics, strict=True):
-        _grouped(ax, timed, lambda level, key=key: level["summary"][key])
+        _grouped(ax, timed, partial(_summary_value, key=key))
         ax.set_ylabel(label)
     axes[0, 0].set_title(title)
     return _save(fig, path)
+
+
+def _summary_value(level: dict, key: str) -> float | None:
+    return level["summary"][key]
 
 
 def _grouped(ax, timed: list[dict], value: Callable[[dict], float | None]) -> None:

@@ -46,9 +46,10 @@ def _judge(key: str, floor: float, steps: dict[str, dict]) -> Verdict:
     concurrency = int(match["n"]) if match["n"] else None
     values = [_value(steps[s], metric, concurrency) for s in (a, b)]
     problems = [v for v in values if isinstance(v, str)]
+    numbers = [v for v in values if not isinstance(v, str)]
     if problems:
         return Verdict(key, "fail", "; ".join(problems))
-    ratio = values[0] / values[1]
+    ratio = numbers[0] / numbers[1]
     verdict = "pass" if ratio >= floor else "fail"
     return Verdict(key, verdict, f"{ratio:.2f} (floor {floor:g})")
 

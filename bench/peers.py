@@ -190,7 +190,7 @@ def _lookup(token: str) -> Peer:
 
 
 def is_peer_row(name: str | None) -> bool:
-    return bool(name) and name.startswith(PEER_PREFIX)
+    return name is not None and name.startswith(PEER_PREFIX)
 
 
 def from_row(row: str) -> Peer:

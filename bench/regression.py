@@ -72,7 +72,7 @@ class Change:
             return "not measured in this run"
         if self.band is None:
             return "band unknown"
-        if self.last is None:
+        if self.last is None or self.change is None:
             return "not in the last history run"
         if abs(self.change) <= self.band:
             return ""

@@ -44,7 +44,7 @@ def select_steps(available: list[str], wanted: str | None) -> list[str]:
     """`--steps 1,3` or `--steps step1_central_loader`; None means all. Unknown ones fail."""
     if not wanted:
         return list(available)
-    chosen = []
+    chosen: list[str] = []
     for token in (t.strip() for t in wanted.split(",") if t.strip()):
         matches = [s for s in available if token in (s, str(step_number(s)))]
         if not matches:

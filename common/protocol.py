@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from common.errors import APIError
 from common.sampling import SamplingParams
@@ -97,7 +98,7 @@ class GenerationRequest(Strict):
     )
     n: int = Field(1, ge=1, le=1, description="1 (only n=1 is supported)")
     stream: bool = Field(False, description="a boolean")
-    stream_options: StreamOptions = Field(default_factory=StreamOptions, description="an object")
+    stream_options: StreamOptions = Field(StreamOptions(), description="an object")
 
     @field_validator("top_k")
     @classmethod
@@ -185,7 +186,7 @@ MODELS = (TextPart, Message, StreamOptions, ChatCompletionRequest, CompletionReq
 EXPECTED = {name: f.description for m in MODELS for name, f in m.model_fields.items()}
 
 
-def _as_api_error(errors: list[dict]) -> APIError:
+def _as_api_error(errors: list[ErrorDetails]) -> APIError:
     """One 400 for the most specific of pydantic's errors (a union reports one per member)."""
     first = errors[0]
     if first["type"] == "json_invalid":
@@ -213,7 +214,7 @@ def _field_path(loc: tuple) -> list:
     return path
 
 
-def _detail(error: dict) -> str:
+def _detail(error: ErrorDetails) -> str:
     reason = error["msg"].removeprefix("Value error, ").rstrip(".")
     given = repr(error.get("input"))
     given = given if len(given) <= 40 else given[:37] + "..."

@@ -30,12 +30,14 @@ class BruteForceEngine:
 
     async def _run(self, request: Request) -> None:
         try:
-            lm = load_model(self.config, self.tokenizer)  # blocks the loop: the baseline's cost
-            for _ in generate_steps(lm, request):
-                await asyncio.sleep(0.001)  # 1 ms per token
+            await self._generate(request)
         except Exception as exc:
             request.fail(exc)
         finally:
             log_done(request)
-            lm = None
             gc.collect()  # give the copy of the weights back before the next request loads one
+
+    async def _generate(self, request: Request) -> None:
+        lm = load_model(self.config, self.tokenizer)  # blocks the loop: the baseline's cost
+        for _ in generate_steps(lm, request):
+            await asyncio.sleep(0.001)  # 1 ms per token

@@ -89,5 +89,5 @@ class QueueEngine:
     async def _run(self) -> None:
         while True:
             request = await self.queue.get()
-            wait = round(request.queue_wait_s, 4)
+            wait = round(request.queue_wait_s or 0.0, 4)
             await asyncio.to_thread(generate, self.lm, request, queue_wait_s=wait)

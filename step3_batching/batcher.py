@@ -114,7 +114,8 @@ def decode(lm: LoadedModel, batch: list[Request], cache, mask, last_positions, l
         tokens = [_step_row(r, logits[i], active, i, pad_id) for i, r in enumerate(batch)]
         keep = [i for i, r in enumerate(batch) if r.status != RequestStatus.CANCELLED]
         if len(keep) < len(batch):  # a client left: its row leaves the batch and frees compute
-            batch, active, tokens = ([x[i] for i in keep] for x in (batch, active, tokens))
+            batch = [batch[i] for i in keep]
+            active, tokens = [active[i] for i in keep], [tokens[i] for i in keep]
             cache.batch_select_indices(torch.tensor(keep, device=mask.device))
             mask, last_positions = mask[keep], last_positions[keep]
         if not any(active):

@@ -59,7 +59,7 @@ def prefill(lm: LoadedModel, request: Request, prefix_cache: MockPrefixCache):
     finally:
         prefix_cache.release(hit)
     request.cached_prompt_tokens = hit.num_tokens
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    kv: list[LayerKV] = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
     prefix_cache.insert(request.prompt_ids, kv)
     return kv, out.logits[0, -1]
 

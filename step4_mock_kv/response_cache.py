@@ -108,7 +108,7 @@ class RedisBackend:
 
     async def get(self, key: str) -> str | None:
         value = await self.client.get(key)
-        return value.decode() if value is not None else None
+        return value.decode() if isinstance(value, bytes) else value
 
     async def set(self, key: str, value: str) -> None:
         await self.client.set(key, value, ex=max(1, int(self.ttl_s)))
@@ -187,7 +187,8 @@ class CachingEngine:
         await self.inner.submit(request)
 
     def _store_later(self, key: str, request: Request) -> None:
-        response = CachedResponse(request.text, request.output_ids, request.finish_reason)
+        reason = request.finish_reason or "stop"  # (set: the request finished normally)
+        response = CachedResponse(request.text, request.output_ids, reason)
         task = asyncio.ensure_future(self.cache.put(key, response))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

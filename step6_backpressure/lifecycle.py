@@ -83,7 +83,7 @@ class Lifecycle:
 
     def drained(self, open_responses: int) -> bool:
         """Nothing admitted is unfinished and no response is still being written."""
-        if not self.draining:
+        if self.drain_deadline is None:  # not draining
             return False
         idle = self.in_flight() == 0 and open_responses == 0
         return idle or time.monotonic() >= self.drain_deadline

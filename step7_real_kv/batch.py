@@ -48,7 +48,12 @@ def build_batch(work: list[tuple[Sequence, int]], block_size: int, device: torch
     """work: (sequence, number of new tokens) pairs; blocks for them are already allocated."""
     decodes = [(s, n) for s, n in work if n == 1 and s.num_computed > 0]
     chunks = [(s, n) for s, n in work if not (n == 1 and s.num_computed > 0)]
-    ids, positions, slots, rows, sampled, prefills = [], [], [], [], [], []
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    rows: list[int] = []
+    sampled: list[Sequence] = []
+    prefills: list[Prefill] = []
     for i, (seq, n) in enumerate(decodes + chunks):
         start, end = seq.num_computed, seq.num_computed + n
         if i >= len(decodes):

@@ -37,13 +37,13 @@ class LayerWeights:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, kv: PagedKVCache) -> None:
-        config = lm.model.config
+        config = lm.config
         self.kv = kv
         self.device = lm.device
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        params = dict(lm.model.named_parameters(remove_duplicate=False))
+        params: dict[str, torch.Tensor] = dict(lm.model.named_parameters(remove_duplicate=False))
         self.embed = params["model.embed_tokens.weight"]  # [vocab, hidden]
         self.norm = params["model.norm.weight"]
         self.lm_head = params.get("lm_head.weight", self.embed)  # tied in SmolLM2

@@ -40,7 +40,7 @@ class PagedKVCache:
     @classmethod
     def for_model(cls, lm: LoadedModel, num_blocks: int, block_size: int) -> PagedKVCache:
         """A pool shaped for `lm`'s layers and key/value heads, in its dtype, on its device."""
-        config = lm.model.config
+        config = lm.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from common.api import Observers
+from common.api import BackgroundEngine, Observers
 from common.app import create_app
 from common.config import ServerConfig
 from step4_mock_kv.response_cache import CachingEngine, ResponseCacheConfig, make_response_cache
@@ -52,7 +52,9 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         engine = PagedEngine(lm, config)  # KV pool, block manager, scheduler, model runner
         engine.batch_size_hooks.append(observability.metrics.batch_size.observe)
         response_cache = make_response_cache(config, config.served_model_name)
-        served = CachingEngine(engine, response_cache) if response_cache else engine
+        served: BackgroundEngine = engine
+        if response_cache is not None:
+            served = CachingEngine(engine, response_cache)
         admission = KVAdmission(config, engine.scheduler)
         observability.watch(
             CacheCollector(engine.blocks, response_cache),  # the block manager is the prefix cache

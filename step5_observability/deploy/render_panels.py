@@ -68,7 +68,7 @@ def send_load(url: str, stop: threading.Event, worker: int) -> None:
 
 
 def query_range(prom: str, expr: str, start: float, end: float) -> list[dict]:
-    params = {"query": expr, "start": start, "end": end, "step": 5}
+    params: dict[str, str | float] = {"query": expr, "start": start, "end": end, "step": 5}
     return httpx.get(prom + "/api/v1/query_range", params=params, timeout=30).json()["data"][
         "result"
     ]
