@@ -3,9 +3,16 @@
 Grouped-query attention: 9 query heads share 3 key/value heads, query head h reading kv head
 h // (9 // 3), as transformers' repeat_kv does. Instead of repeating K and V, the queries of one
 kv head are stacked: q [.., kv_heads, group, ..] against k [.., kv_heads, ..].
+
+This is the torch path, and the reference: it gathers each sequence's context out of the pool
+into a padded copy, then calls SDPA. On a CPU, decode attention instead runs the C++ kernel of
+paged_attention_cpu.cpp, which reads the pool in place (the profile in the README says why);
+prefill chunks, which are matrix work, stay here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,15 +20,30 @@ import torch.nn.functional as F
 from step7_real_kv.batch import Batch
 from step7_real_kv.paged_kv import PagedKVCache
 
+DecodeKernel = Callable[..., torch.Tensor]  # paged_attention_cpu.cpp's paged_decode_attention
 
-def paged_attention(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: Batch) -> torch.Tensor:
+
+def paged_attention(
+    q: torch.Tensor,
+    kv: PagedKVCache,
+    layer: int,
+    batch: Batch,
+    decode_kernel: DecodeKernel | None = None,
+) -> torch.Tensor:
     """q: [T, heads, head_dim] for the batch's new tokens, their K/V already written to the
     pool -> attention output [T, heads, head_dim]."""
     out = torch.empty_like(q)
     d = batch.num_decodes
-    if d:
-        k, v = kv.gather(layer, batch.decode_slots)  # [D, context, kv_heads, head_dim]
-        out[:d] = decode_attention(q[:d], k, v, batch.decode_mask)
+    if d and decode_kernel is not None:
+        scale = q.shape[-1] ** -0.5  # as SDPA's default
+        out[:d] = decode_kernel(
+            q[:d].contiguous(), kv.k[layer], kv.v[layer], batch.decode_tables,
+            batch.decode_lengths, batch.block_size, scale,
+        )  # fmt: skip
+    elif d:
+        slots, mask = batch.decode_slots_and_mask
+        k, v = kv.gather(layer, slots)  # [D, context, kv_heads, head_dim]
+        out[:d] = decode_attention(q[:d], k, v, mask)
     for chunk in batch.prefills:
         rows = slice(chunk.start, chunk.start + chunk.length)
         k, v = kv.gather(layer, chunk.context_slots)  # [context, kv_heads, head_dim]

@@ -12,6 +12,7 @@ prefill chunks follow, each attending on its own.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,9 @@ class Batch:
     positions: torch.Tensor  # [T], position of each token in its own sequence
     slots: torch.Tensor  # [T], where each new token's K/V is written
     num_decodes: int  # rows 0..num_decodes-1 are single decode tokens
-    decode_slots: torch.Tensor  # [num_decodes, longest context], padded with slot 0
-    decode_mask: torch.Tensor  # [num_decodes, longest context] bool, False on padding
+    decode_tables: torch.Tensor  # [num_decodes, most blocks] block ids, padded with 0
+    decode_lengths: torch.Tensor  # [num_decodes] context of each, its new token included
+    block_size: int
     prefills: list[Prefill]
     sample_rows: torch.Tensor  # [S] rows whose logits are sampled
     sampled: list[Sequence]  # the S sequences that get a token this iteration
@@ -42,6 +44,18 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+    @functools.cached_property
+    def decode_slots_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the torch path: the slots of each decoding sequence's whole context, padded with
+        slot 0, and the mask that hides the padding; both [num_decodes, longest context]."""
+        offsets = torch.arange(self.block_size, device=self.decode_tables.device)
+        # [B, blocks, 1] * block_size + [block_size] -> [B, blocks * block_size] slots, in order
+        slots = (self.decode_tables[:, :, None] * self.block_size + offsets).flatten(1)
+        longest = int(self.decode_lengths.max()) if self.num_decodes else 1
+        slots = slots[:, :longest]
+        mask = torch.arange(longest, device=slots.device)[None, :] < self.decode_lengths[:, None]
+        return slots.masked_fill(~mask, 0), mask
 
 
 def build_batch(work: list[tuple[Sequence, int]], block_size: int, device: torch.device) -> Batch:
@@ -65,30 +79,18 @@ def build_batch(work: list[tuple[Sequence, int]], block_size: int, device: torch
         if end == seq.num_tokens:  # every known token computed: the next one can be sampled
             rows.append(len(ids) - 1)
             sampled.append(seq)
-    decode_slots, decode_mask = _decode_context([s for s, _ in decodes], block_size, device)
+    tables, lengths = _decode_tables([s for s, _ in decodes], device)
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     return Batch(
-        as_long(ids), as_long(positions), as_long(slots), len(decodes),
-        decode_slots, decode_mask, prefills, as_long(rows), sampled,
+        as_long(ids), as_long(positions), as_long(slots), len(decodes), tables, lengths,
+        block_size, prefills, as_long(rows), sampled,
     )  # fmt: skip
 
 
-def _decode_context(
-    seqs: list[Sequence], block_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots of each decoding sequence's whole context (the new token included), padded."""
-    if not seqs:
-        empty = torch.zeros((0, 1), dtype=torch.long, device=device)
-        return empty, empty.bool()
-    lengths = torch.tensor([s.num_computed + 1 for s in seqs], device=device)
-    widest = max(len(s.block_table) for s in seqs)
-    tables = torch.zeros((len(seqs), widest), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table)
-    # [B, blocks, 1] * block_size + [block_size] -> [B, blocks * block_size] slots, in order
-    offsets = torch.arange(block_size)
-    slots = (tables[:, :, None] * block_size + offsets).flatten(1).to(device)
-    longest = int(lengths.max())
-    slots = slots[:, :longest]
-    mask = torch.arange(longest, device=device)[None, :] < lengths[:, None]
-    return slots.masked_fill(~mask, 0), mask
+def _decode_tables(seqs: list[Sequence], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each decoding sequence's block table, padded to the widest, and its context length."""
+    widest = max((len(s.block_table) for s in seqs), default=1)
+    rows = [s.block_table + [0] * (widest - len(s.block_table)) for s in seqs]
+    tables = torch.tensor(rows, dtype=torch.long).view(len(seqs), widest)
+    lengths = torch.tensor([s.num_computed + 1 for s in seqs], dtype=torch.long)
+    return tables.to(device), lengths.to(device)

@@ -30,6 +30,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from common.config import ConfigPart, knob
 from common.model import LoadedModel
 from common.request import Request, log_done
+from step7_real_kv import paged_attention_cpu
+from step7_real_kv.attention import DecodeKernel
 from step7_real_kv.batch import build_batch
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.model_runner import ModelRunner
@@ -40,6 +42,7 @@ from step7_real_kv.sequence import Sequence
 log = logging.getLogger("gateway")
 
 Sampled = int | Exception  # a sequence's new token, or why it could not get one
+BACKENDS = ("auto", "torch")
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,15 @@ class EngineConfig(ConfigPart):
     num_kv_blocks: int = knob(2048, "blocks in the KV pool (32768 tokens, 1.4 GiB in float32)")
     max_num_batched_tokens: int = knob(256, "new tokens per iteration: decodes + prefill chunks")
     max_num_seqs: int = knob(64, "sequences running at once")
+    linear_backend: str = knob("auto", "auto: oneDNN, weights prepacked, on a CPU | torch")
+    attention_backend: str = knob(
+        "auto", "decode attention: auto: the C++ kernel on a CPU (built once) | torch"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.linear_backend not in BACKENDS or self.attention_backend not in BACKENDS:
+            raise ValueError(f"linear_backend and attention_backend are one of {BACKENDS}")
         if min(self.block_size, self.num_kv_blocks, self.max_num_seqs) < 1:
             raise ValueError("block_size, num_kv_blocks and max_num_seqs must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -62,7 +71,9 @@ class PagedEngine:
         self.kv = PagedKVCache.for_model(lm, config.num_kv_blocks, config.block_size)
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config)
-        self.runner = ModelRunner(lm, self.kv)
+        self.runner = ModelRunner(
+            lm, self.kv, config.linear_backend, decode_kernel(lm, config), config.max_num_seqs
+        )
         self.batch_size_hooks: list[Callable[[int], object]] = []  # sequences per iteration
         self._work_arrived = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -162,6 +173,16 @@ def _sample(seq: Sequence, logits: torch.Tensor) -> Sampled:
         return seq.request.sample(logits)
     except Exception as exc:  # reported on the loop, for this sequence only
         return exc
+
+
+def decode_kernel(lm: LoadedModel, config: EngineConfig) -> DecodeKernel | None:
+    """The C++ decode attention for a float32 model on a CPU, unless the torch path is asked
+    for or the kernel cannot be built here."""
+    wanted = config.attention_backend == "auto"
+    if not (wanted and lm.device.type == "cpu" and lm.dtype == torch.float32):
+        return None
+    module = paged_attention_cpu.load()
+    return module.paged_decode_attention if module is not None else None
 
 
 class KVCollector:

@@ -4,8 +4,9 @@ transformers' model wants a rectangular [batch, length] input and keeps its own 
 batching feeds a ragged batch (decodes and prefill chunks side by side, see batch.py) whose cache
 lives in our block pool, so this file runs the same llama arithmetic itself, on the loaded
 model's own parameters: RMSNorm, rotary embeddings, grouped-query attention (attention.py), the
-gated SiLU MLP. The order and dtype of each operation follow transformers' LlamaModel, so greedy
-tokens in float32 come out the same.
+gated SiLU MLP. The order and dtype of each operation follow transformers' LlamaModel; on the
+torch path greedy tokens in float32 come out the same, and the faster CPU path (oneDNN
+matmuls, the C++ decode attention) is held to the same exactness tests.
 
 Two shortcuts that do not change the arithmetic of a row: q/k/v and gate/up projections are
 each fused into one matrix (one matmul instead of three or two), and the final norm and the
@@ -20,35 +21,67 @@ import torch
 import torch.nn.functional as F
 
 from common.model import LoadedModel
-from step7_real_kv.attention import paged_attention
+from step7_real_kv.attention import DecodeKernel, paged_attention
 from step7_real_kv.batch import Batch
 from step7_real_kv.paged_kv import PagedKVCache
+
+
+class Linear:
+    """x @ weight.T ([T, in] -> [T, out]) by the fastest means where the weight lives.
+
+    On a CPU in float32 (backend "auto"), through oneDNN with the weight reordered once, at
+    start-up, into the blocked layout its kernels read, as torch.compile's weight freezing and
+    vLLM's CPU backend do; F.linear goes to MKL's sgemm, which at this model's shapes took
+    about twice as long (the README's profile). The sums come out in another order than
+    F.linear's, so the last bits differ. Elsewhere, and with backend "torch", F.linear.
+    """
+
+    def __init__(self, weight: torch.Tensor, backend: str, batch_hint: int) -> None:
+        self.weight = weight  # [out, in]
+        self.packed: torch.Tensor | None = None
+        on_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
+        if backend == "auto" and on_cpu and torch.backends.mkldnn.enabled:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
-    o: torch.Tensor  # [hidden, heads * head_dim]
+    qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    o: Linear  # [hidden, heads * head_dim]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear  # [hidden, intermediate]
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, kv: PagedKVCache) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        kv: PagedKVCache,
+        linear_backend: str = "auto",
+        decode_kernel: DecodeKernel | None = None,
+        batch_hint: int = 64,
+    ) -> None:
         config = lm.config
         self.kv = kv
         self.device = lm.device
+        self.decode_kernel = decode_kernel  # None: decode attention on the torch path
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         params: dict[str, torch.Tensor] = dict(lm.model.named_parameters(remove_duplicate=False))
+        linear = lambda weight: Linear(weight, linear_backend, batch_hint)  # noqa: E731
         self.embed = params["model.embed_tokens.weight"]  # [vocab, hidden]
         self.norm = params["model.norm.weight"]
-        self.lm_head = params.get("lm_head.weight", self.embed)  # tied in SmolLM2
+        self.lm_head = linear(params.get("lm_head.weight", self.embed))  # tied in SmolLM2
         self.layers = [
-            _layer(params, f"model.layers.{i}.") for i in range(config.num_hidden_layers)
+            _layer(params, f"model.layers.{i}.", linear) for i in range(config.num_hidden_layers)
         ]
         inv_freq = lm.model.model.rotary_emb.inv_freq  # the model's own, as its forward uses it
         self.cos, self.sin = rope_tables(inv_freq, config.max_position_embeddings, lm.dtype)
@@ -62,29 +95,28 @@ class ModelRunner:
             x = x + self._attention(i, w, rms_norm(x, w.input_norm, self.eps), cos, sin, batch)
             x = x + mlp(w, rms_norm(x, w.post_norm, self.eps))
         x = rms_norm(x[batch.sample_rows], self.norm, self.eps)  # [S, hidden]
-        return F.linear(x, self.lm_head)
+        return self.lm_head(x)
 
     def _attention(self, i, w: LayerWeights, h, cos, sin, batch: Batch) -> torch.Tensor:
-        t = h.shape[0]
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = F.linear(h, w.qkv).split([q_size, kv_size, kv_size], dim=-1)
-        q = rotate(q.view(t, self.heads, self.head_dim), cos, sin)
-        k = rotate(k.view(t, self.kv_heads, self.head_dim), cos, sin)
-        self.kv.write(i, batch.slots, k, v.view(t, self.kv_heads, self.head_dim))
-        out = paged_attention(q, self.kv, i, batch)  # [T, heads, head_dim]
-        return F.linear(out.view(t, q_size), w.o)
+        t, heads = h.shape[0], self.heads
+        qkv = w.qkv(h).view(t, heads + 2 * self.kv_heads, self.head_dim)
+        qk = rotate(qkv[:, : heads + self.kv_heads], cos, sin)  # q and k heads in one go
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + self.kv_heads :]
+        self.kv.write(i, batch.slots, k, v)
+        out = paged_attention(q, self.kv, i, batch, self.decode_kernel)  # [T, heads, head_dim]
+        return w.o(out.view(t, heads * self.head_dim))
 
 
-def _layer(params: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
+def _layer(params: dict[str, torch.Tensor], prefix: str, linear) -> LayerWeights:
     p = lambda name: params[prefix + name]  # noqa: E731
     return LayerWeights(
         input_norm=p("input_layernorm.weight"),
-        qkv=torch.cat([p("self_attn.q_proj.weight"), p("self_attn.k_proj.weight"),
-                       p("self_attn.v_proj.weight")]),
-        o=p("self_attn.o_proj.weight"),
+        qkv=linear(torch.cat([p("self_attn.q_proj.weight"), p("self_attn.k_proj.weight"),
+                              p("self_attn.v_proj.weight")])),
+        o=linear(p("self_attn.o_proj.weight")),
         post_norm=p("post_attention_layernorm.weight"),
-        gate_up=torch.cat([p("mlp.gate_proj.weight"), p("mlp.up_proj.weight")]),
-        down=p("mlp.down_proj.weight"),
+        gate_up=linear(torch.cat([p("mlp.gate_proj.weight"), p("mlp.up_proj.weight")])),
+        down=linear(p("mlp.down_proj.weight")),
     )  # fmt: skip
 
 
@@ -96,8 +128,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def mlp(w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [T, intermediate] each
-    return F.linear(F.silu(gate) * up, w.down)
+    gate, up = w.gate_up(h).chunk(2, dim=-1)  # [T, intermediate] each
+    return w.down(F.silu(gate) * up)
 
 
 def rope_tables(

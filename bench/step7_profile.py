@@ -1,0 +1,274 @@
+"""`python -m bench.step7_profile`: where one step 7 iteration's time goes, measured in-process.
+
+Builds step 7's engine on the real model (float32, the server's defaults), fills it with N
+sequences made from the bench's workload (the same chat prompts the bench sends, EOS ignored so
+that N keep running), lets every prompt prefill, then times decode iterations. Each part of an
+iteration is timed by wrapping the function that does it, from here: the shipped code carries no
+profiling hooks. torch ops on the CPU are synchronous, so a wall-clock timer around a call is
+the time of that call. A second pass runs torch.profiler over the same iterations and lists the
+heaviest aten ops, for the reader who wants to go one level down.
+
+    python -m bench.step7_profile --users 1,16,64 --iterations 20
+    python -m bench.step7_profile --users 16 --json bench/charts/step7-profile.json
+
+What it cannot see: the HTTP side (the event loop writing SSE, uvicorn) and the waits between
+the loop and the worker thread. For those, profile the running server under the bench's load
+with py-spy (bench/README.md, "Profiling step 7").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+
+from bench.workload import load_workload
+from common.config import ServerConfig
+from common.model import LoadedModel, load_model
+from common.request import Request
+from common.sampling import SamplingParams
+from step7_real_kv import attention, engine, model_runner
+from step7_real_kv.engine import EngineConfig, PagedEngine
+
+PARTS = (
+    "schedule",
+    "batch tensors",
+    "embedding + rope tables",
+    "rms norm",
+    "qkv projection",
+    "rotary",
+    "kv write",
+    "attention: gather",
+    "attention: sdpa",
+    "attention: decode kernel",
+    "o projection",
+    "mlp: gate/up",
+    "mlp: silu",
+    "mlp: down",
+    "lm head",
+    "sampling",
+    "append token (detokenize, stops)",
+    "name full blocks",
+)
+
+
+OTHER = "other (python between ops, loop, thread hop)"
+
+
+class Timer:
+    """Seconds per label, summed over the timed iterations; nested labels are not subtracted."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.on = False
+
+    def wrap(self, label: str, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - start
+
+        return timed
+
+
+def _linear_label(lm: LoadedModel) -> Callable[[torch.Tensor], str]:
+    """Which projection an F.linear call is, from its weight's shape."""
+    c = lm.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * head_dim
+    by_rows = {
+        qkv: "qkv projection",
+        2 * c.intermediate_size: "mlp: gate/up",
+        c.vocab_size: "lm head",
+    }
+
+    def label(weight: torch.Tensor) -> str:
+        if weight.shape[0] in by_rows:
+            return by_rows[weight.shape[0]]
+        return "mlp: down" if weight.shape[1] == c.intermediate_size else "o projection"
+
+    return label
+
+
+@contextmanager
+def instrumented(lm: LoadedModel, eng: PagedEngine, timer: Timer) -> Iterator[None]:
+    """Wrap the engine's parts in timers; put everything back afterwards."""
+    label = _linear_label(lm)
+    call = model_runner.Linear.__call__
+
+    def linear(self: model_runner.Linear, x: torch.Tensor) -> torch.Tensor:
+        return timer.wrap(label(self.weight), call)(self, x)
+
+    fake_f = SimpleNamespace(**{name: getattr(F, name) for name in dir(F) if name[0] != "_"})
+    fake_f.silu = timer.wrap("mlp: silu", F.silu)
+    fake_f.embedding = timer.wrap("embedding + rope tables", F.embedding)
+    kernel = eng.runner.decode_kernel
+    patches = [
+        (model_runner.Linear, "__call__", linear),
+        (model_runner, "F", fake_f),
+        (model_runner, "rms_norm", timer.wrap("rms norm", model_runner.rms_norm)),
+        (model_runner, "rotate", timer.wrap("rotary", model_runner.rotate)),
+        (eng.kv, "write", timer.wrap("kv write", eng.kv.write)),
+        (eng.kv, "gather", timer.wrap("attention: gather", eng.kv.gather)),
+        (attention, "decode_attention", timer.wrap("attention: sdpa", attention.decode_attention)),
+        (eng.runner, "decode_kernel", kernel and timer.wrap("attention: decode kernel", kernel)),
+        (
+            attention,
+            "prefill_attention",
+            timer.wrap("attention: sdpa", attention.prefill_attention),
+        ),
+        (engine, "build_batch", timer.wrap("batch tensors", engine.build_batch)),
+        (eng.scheduler, "schedule", timer.wrap("schedule", eng.scheduler.schedule)),
+        (
+            eng.scheduler,
+            "name_full_blocks",
+            timer.wrap("name full blocks", eng.scheduler.name_full_blocks),
+        ),
+    ]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def make_requests(lm: LoadedModel, users: int, max_tokens: int) -> list[Request]:
+    """The bench's chat prompts, round-robin, greedy; EOS ignored so that they keep running."""
+    workload = load_workload()
+    requests = []
+    for i in range(users):
+        prompt = workload.prompts[i % len(workload.prompts)]
+        ids = lm.tokenizer.apply_chat_template(
+            workload.messages(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        params = SamplingParams(temperature=0.0)
+        prompt_ids = cast(list[int], ids)  # tokenize=True, return_dict=False: token ids
+        requests.append(Request(prompt_ids, params, max_tokens, lm.tokenizer, eos_token_ids=set()))
+    return requests
+
+
+def time_request_side(requests: list[Request], timer: Timer) -> None:
+    """Sampling and append_token run per sequence: wrap each request's own methods."""
+    for request in requests:
+        request.sample = timer.wrap("sampling", request.sample)  # type: ignore[method-assign]
+        request.append_token = timer.wrap(  # type: ignore[method-assign]
+            "append token (detokenize, stops)", request.append_token
+        )
+
+
+async def profile_level(
+    lm: LoadedModel, users: int, iterations: int, ops: int, config: EngineConfig
+) -> dict:
+    eng = PagedEngine(lm, config)
+    timer = Timer()
+    requests = make_requests(lm, users, max_tokens=iterations + 64)
+    time_request_side(requests, timer)
+    for request in requests:
+        await eng.submit(request)
+    with instrumented(lm, eng, timer):
+        while eng.scheduler.waiting or any(
+            s.num_computed < s.request.num_prompt_tokens for s in eng.scheduler.running
+        ):
+            await eng.step()  # prefill every prompt first: the profile is of decoding
+        for _ in range(3):  # warm-up decode iterations
+            await eng.step()
+        timer.on = True
+        started = time.perf_counter()
+        for _ in range(iterations):
+            await eng.step()
+        wall = time.perf_counter() - started
+        timer.on = False
+        top_ops = await aten_ops(eng, ops) if ops else []
+    per_iteration = {part: 1000 * timer.seconds[part] / iterations for part in PARTS}
+    timed = sum(per_iteration.values())
+    per_iteration[OTHER] = 1000 * wall / iterations - timed
+    return {
+        "users": users,
+        "running": len(eng.scheduler.running),
+        "iteration_ms": 1000 * wall / iterations,
+        "tokens_per_s": users * iterations / wall,
+        "parts_ms": per_iteration,
+        "top_aten_ops": top_ops,
+    }
+
+
+async def aten_ops(eng: PagedEngine, count: int, iterations: int = 5) -> list[dict]:
+    """torch.profiler over a few more iterations: the heaviest aten ops by self CPU time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(iterations):
+            await eng.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [
+        {"op": e.key, "calls": e.count // iterations, "self_ms": e.self_cpu_time_total / 1e3 / 5}
+        for e in events[:count]
+    ]
+
+
+def print_table(results: list[dict]) -> None:
+    header = "| part | " + " | ".join(f"{r['users']} users" for r in results) + " |"
+    print(header)
+    print("| --- |" + " --- |" * len(results))
+    rows = [*PARTS, OTHER]
+    for part in rows:
+        cells = " | ".join(f"{r['parts_ms'][part]:.1f}" for r in results)
+        print(f"| {part} | {cells} |")
+    cells = " | ".join(f"**{r['iteration_ms']:.1f}**" for r in results)
+    print(f"| **iteration (ms)** | {cells} |")
+    cells = " | ".join(f"{r['tokens_per_s']:.1f}" for r in results)
+    print(f"| decode tokens/s | {cells} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.step7_profile", description=__doc__)
+    p.add_argument("--users", default="1,16,64", help="sequences decoding at once, e.g. 1,16,64")
+    p.add_argument("--iterations", type=int, default=20, help="decode iterations timed per level")
+    p.add_argument("--ops", type=int, default=0, help="also list the N heaviest aten ops")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--linear-backend", default="auto", help="as step 7's --linear-backend")
+    p.add_argument("--attention-backend", default="auto", help="as step 7's --attention-backend")
+    args = p.parse_args(argv)
+    lm = load_model(ServerConfig(dtype="float32"))
+    config = EngineConfig(
+        linear_backend=args.linear_backend, attention_backend=args.attention_backend
+    )
+    results = []
+    for users in (int(u) for u in args.users.split(",")):
+        result = asyncio.run(profile_level(lm, users, args.iterations, args.ops, config))
+        results.append(result)
+        print(f"{users} users: {result['iteration_ms']:.1f} ms per iteration", flush=True)
+    print_table(results)
+    for result in results:
+        if result["top_aten_ops"]:
+            print(f"\nheaviest aten ops at {result['users']} users (ms per iteration, self):")
+            for op in result["top_aten_ops"]:
+                print(f"  {op['self_ms']:8.2f}  {op['calls']:5d} calls  {op['op']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "linear_backend": args.linear_backend,
+            "attention_backend": args.attention_backend,
+        }
+        args.json.write_text(json.dumps({"meta": meta, "levels": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
