@@ -121,7 +121,10 @@ def _layer(params: dict[str, torch.Tensor], prefix: str, linear) -> LayerWeights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    """As LlamaRMSNorm: normalise in float32, cast back, then scale. In float32 that is exactly
+    torch's fused F.rms_norm (one op instead of six; the same bits)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
