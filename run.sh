@@ -26,8 +26,8 @@ setup() {
         touch "$stamp"
     fi
     "$PY" -m common.model fetch
-    # Step 7's C++ decode-attention kernel: built once per machine (about a minute), then cached.
-    "$PY" -m step7_real_kv.paged_attention_cpu || echo "[setup] step 7 will use its torch path"
+    # Step 7's C++ CPU kernels: built once per machine (about a minute), then cached.
+    "$PY" -m step7_real_kv.cpu_kernels || echo "[setup] step 7 will use its torch code"
 }
 
 # Redis and Prometheus are real services in the tests (step 4's Redis cache, step 5's scrape).

@@ -44,16 +44,16 @@ PARTS = (
     "schedule",
     "batch tensors",
     "embedding + rope tables",
-    "rms norm",
+    "residual add + rms norm",
+    "final rms norm",
     "qkv projection",
-    "rotary",
-    "kv write",
+    "rotary + kv write",
     "attention: gather",
     "attention: sdpa",
-    "attention: decode kernel",
+    "attention: C++ kernel",
     "o projection",
     "mlp: gate/up",
-    "mlp: silu",
+    "mlp: silu * up",
     "mlp: down",
     "lm head",
     "sampling",
@@ -114,18 +114,25 @@ def instrumented(lm: LoadedModel, eng: PagedEngine, timer: Timer) -> Iterator[No
         return timer.wrap(label(self.weight), call)(self, x)
 
     fake_f = SimpleNamespace(**{name: getattr(F, name) for name in dir(F) if name[0] != "_"})
-    fake_f.silu = timer.wrap("mlp: silu", F.silu)
+    fake_f.silu = timer.wrap("mlp: silu * up", F.silu)
     fake_f.embedding = timer.wrap("embedding + rope tables", F.embedding)
-    kernel = eng.runner.decode_kernel
+    kernels = eng.runner.kernels
+    timed_kernels = kernels and SimpleNamespace(
+        paged_attention_rows=timer.wrap("attention: C++ kernel", kernels.paged_attention_rows),
+        rope_and_store_=timer.wrap("rotary + kv write", kernels.rope_and_store_),
+        add_rms_norm_=kernels.add_rms_norm_,  # timed with add_norm below
+        silu_mul=timer.wrap("mlp: silu * up", kernels.silu_mul),
+    )
     patches = [
+        (eng.runner, "kernels", timed_kernels),
+        (eng.runner, "add_norm", timer.wrap("residual add + rms norm", eng.runner.add_norm)),
         (model_runner.Linear, "__call__", linear),
         (model_runner, "F", fake_f),
-        (model_runner, "rms_norm", timer.wrap("rms norm", model_runner.rms_norm)),
-        (model_runner, "rotate", timer.wrap("rotary", model_runner.rotate)),
-        (eng.kv, "write", timer.wrap("kv write", eng.kv.write)),
+        (model_runner, "rms_norm", timer.wrap("final rms norm", model_runner.rms_norm)),
+        (model_runner, "rotate", timer.wrap("rotary + kv write", model_runner.rotate)),
+        (eng.kv, "write", timer.wrap("rotary + kv write", eng.kv.write)),
         (eng.kv, "gather", timer.wrap("attention: gather", eng.kv.gather)),
         (attention, "decode_attention", timer.wrap("attention: sdpa", attention.decode_attention)),
-        (eng.runner, "decode_kernel", kernel and timer.wrap("attention: decode kernel", kernel)),
         (
             attention,
             "prefill_attention",
@@ -196,6 +203,9 @@ async def profile_level(
         wall = time.perf_counter() - started
         timer.on = False
         top_ops = await aten_ops(eng, ops) if ops else []
+    failed = [r.request_id for r in requests if r.finished]
+    if failed or len(eng.scheduler.running) != users:  # the profile must be of healthy work
+        raise RuntimeError(f"{len(failed)} requests ended early: see the log above")
     per_iteration = {part: 1000 * timer.seconds[part] / iterations for part in PARTS}
     timed = sum(per_iteration.values())
     per_iteration[OTHER] = 1000 * wall / iterations - timed
@@ -242,12 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ops", type=int, default=0, help="also list the N heaviest aten ops")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--linear-backend", default="auto", help="as step 7's --linear-backend")
-    p.add_argument("--attention-backend", default="auto", help="as step 7's --attention-backend")
+    p.add_argument("--kernels", default="auto", help="as step 7's --kernels")
     args = p.parse_args(argv)
     lm = load_model(ServerConfig(dtype="float32"))
-    config = EngineConfig(
-        linear_backend=args.linear_backend, attention_backend=args.attention_backend
-    )
+    config = EngineConfig(linear_backend=args.linear_backend, kernels=args.kernels)
     results = []
     for users in (int(u) for u in args.users.split(",")):
         result = asyncio.run(profile_level(lm, users, args.iterations, args.ops, config))
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "linear_backend": args.linear_backend,
-            "attention_backend": args.attention_backend,
+            "kernels": args.kernels,
         }
         args.json.write_text(json.dumps({"meta": meta, "levels": results}, indent=2))
 

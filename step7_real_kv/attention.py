@@ -5,9 +5,9 @@ h // (9 // 3), as transformers' repeat_kv does. Instead of repeating K and V, th
 kv head are stacked: q [.., kv_heads, group, ..] against k [.., kv_heads, ..].
 
 This is the torch path, and the reference: it gathers each sequence's context out of the pool
-into a padded copy, then calls SDPA. On a CPU, decode attention instead runs the C++ kernel of
-paged_attention_cpu.cpp, which reads the pool in place (the profile in the README says why);
-prefill chunks, which are matrix work, stay here.
+into a padded copy, then calls SDPA. On a CPU, the one-query rows (decodes, short chunks)
+instead run cpu_kernels.cpp's paged_attention_rows, which reads the pool in place (the profile
+in the README says why); long prefill chunks, which are matrix work, stay here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from step7_real_kv.batch import Batch
 from step7_real_kv.paged_kv import PagedKVCache
 
-DecodeKernel = Callable[..., torch.Tensor]  # paged_attention_cpu.cpp's paged_decode_attention
+DecodeKernel = Callable[..., torch.Tensor]  # cpu_kernels.cpp's paged_attention_rows
 
 
 def paged_attention(
@@ -32,23 +32,34 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, heads, head_dim] for the batch's new tokens, their K/V already written to the
     pool -> attention output [T, heads, head_dim]."""
-    out = torch.empty_like(q)
     d = batch.num_decodes
-    if d and decode_kernel is not None:
-        scale = q.shape[-1] ** -0.5  # as SDPA's default
-        out[:d] = decode_kernel(
-            q[:d].contiguous(), kv.k[layer], kv.v[layer], batch.decode_tables,
-            batch.decode_lengths, batch.block_size, scale,
-        )  # fmt: skip
-    elif d:
-        slots, mask = batch.decode_slots_and_mask
-        k, v = kv.gather(layer, slots)  # [D, context, kv_heads, head_dim]
-        out[:d] = decode_attention(q[:d], k, v, mask)
+    by_row = one_query_each(q[:d], kv, layer, batch, decode_kernel) if d else None
+    if by_row is not None and d == q.shape[0]:  # no long prefill chunk in this batch
+        return by_row
+    out = torch.empty_like(q)
+    if by_row is not None:
+        out[:d] = by_row
     for chunk in batch.prefills:
         rows = slice(chunk.start, chunk.start + chunk.length)
         k, v = kv.gather(layer, chunk.context_slots)  # [context, kv_heads, head_dim]
         out[rows] = prefill_attention(q[rows], k, v)
     return out
+
+
+def one_query_each(
+    q: torch.Tensor, kv: PagedKVCache, layer: int, batch: Batch, kernel: DecodeKernel | None
+) -> torch.Tensor:
+    """The first rows of the batch, each one query attending to its own context length: the
+    C++ kernel reads the pool in place; the torch path gathers a padded copy, then SDPA."""
+    if kernel is not None:
+        scale = q.shape[-1] ** -0.5  # as SDPA's default
+        return kernel(
+            q, kv.k[layer], kv.v[layer], batch.decode_tables,
+            batch.decode_lengths, batch.block_size, scale,
+        )  # fmt: skip
+    slots, mask = batch.decode_slots_and_mask
+    k, v = kv.gather(layer, slots)  # [rows, context, kv_heads, head_dim]
+    return decode_attention(q, k, v, mask)
 
 
 def decode_attention(

@@ -6,8 +6,10 @@ all T new tokens go through the linear layers as one [T, hidden] matrix. Only at
 know where one sequence ends and the next begins; for that the batch carries, per sequence, the
 slots of its whole context in the paged pool.
 
-Decoding sequences come first (one token each) so that their attention runs as one batched call;
-prefill chunks follow, each attending on its own.
+Rows that attend one query at a time come first, so that their attention runs as one batched
+call: the token of every decoding sequence, and every token of a short prefill chunk (most
+prompts are short once their cached prefix is skipped), each with its own context length.
+Long prefill chunks follow, each attending as a whole (matrix work, where SDPA is fast).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ class Batch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T], position of each token in its own sequence
     slots: torch.Tensor  # [T], where each new token's K/V is written
-    num_decodes: int  # rows 0..num_decodes-1 are single decode tokens
-    decode_tables: torch.Tensor  # [num_decodes, most blocks] block ids, padded with 0
-    decode_lengths: torch.Tensor  # [num_decodes] context of each, its new token included
+    num_decodes: int  # rows 0..num_decodes-1 attend one query at a time
+    decode_tables: torch.Tensor  # [num_decodes, most blocks] their sequences' block ids, 0-padded
+    decode_lengths: torch.Tensor  # [num_decodes] context of each row, its own token included
     block_size: int
     prefills: list[Prefill]
     sample_rows: torch.Tensor  # [S] rows whose logits are sampled
@@ -58,19 +60,22 @@ class Batch:
         return slots.masked_fill(~mask, 0), mask
 
 
+SHORT_CHUNK = 32  # a prefill chunk of at most this many tokens attends one query at a time
+
+
 def build_batch(work: list[tuple[Sequence, int]], block_size: int, device: torch.device) -> Batch:
     """work: (sequence, number of new tokens) pairs; blocks for them are already allocated."""
-    decodes = [(s, n) for s, n in work if n == 1 and s.num_computed > 0]
-    chunks = [(s, n) for s, n in work if not (n == 1 and s.num_computed > 0)]
+    short = [(s, n) for s, n in work if n <= SHORT_CHUNK]  # decodes (n = 1) and short chunks
+    long = [(s, n) for s, n in work if n > SHORT_CHUNK]
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     rows: list[int] = []
     sampled: list[Sequence] = []
     prefills: list[Prefill] = []
-    for i, (seq, n) in enumerate(decodes + chunks):
+    for i, (seq, n) in enumerate(short + long):
         start, end = seq.num_computed, seq.num_computed + n
-        if i >= len(decodes):
+        if i >= len(short):
             context = slot_numbers(seq.block_table, 0, end, block_size)
             prefills.append(Prefill(len(ids), n, torch.tensor(context, device=device)))
         ids += seq.token_ids[start:end]
@@ -79,18 +84,25 @@ def build_batch(work: list[tuple[Sequence, int]], block_size: int, device: torch
         if end == seq.num_tokens:  # every known token computed: the next one can be sampled
             rows.append(len(ids) - 1)
             sampled.append(seq)
-    tables, lengths = _decode_tables([s for s, _ in decodes], device)
+    tables, lengths = _query_tables(short, device)
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     return Batch(
-        as_long(ids), as_long(positions), as_long(slots), len(decodes), tables, lengths,
+        as_long(ids), as_long(positions), as_long(slots), len(lengths), tables, lengths,
         block_size, prefills, as_long(rows), sampled,
     )  # fmt: skip
 
 
-def _decode_tables(seqs: list[Sequence], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each decoding sequence's block table, padded to the widest, and its context length."""
-    widest = max((len(s.block_table) for s in seqs), default=1)
-    rows = [s.block_table + [0] * (widest - len(s.block_table)) for s in seqs]
-    tables = torch.tensor(rows, dtype=torch.long).view(len(seqs), widest)
-    lengths = torch.tensor([s.num_computed + 1 for s in seqs], dtype=torch.long)
-    return tables.to(device), lengths.to(device)
+def _query_tables(
+    short: list[tuple[Sequence, int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per new token of the short work: its sequence's block table, padded to the
+    widest, and the context it sees (causal: its own position, and everything before)."""
+    widest = max((len(s.block_table) for s, _ in short), default=1)
+    tables, lengths = [], []
+    for seq, n in short:
+        padded = seq.block_table + [0] * (widest - len(seq.block_table))
+        for position in range(seq.num_computed, seq.num_computed + n):
+            tables.append(padded)
+            lengths.append(position + 1)
+    table_tensor = torch.tensor(tables, dtype=torch.long).view(len(tables), widest)
+    return table_tensor.to(device), torch.tensor(lengths, dtype=torch.long).to(device)

@@ -23,6 +23,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -30,8 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from common.config import ConfigPart, knob
 from common.model import LoadedModel
 from common.request import Request, log_done
-from step7_real_kv import paged_attention_cpu
-from step7_real_kv.attention import DecodeKernel
+from step7_real_kv import cpu_kernels
 from step7_real_kv.batch import build_batch
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.model_runner import ModelRunner
@@ -52,14 +52,14 @@ class EngineConfig(ConfigPart):
     max_num_batched_tokens: int = knob(256, "new tokens per iteration: decodes + prefill chunks")
     max_num_seqs: int = knob(64, "sequences running at once")
     linear_backend: str = knob("auto", "auto: oneDNN, weights prepacked, on a CPU | torch")
-    attention_backend: str = knob(
-        "auto", "decode attention: auto: the C++ kernel on a CPU (built once) | torch"
+    kernels: str = knob(
+        "auto", "auto: the C++ CPU kernels (paged attention, norm, SiLU) on a CPU | torch"
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.linear_backend not in BACKENDS or self.attention_backend not in BACKENDS:
-            raise ValueError(f"linear_backend and attention_backend are one of {BACKENDS}")
+        if self.linear_backend not in BACKENDS or self.kernels not in BACKENDS:
+            raise ValueError(f"linear_backend and kernels are one of {BACKENDS}")
         if min(self.block_size, self.num_kv_blocks, self.max_num_seqs) < 1:
             raise ValueError("block_size, num_kv_blocks and max_num_seqs must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -72,7 +72,7 @@ class PagedEngine:
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config)
         self.runner = ModelRunner(
-            lm, self.kv, config.linear_backend, decode_kernel(lm, config), config.max_num_seqs
+            lm, self.kv, config.linear_backend, cpu_kernels_for(lm, config), config.max_num_seqs
         )
         self.batch_size_hooks: list[Callable[[int], object]] = []  # sequences per iteration
         self._work_arrived = asyncio.Event()
@@ -175,14 +175,12 @@ def _sample(seq: Sequence, logits: torch.Tensor) -> Sampled:
         return exc
 
 
-def decode_kernel(lm: LoadedModel, config: EngineConfig) -> DecodeKernel | None:
-    """The C++ decode attention for a float32 model on a CPU, unless the torch path is asked
-    for or the kernel cannot be built here."""
-    wanted = config.attention_backend == "auto"
-    if not (wanted and lm.device.type == "cpu" and lm.dtype == torch.float32):
-        return None
-    module = paged_attention_cpu.load()
-    return module.paged_decode_attention if module is not None else None
+def cpu_kernels_for(lm: LoadedModel, config: EngineConfig) -> ModuleType | None:
+    """cpu_kernels.cpp for a float32 model on a CPU, unless the torch code is asked for or the
+    kernels cannot be built here."""
+    if config.kernels == "auto" and lm.device.type == "cpu" and lm.dtype == torch.float32:
+        return cpu_kernels.load()
+    return None
 
 
 class KVCollector:

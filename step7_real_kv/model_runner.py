@@ -16,12 +16,13 @@ vocabulary projection run only on the rows that are sampled.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from common.model import LoadedModel
-from step7_real_kv.attention import DecodeKernel, paged_attention
+from step7_real_kv.attention import paged_attention
 from step7_real_kv.batch import Batch
 from step7_real_kv.paged_kv import PagedKVCache
 
@@ -65,13 +66,13 @@ class ModelRunner:
         lm: LoadedModel,
         kv: PagedKVCache,
         linear_backend: str = "auto",
-        decode_kernel: DecodeKernel | None = None,
+        kernels: ModuleType | None = None,
         batch_hint: int = 64,
     ) -> None:
         config = lm.config
         self.kv = kv
         self.device = lm.device
-        self.decode_kernel = decode_kernel  # None: decode attention on the torch path
+        self.kernels = kernels  # cpu_kernels.cpp's, or None: the torch code below
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -89,21 +90,48 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """The batch's T new tokens through every layer -> logits [S, vocab] of sampled rows."""
-        x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
+        x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]: the residual stream
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]  # [T, 1, head_dim]
+        delta = torch.zeros_like(x)  # what the last block adds to the stream
         for i, w in enumerate(self.layers):
-            x = x + self._attention(i, w, rms_norm(x, w.input_norm, self.eps), cos, sin, batch)
-            x = x + mlp(w, rms_norm(x, w.post_norm, self.eps))
+            h = self.add_norm(x, delta, w.input_norm)
+            delta = self._attention(i, w, h, cos, sin, batch)
+            h = self.add_norm(x, delta, w.post_norm)
+            delta = self.mlp(w, h)
+        x += delta
         x = rms_norm(x[batch.sample_rows], self.norm, self.eps)  # [S, hidden]
         return self.lm_head(x)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor):
+        """x += delta, in place (the residual add); returns RMSNorm(x) * weight."""
+        if self.kernels is not None:
+            return self.kernels.add_rms_norm_(x, delta, weight, self.eps)
+        x += delta
+        return rms_norm(x, weight, self.eps)
+
+    def mlp(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        gate_up = w.gate_up(h)  # [T, 2 * intermediate]
+        if self.kernels is not None:
+            return w.down(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, intermediate] each
+        return w.down(F.silu(gate) * up)
 
     def _attention(self, i, w: LayerWeights, h, cos, sin, batch: Batch) -> torch.Tensor:
         t, heads = h.shape[0], self.heads
         qkv = w.qkv(h).view(t, heads + 2 * self.kv_heads, self.head_dim)
-        qk = rotate(qkv[:, : heads + self.kv_heads], cos, sin)  # q and k heads in one go
-        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + self.kv_heads :]
-        self.kv.write(i, batch.slots, k, v)
-        out = paged_attention(q, self.kv, i, batch, self.decode_kernel)  # [T, heads, head_dim]
+        if self.kernels is not None:  # rotate q and k in place, store k and v: one pass
+            rows = (t, self.head_dim)
+            k_pool, v_pool = self.kv.k[i], self.kv.v[i]
+            self.kernels.rope_and_store_(
+                qkv, cos.view(rows), sin.view(rows), k_pool, v_pool, batch.slots
+            )
+            q = qkv[:, :heads]
+        else:
+            qk = rotate(qkv[:, : heads + self.kv_heads], cos, sin)  # q and k heads in one go
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + self.kv_heads :]
+            self.kv.write(i, batch.slots, k, v)
+        kernel = self.kernels.paged_attention_rows if self.kernels is not None else None
+        out = paged_attention(q, self.kv, i, batch, kernel)  # [T, heads, head_dim]
         return w.o(out.view(t, heads * self.head_dim))
 
 
@@ -128,11 +156,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
-
-
-def mlp(w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-    gate, up = w.gate_up(h).chunk(2, dim=-1)  # [T, intermediate] each
-    return w.down(F.silu(gate) * up)
 
 
 def rope_tables(

@@ -1,10 +1,10 @@
-"""Builds and loads paged_attention_cpu.cpp, a torch C++ extension, once per machine.
+"""Builds and loads cpu_kernels.cpp, a torch C++ extension, once per machine.
 
 torch.utils.cpp_extension compiles it with the machine's C++ compiler: about a minute the first
 time, then it loads from ~/.cache/torch_extensions in well under a second (set
-TORCH_EXTENSIONS_DIR to move it). `python -m step7_real_kv.paged_attention_cpu` builds it ahead
-of time (`./run.sh setup` does). Where it cannot be built, step 7 runs the torch path of
-attention.py and says so in its log.
+TORCH_EXTENSIONS_DIR to move it). `python -m step7_real_kv.cpu_kernels` builds it ahead
+of time (`./run.sh setup` does). Where it cannot be built, step 7 runs its torch code instead
+and says so in its log.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from types import ModuleType
 
 log = logging.getLogger("gateway")
 
-SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # -march=native: AVX2 and FMA where the CPU has them (the build cache is per machine).
 # -ffast-math: lets GCC vectorize expf (glibc's vector variants) and the sums; every input is
 # finite by construction (no padding is ever read), which is what it assumes.
@@ -32,19 +32,19 @@ def load() -> ModuleType | None:
     started = time.monotonic()
     try:
         module = build(
-            name="gateway_paged_attention_cpu",
+            name="gateway_step7_cpu_kernels",
             sources=[str(SOURCE)],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
         )
     except Exception as exc:  # no compiler, no headers: the torch path still works
-        log.warning("paged-attention CPU kernel unavailable (%s); using the torch path", exc)
+        log.warning("step 7 CPU kernels unavailable (%s); using the torch code", exc)
         return None
-    log.info("paged-attention CPU kernel ready in %.1f s", time.monotonic() - started)
+    log.info("step 7 CPU kernels ready in %.1f s", time.monotonic() - started)
     return module
 
 
 if __name__ == "__main__":
     logging.basicConfig(level="INFO")
-    print("[kernel] building the paged-attention CPU kernel (once, about a minute)", flush=True)
+    print("[kernels] building step 7's CPU kernels (once, about a minute)", flush=True)
     raise SystemExit(0 if load() is not None else 1)
