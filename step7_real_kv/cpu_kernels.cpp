@@ -4,7 +4,8 @@
 // - paged_attention_rows: attention over the paged KV pool, reading keys and values in place;
 // - rope_and_store_: rotary embedding of q and k, in place, and k, v written to their slots;
 // - add_rms_norm_: the residual add and the next RMSNorm, in one pass over the row;
-// - silu_mul: the MLP's SiLU(gate) * up, in one pass.
+// - silu_mul: the MLP's SiLU(gate) * up, in one pass;
+// - small_linear: x @ w.T for a few rows (decoding at low concurrency), at memory speed.
 //
 // Why: the README's profile. Attention first (it was half of an iteration at 64 sequences):
 //
@@ -43,6 +44,19 @@ inline float dot(const float* a, const float* b, int64_t n) {
     for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[d + j] * b[d + j];
   }
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+// Four independent 8-lane accumulators: more loads in flight, shorter dependency chains.
+inline float dot4(const float* a, const float* b, int64_t n) {
+  float acc[4][kLanes] = {{0}};
+  for (int64_t d = 0; d < n; d += 4 * kLanes) {
+    for (int64_t u = 0; u < 4; ++u) {
+      for (int64_t j = 0; j < kLanes; ++j) acc[u][j] += a[d + u * kLanes + j] * b[d + u * kLanes + j];
+    }
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j < kLanes; ++j) total += (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+  return total;
 }
 
 inline void add_scaled(float* out, const float* v, float weight, int64_t n) {
@@ -211,7 +225,29 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// x: [M, in], w: [out, in], float32, contiguous, M small -> [M, out]. Each weight row is read
+// from memory once and used for all M rows of x while it is in the L1 cache; threads split the
+// weight's rows. For one or a few rows this is a memory-bound stream, and a plain loop reaches
+// the machine's bandwidth where a GEMM library spends its time setting up (the README).
+torch::Tensor small_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && w.is_contiguous(),
+              "small_linear: contiguous float32 only");
+  const int64_t rows = x.size(0), in = x.size(1), out = w.size(0);
+  TORCH_CHECK(in % (4 * kLanes) == 0, "small_linear: in features must be a multiple of 32");
+  auto y = torch::empty({rows, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t r = 0; r < rows; ++r) yp[r * out + n] = dot4(wp + n * in, xp + r * in, in);
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("small_linear", &small_linear, "x @ w.T for a few rows of x (float32)");
   m.def("paged_attention_rows", &paged_attention_rows,
         "Attention of one query per row over the paged KV pool, read in place (float32, CPU)");
   m.def("rope_and_store_", &rope_and_store_,

@@ -33,18 +33,27 @@ class Linear:
     On a CPU in float32 (backend "auto"), through oneDNN with the weight reordered once, at
     start-up, into the blocked layout its kernels read, as torch.compile's weight freezing and
     vLLM's CPU backend do; F.linear goes to MKL's sgemm, which at this model's shapes took
-    about twice as long (the README's profile). The sums come out in another order than
+    about twice as long (the README's profile). For a few rows (decoding at low concurrency)
+    the work is a stream over the weight, and cpu_kernels' small_linear, a plain row-wise dot
+    product, gets closer to memory speed than oneDNN. The sums come out in another order than
     F.linear's, so the last bits differ. Elsewhere, and with backend "torch", F.linear.
     """
 
-    def __init__(self, weight: torch.Tensor, backend: str, batch_hint: int) -> None:
+    SMALL_ROWS = 4  # up to this many rows, small_linear (measured: README)
+
+    def __init__(
+        self, weight: torch.Tensor, backend: str, batch_hint: int, kernels: ModuleType | None
+    ) -> None:
         self.weight = weight  # [out, in]
         self.packed: torch.Tensor | None = None
+        self.small = kernels.small_linear if kernels and weight.shape[1] % 32 == 0 else None
         on_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
         if backend == "auto" and on_cpu and torch.backends.mkldnn.enabled:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small is not None and x.shape[0] <= self.SMALL_ROWS:
+            return self.small(x, self.weight)
         if self.packed is None:
             return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
@@ -77,7 +86,7 @@ class ModelRunner:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         params: dict[str, torch.Tensor] = dict(lm.model.named_parameters(remove_duplicate=False))
-        linear = lambda weight: Linear(weight, linear_backend, batch_hint)  # noqa: E731
+        linear = lambda weight: Linear(weight, linear_backend, batch_hint, kernels)  # noqa: E731
         self.embed = params["model.embed_tokens.weight"]  # [vocab, hidden]
         self.norm = params["model.norm.weight"]
         self.lm_head = linear(params.get("lm_head.weight", self.embed))  # tied in SmolLM2

@@ -382,6 +382,14 @@ def test_the_rope_and_store_kernel_equals_torch(kernels, tokens):
     assert torch.equal(pool.v[0][slots], values)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_the_small_linear_kernel_equals_f_linear(kernels, rows):
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, 576), torch.randn(960, 576)
+    expected = torch.nn.functional.linear(x, weight)
+    torch.testing.assert_close(kernels.small_linear(x, weight), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backends", [("torch", "torch"), ("auto", "torch"), ("torch", "auto")])
 def test_each_backend_alone_is_exact_too(tiny_lm, backends):
     """The default path (oneDNN matmuls, the C++ kernels) is exact on the tests above; so is
