@@ -1,5 +1,6 @@
 """`python -m bench [run] ...`, `python -m bench check ...`, `python -m bench history ...`,
-`python -m bench publish RESULTS_DIR`, `python -m bench regression ...`."""
+`python -m bench publish RESULTS_DIR`, `python -m bench regression ...`,
+`python -m bench multitenant ...` (step 8's routing policies, bench/multitenant.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ DEFAULT_FLOORS = Path(__file__).resolve().parent / "floors.json"
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command, rest = ("run", argv)
-    if argv and argv[0] in ("run", "check", "history", "publish", "peers", "regression"):
+    commands = ("run", "check", "history", "publish", "peers", "regression", "multitenant")
+    if argv and argv[0] in commands:
         command, rest = argv[0], argv[1:]
     handler = {
         "run": _run,
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         "publish": _publish,
         "peers": _peers,
         "regression": _regression,
+        "multitenant": _multitenant,
     }[command]
     sys.exit(handler(rest))
 
@@ -170,3 +173,9 @@ def _regression(argv: list[str]) -> int:
     print(regression.write(args.results, args.history, args.floors, out), end="")
     print(f"wrote {out}/summary.md and the charts")
     return 0
+
+
+def _multitenant(argv: list[str]) -> int:
+    from bench import multitenant
+
+    return multitenant.main(argv)

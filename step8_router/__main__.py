@@ -1,0 +1,3 @@
+from step8_router.server import main
+
+main()

@@ -1,0 +1,205 @@
+"""Step 8, the router: the same API in front of many engines, each request sent where its prefix
+is most likely cached.
+
+New since step 7: this server holds no model. It forwards each request to one of N engines (step
+7 processes it starts itself, or any OpenAI-compatible servers by URL or DNS name), picked by the
+routing policy (routing.py; cache_aware by default), and streams the answer through. In front,
+once for the fleet: step 4's response cache (shared through Redis), step 5's metrics and logs
+with per-replica series, step 6's body limit, readiness, drain and API key.
+Run: python -m step8_router
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from common import protocol
+from common.api import NO_CACHE
+from common.app import ErrorBoundary
+from common.config import ServerConfig
+from common.errors import EXCEPTION_HANDLERS, APIError
+from step4_mock_kv.response_cache import ResponseCacheConfig
+from step5_observability.metrics import CacheCollector
+from step5_observability.observability import Observability
+from step5_observability.structured_logs import LogConfig
+from step6_backpressure.admission import (
+    AdmissionCollector,
+    AdmissionConfig,
+    AdmissionController,
+    BodyLimitMiddleware,
+)
+from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_gracefully
+from step8_router.answer_cache import AnswerCache, make_answer_cache
+from step8_router.proxy import Proxy, until_disconnect
+from step8_router.replicas import LocalReplicas
+from step8_router.routing import Router, RoutingConfig, prompt_text
+from step8_router.upstreams import UpstreamCollector, UpstreamConfig, UpstreamPool
+
+
+@dataclass(frozen=True)
+class Config(
+    RoutingConfig,
+    UpstreamConfig,
+    AdmissionConfig,
+    LifecycleConfig,
+    LogConfig,
+    ResponseCacheConfig,
+    ServerConfig,
+):
+    """Step 8: the router's knobs. Model, device, dtype, admission, lifecycle and log settings
+    also configure the local engines it starts (GATEWAY_* env vars reach them too)."""
+
+
+@dataclass
+class Fleet:
+    """What the routes need, set on app.state.fleet by the lifespan."""
+
+    proxy: Proxy
+    cache: AnswerCache | None
+
+
+def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
+    lifecycle = lifecycle or Lifecycle(config)
+    observability = Observability(config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        router = Router(config)
+        pool = UpstreamPool(config, on_removed=router.forget)
+        local = None if config.upstreams else LocalReplicas(config, config.replicas)
+        async with httpx.AsyncClient(timeout=_timeouts(config), limits=_unbounded()) as client:
+            try:
+                if local is not None:
+                    pool.set_urls(local.start())
+                    await local.wait_ready(pool, client, config.startup_timeout_s)
+                async with polling(pool, client):
+                    door = AdmissionController(config)  # step 6's: its drain switch and counts
+                    cache = make_answer_cache(config, config.served_model_name)
+                    observability.watch(
+                        UpstreamCollector(pool),
+                        AdmissionCollector(door),
+                        CacheCollector(None, cache),
+                    )
+                    proxy = Proxy(pool, router, client, door, config.upstream_api_key)
+                    app.state.fleet = Fleet(proxy, cache)
+                    lifecycle.admission = door
+                    yield
+            finally:
+                if local is not None:
+                    local.stop()
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        *observability.routes,
+        *lifecycle.routes,
+    ]
+    middleware = [
+        *observability.middleware,
+        Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),
+        *lifecycle.middleware,
+        Middleware(ErrorBoundary),  # innermost, as common.app.create_app places it
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+
+
+@asynccontextmanager
+async def polling(pool: UpstreamPool, client: httpx.AsyncClient):
+    """The pool's readiness polls (and DNS look-ups), for as long as the router runs."""
+    task = asyncio.create_task(pool.poll_forever(client))
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+def _timeouts(config: Config) -> httpx.Timeout:
+    """Connecting is quick or the replica is gone; an answer may be silent while it queues."""
+    return httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
+
+
+def _unbounded() -> httpx.Limits:
+    """No cap on connections: each request in flight holds one, and the engines admit. None
+    kept alive between requests: a request sent on a kept connection to a replica that has just
+    died fails like one the replica was working on, where a fresh connection is refused (and
+    the request safely tried elsewhere). A local connect costs well under a millisecond."""
+    return httpx.Limits(max_connections=None, max_keepalive_connections=0)
+
+
+# ---------------------------------------------------------------- routes
+
+
+def fleet(http: HTTPRequest) -> Fleet:
+    state = getattr(http.app.state, "fleet", None)
+    if state is None:
+        raise APIError("the router is starting", status=503, code="not_ready")
+    return state
+
+
+async def chat_completions(http: HTTPRequest) -> Response:
+    return await generate(http, "/v1/chat/completions", protocol.parse_chat_request)
+
+
+async def completions(http: HTTPRequest) -> Response:
+    return await generate(http, "/v1/completions", protocol.parse_completion_request)
+
+
+async def generate(http: HTTPRequest, path: str, parse) -> Response:
+    """Validate (a bad request never reaches a replica), admit, try the cache, forward."""
+    state = fleet(http)
+    body = await http.body()
+    request = parse(body)
+    state.proxy.admit()
+    no_cache = any(word in http.headers.get("cache-control", "").lower() for word in NO_CACHE)
+    key = state.cache.answer_key(path, body, request, no_cache) if state.cache else None
+    if state.cache is not None and key is not None:
+        cached = await state.cache.get_answer(key)
+        if cached is not None:
+            return Response(cached, media_type="application/json", headers={"X-Cache": "hit"})
+    forwarding = state.proxy.forward(http, path, body, prompt_text(request))
+    response = await until_disconnect(http, forwarding)
+    if response is None:  # the client left; the replica saw its connection close
+        return Response(status_code=499)
+    if state.cache is not None and key is not None and response.status_code == 200:
+        await state.cache.put_answer(key, response.body)
+        response.headers["X-Cache"] = "miss"
+    return response
+
+
+async def models(http: HTTPRequest) -> Response:
+    return await fleet(http).proxy.get("/v1/models")
+
+
+async def health(http: HTTPRequest) -> Response:
+    """200 while at least one replica is ready; the body lists every replica's state."""
+    pool = fleet(http).proxy.pool
+    upstreams = {
+        u.name: {"ready": u.ready, "outstanding": u.outstanding} for u in pool.upstreams.values()
+    }
+    ready = any(u["ready"] for u in upstreams.values())
+    status = {"status": "ok" if ready else "no replica ready", "upstreams": upstreams}
+    return JSONResponse(status, status_code=200 if ready else 503)
+
+
+def main() -> None:
+    serve_gracefully(build_app, Config)
+
+
+if __name__ == "__main__":
+    main()
