@@ -288,6 +288,7 @@ def _run_level(config: RunConfig, server, model: str, level: int, users: int, pr
         f"{server.step}: concurrency {level}{capped}, up to {profile.run_time_s:.0f}"
         f"+{profile.stop_timeout_s:.0f} s or {profile.max_requests} requests"
     )
+    records_path.unlink(missing_ok=True)  # the load generator appends: no earlier run's records
     started = time.monotonic()
     loadgen = _spawn_loadgen(config, server.url, model, users, records_path, tag)
     watch = _watch(loadgen, server, profile.level_timeout_s)

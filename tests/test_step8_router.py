@@ -1,12 +1,13 @@
 """Step 8 through HTTP: a router process in front of two real step 7 replicas on the tiny model.
 
 Greedy answers through the router equal one step 7's; a bad request never reaches a replica;
-the answer cache sits in front; a client that hangs up mid-stream leaves nothing running on the
-replica; a 429 from one replica is served by the other, and when every replica refuses the
-client gets one 429 with Retry-After; a replica killed mid-run fails only what it was running
-(a stream with an in-band error event, a whole answer with a 502), and no request sent after it
-is killed fails. The embedded mode (the router starting its own replicas) runs in the
-cross-step tests: tests/test_contract.py (real model) and tests/test_cancellation.py.
+the answer cache sits in front, and two routers share it through Redis; a client that hangs up
+mid-stream leaves nothing running on the replica; a 429 from one replica is served by the
+other, and when every replica refuses the client gets one 429 with Retry-After; a replica
+killed mid-run fails only what it was running (a stream with an in-band error event, a whole
+answer with a 502), and no request sent after it is killed fails. The embedded mode (the
+router starting its own replicas) runs in the cross-step tests: tests/test_contract.py (real
+model) and tests/test_cancellation.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerProcess
@@ -167,6 +169,32 @@ def test_the_router_answers_a_repeated_greedy_request_from_its_cache(router, rep
     assert again.json()["id"] != first.json()["id"]
     assert sum(metric(r.url, "gateway_requests_total") for r in replicas) == before
     assert metric(router.url, "gateway_response_cache_hits_total") >= 1
+
+
+def test_two_routers_share_one_answer_cache_in_redis(replicas, redis_server, tmp_path):
+    """Step 4's Redis backend in front of the fleet: what router A stored, router B serves."""
+    routers = [
+        router_for(tmp_path / f"{label}.log", replicas, GATEWAY_REDIS_URL=redis_server.url)
+        for label in "ab"
+    ]
+    try:
+        body = completion("Asked of two routers", max_tokens=6)
+        first = httpx.post(routers[0].url + "/v1/completions", json=body, timeout=60)
+        assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+        assert "x-upstream" in first.headers
+        db = redis.Redis.from_url(redis_server.url)
+        deadline = time.monotonic() + 10
+        while not db.keys("gateway:answer:*") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = sum(metric(r.url, "gateway_requests_total") for r in replicas)
+        second = httpx.post(routers[1].url + "/v1/completions", json=body, timeout=60)
+        assert second.status_code == 200 and second.headers["x-cache"] == "hit"
+        assert "x-upstream" not in second.headers  # no replica was asked
+        assert second.json()["choices"] == first.json()["choices"]
+        assert sum(metric(r.url, "gateway_requests_total") for r in replicas) == before
+    finally:
+        for router in routers:
+            router.stop()
 
 
 def test_a_disconnected_stream_leaves_no_running_request_on_its_replica(router, replicas):
