@@ -15,9 +15,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("gateway")
+T = TypeVar("T")
 
 
 class Engine(Protocol):
@@ -317,6 +318,14 @@ async def _collect(request: Request) -> tuple[str, str]:
 
 async def _until_done_or_disconnect(http: HTTPRequest, request: Request, work):
     """Await `work`; if the client hangs up first, cancel the request and return None."""
+    return await until_disconnect(http, work, on_disconnect=request.cancel)
+
+
+async def until_disconnect(
+    http: HTTPRequest, work: Awaitable[T], on_disconnect: Callable[[], None] | None = None
+) -> T | None:
+    """Await `work`; if the client hangs up first, call `on_disconnect`, cancel `work` and
+    return None. (Step 8's router awaits a replica's answer the same way.)"""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(http.receive))
     try:
@@ -325,8 +334,10 @@ async def _until_done_or_disconnect(http: HTTPRequest, request: Request, work):
     finally:
         watcher.cancel()
         if not task.done():
-            request.cancel()
+            if on_disconnect is not None:
+                on_disconnect()
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _wait_disconnect(receive: Callable) -> None:

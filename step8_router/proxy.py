@@ -22,8 +22,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import anyio
 import httpx
@@ -39,7 +38,6 @@ from step8_router.upstreams import Upstream, UpstreamPool
 
 log = logging.getLogger("gateway.requests")
 
-T = TypeVar("T")
 MAX_ATTEMPTS = 2  # the first try and one retry on another replica
 REFUSALS = (429, 503)
 FORWARDED = ("content-type", "accept", REQUEST_ID, "cache-control", "x-queue-timeout")
@@ -296,22 +294,3 @@ async def _close(response: httpx.Response) -> None:
     closing an unfinished response drops the connection, which is what tells the replica."""
     with anyio.CancelScope(shield=True):
         await response.aclose()
-
-
-async def until_disconnect(http: HTTPRequest, work: Awaitable[T]) -> T | None:
-    """Await `work`; if the client hangs up first, cancel it and return None."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(http.receive))
-    try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
-        return task.result() if task.done() else None
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
-async def _wait_disconnect(receive: Callable) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from common import protocol
-from common.api import NO_CACHE
+from common.api import NO_CACHE, until_disconnect
 from common.app import ErrorBoundary
 from common.config import ServerConfig
 from common.errors import EXCEPTION_HANDLERS, APIError
@@ -39,7 +39,7 @@ from step6_backpressure.admission import (
 )
 from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_gracefully
 from step8_router.answer_cache import AnswerCache, make_answer_cache
-from step8_router.proxy import Proxy, until_disconnect
+from step8_router.proxy import Proxy
 from step8_router.replicas import LocalReplicas
 from step8_router.routing import Router, RoutingConfig, prompt_text
 from step8_router.upstreams import UpstreamCollector, UpstreamConfig, UpstreamPool
