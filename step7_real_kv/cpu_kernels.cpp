@@ -1,5 +1,5 @@
 // Step 7's CPU kernels, each small and each tested against the torch code it replaces
-// (tests/test_step7_paged_engine.py):
+// (tests/test_step7_kernels.py):
 //
 // - paged_attention_rows: attention over the paged KV pool, reading keys and values in place;
 // - rope_and_store_: rotary embedding of q and k, in place, and k, v written to their slots;
@@ -25,6 +25,11 @@
 //
 // Arithmetic is float32 throughout; sums accumulate in 8 lanes, which the compiler turns into
 // AVX2 fused multiply-adds, 8 elements at a time.
+//
+// Manners: every kernel checks its inputs (dtype, device, shape, contiguity and every index it
+// will follow) before it touches memory, and raises a RuntimeError naming itself and the
+// argument; the checks are serial and O(rows) or O(blocks read), before the parallel loop. Every
+// binding releases the GIL while it runs (the event loop keeps serving meanwhile).
 
 #include <torch/extension.h>
 
@@ -32,11 +37,70 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kLanes = 8;
+
+// A dtype as torch spells it in Python: float32, not Float.
+std::string dtype_name(torch::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kFloat32: return "float32";
+    case torch::kFloat64: return "float64";
+    case torch::kFloat16: return "float16";
+    case torch::kBFloat16: return "bfloat16";
+    case torch::kInt64: return "int64";
+    case torch::kInt32: return "int32";
+    default: return c10::toString(dtype);
+  }
+}
+
+// t is a CPU tensor of this dtype with this many dims.
+void check_tensor(const torch::Tensor& t, const char* kernel, const char* name,
+                  torch::ScalarType dtype, int64_t dims) {
+  TORCH_CHECK(t.device().is_cpu(), kernel, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, kernel, ": ", name, " must be ", dtype_name(dtype),
+              ", got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.dim() == dims, kernel, ": ", name, " must be ", dims, "-D, got shape ",
+              t.sizes());
+}
+
+void check_contiguous(const torch::Tensor& t, const char* kernel, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), kernel, ": ", name, " must be contiguous (shape ", t.sizes(),
+              ", strides ", t.strides(), ")");
+}
+
+// k_pool and v_pool: [slots, kv_heads, head_dim] float32, contiguous, the same shape.
+void check_pools(const torch::Tensor& k_pool, const torch::Tensor& v_pool, const char* kernel) {
+  check_tensor(k_pool, kernel, "k_pool", torch::kFloat32, 3);
+  check_tensor(v_pool, kernel, "v_pool", torch::kFloat32, 3);
+  check_contiguous(k_pool, kernel, "k_pool");
+  check_contiguous(v_pool, kernel, "v_pool");
+  TORCH_CHECK(k_pool.sizes() == v_pool.sizes(), kernel, ": k_pool and v_pool must have the same "
+              "shape, got ", k_pool.sizes(), " and ", v_pool.sizes());
+  TORCH_CHECK(k_pool.size(1) >= 1, kernel, ": the pool must have at least one kv head");
+}
+
+// Every row's length is in [1, max_blocks * block_size] and every block id it reads is in
+// [0, num_blocks): O(blocks read), so that the parallel loop never leaves the pool.
+void check_tables(const int64_t* tables, const int64_t* lens, int64_t batch, int64_t max_blocks,
+                  int64_t block_size, int64_t num_blocks) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t context = lens[b];
+    TORCH_CHECK(context >= 1 && context <= max_blocks * block_size,
+                "paged_attention_rows: lengths[", b, "] = ", context, " is outside [1, ",
+                max_blocks * block_size, "] (max_blocks ", max_blocks, " * block_size ",
+                block_size, ")");
+    const int64_t* table = tables + b * max_blocks;
+    for (int64_t i = 0; i < (context + block_size - 1) / block_size; ++i) {
+      TORCH_CHECK(table[i] >= 0 && table[i] < num_blocks, "paged_attention_rows: block_tables[",
+                  b, "][", i, "] = ", table[i], " is outside the pool's [0, ", num_blocks,
+                  ") blocks");
+    }
+  }
+}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float acc[kLanes] = {0};
@@ -74,24 +138,42 @@ inline void add_scaled(float* out, const float* v, float weight, int64_t n) {
 torch::Tensor paged_attention_rows(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor block_tables, torch::Tensor lengths,
                                      int64_t block_size, double scale) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_pool.scalar_type() == torch::kFloat32,
-              "paged_attention_rows: float32 only");
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_attention_rows: each row's "
-              "heads must be contiguous (rows may be strided)");
-  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && block_tables.is_contiguous() &&
-                  lengths.is_contiguous(),
-              "paged_attention_rows: contiguous pool, tables and lengths only");
+  constexpr const char* kName = "paged_attention_rows";
+  check_tensor(q, kName, "q", torch::kFloat32, 3);
+  check_pools(k_pool, v_pool, kName);
+  check_tensor(block_tables, kName, "block_tables", torch::kInt64, 2);
+  check_tensor(lengths, kName, "lengths", torch::kInt64, 1);
+  check_contiguous(block_tables, kName, "block_tables");
+  check_contiguous(lengths, kName, "lengths");
   const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
-  const int64_t kv_heads = k_pool.size(1), group = heads / kv_heads;
-  const int64_t max_blocks = block_tables.size(1);
-  TORCH_CHECK(head_dim % kLanes == 0, "paged_attention_rows: head_dim must be a multiple of 8");
+  // q's rows may be strided (q is a view of the fused qkv), each row's heads contiguous.
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == head_dim &&
+                  (batch <= 1 || q.stride(0) >= heads * head_dim),
+              "paged_attention_rows: each row of q must hold its heads contiguously (rows may be "
+              "strided), got shape ", q.sizes(), ", strides ", q.strides());
+  const int64_t kv_heads = k_pool.size(1);
+  TORCH_CHECK(heads >= 1 && heads % kv_heads == 0, "paged_attention_rows: q's ", heads,
+              " heads must be a multiple of the pool's ", kv_heads, " kv heads");
+  const int64_t group = heads / kv_heads;
+  TORCH_CHECK(k_pool.size(2) == head_dim, "paged_attention_rows: q's head_dim ", head_dim,
+              " differs from the pool's ", k_pool.size(2));
+  TORCH_CHECK(head_dim % kLanes == 0, "paged_attention_rows: head_dim must be a multiple of 8, "
+              "got ", head_dim);
+  TORCH_CHECK(block_tables.size(0) == batch && lengths.size(0) == batch,
+              "paged_attention_rows: block_tables and lengths need one row per row of q (",
+              batch, "), got ", block_tables.sizes(), " and ", lengths.sizes());
+  TORCH_CHECK(block_size >= 1, "paged_attention_rows: block_size must be >= 1, got ", block_size);
+  TORCH_CHECK(k_pool.size(0) % block_size == 0, "paged_attention_rows: the pool's ",
+              k_pool.size(0), " slots are not a whole number of blocks of ", block_size);
+  const int64_t max_blocks = block_tables.size(1), num_blocks = k_pool.size(0) / block_size;
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = lengths.data_ptr<int64_t>();
+  check_tables(tables, lens, batch, max_blocks, block_size, num_blocks);
   const int64_t q_row_stride = q.stride(0);
   auto out = torch::zeros({batch, heads, head_dim}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k_pool.data_ptr<float>();
   const float* vp = v_pool.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = lengths.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float scale_f = static_cast<float>(scale);
 
@@ -139,18 +221,41 @@ torch::Tensor paged_attention_rows(torch::Tensor q, torch::Tensor k_pool, torch:
 // rotate_half(x) = (-x[half:], x[:half]); then copies each token's k and v into its slot.
 void rope_and_store_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
                      torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor slots) {
-  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.is_contiguous() &&
-                  cos.is_contiguous() && sin.is_contiguous() && k_pool.is_contiguous() &&
-                  v_pool.is_contiguous() && slots.is_contiguous(),
-              "rope_and_store_: contiguous float32 only");
+  constexpr const char* kName = "rope_and_store_";
+  check_tensor(qkv, kName, "qkv", torch::kFloat32, 3);
+  check_tensor(cos, kName, "cos", torch::kFloat32, 2);
+  check_tensor(sin, kName, "sin", torch::kFloat32, 2);
+  check_pools(k_pool, v_pool, kName);
+  check_tensor(slots, kName, "slots", torch::kInt64, 1);
+  check_contiguous(qkv, kName, "qkv");
+  check_contiguous(cos, kName, "cos");
+  check_contiguous(sin, kName, "sin");
+  check_contiguous(slots, kName, "slots");
   const int64_t tokens = qkv.size(0), all_heads = qkv.size(1), head_dim = qkv.size(2);
   const int64_t kv_heads = k_pool.size(1), rotated = all_heads - kv_heads, half = head_dim / 2;
+  const int64_t q_heads = all_heads - 2 * kv_heads;
+  TORCH_CHECK(q_heads >= 1 && q_heads % kv_heads == 0, "rope_and_store_: qkv's ", all_heads,
+              " heads must be q heads + 2 * ", kv_heads, " kv heads, with the q heads a multiple "
+              "of the kv heads");
+  TORCH_CHECK(k_pool.size(2) == head_dim, "rope_and_store_: qkv's head_dim ", head_dim,
+              " differs from the pool's ", k_pool.size(2));
+  TORCH_CHECK(head_dim % 2 == 0, "rope_and_store_: head_dim must be even, got ", head_dim);
+  TORCH_CHECK(cos.size(0) == tokens && cos.size(1) == head_dim && cos.sizes() == sin.sizes(),
+              "rope_and_store_: cos and sin must be [", tokens, ", ", head_dim, "], got ",
+              cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(slots.size(0) == tokens, "rope_and_store_: slots needs one slot per token (", tokens,
+              "), got ", slots.size(0));
   float* xp = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   float* kp = k_pool.data_ptr<float>();
   float* vp = v_pool.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t pool_slots = k_pool.size(0);
+  for (int64_t t = 0; t < tokens; ++t) {  // before anything is written
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < pool_slots, "rope_and_store_: slots[", t, "] = ",
+                slot[t], " is outside the pool's [0, ", pool_slots, ") slots");
+  }
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cp + t * head_dim;
@@ -175,10 +280,20 @@ void rope_and_store_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
 // RMSNorm(x) * weight, as LlamaRMSNorm computes it: x * (1 / sqrt(mean(x^2) + eps)) * weight.
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor delta, torch::Tensor weight,
                             double eps) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && delta.is_contiguous(),
-              "add_rms_norm_: contiguous float32 only");
+  constexpr const char* kName = "add_rms_norm_";
+  check_tensor(x, kName, "x", torch::kFloat32, 2);
+  check_tensor(delta, kName, "delta", torch::kFloat32, 2);
+  check_tensor(weight, kName, "weight", torch::kFloat32, 1);
+  check_contiguous(x, kName, "x");
+  check_contiguous(delta, kName, "delta");
+  check_contiguous(weight, kName, "weight");
+  TORCH_CHECK(x.sizes() == delta.sizes(), "add_rms_norm_: x and delta must have the same shape, "
+              "got ", x.sizes(), " and ", delta.sizes());
   const int64_t rows = x.size(0), hidden = x.size(1);
-  TORCH_CHECK(hidden % kLanes == 0, "add_rms_norm_: hidden size must be a multiple of 8");
+  TORCH_CHECK(weight.size(0) == hidden, "add_rms_norm_: weight has ", weight.size(0),
+              " elements, x's hidden size is ", hidden);
+  TORCH_CHECK(hidden % kLanes == 0, "add_rms_norm_: hidden size must be a multiple of 8, got ",
+              hidden);
   auto out = torch::empty_like(x);
   float* xp = x.data_ptr<float>();
   const float* dp = delta.data_ptr<float>();
@@ -208,8 +323,10 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor delta, torch::Tensor 
 // gate_up: [T, 2 * intermediate] float32, contiguous, gate then up (one fused matmul's output).
 // returns [T, intermediate]: SiLU(gate) * up, SiLU(g) = g / (1 + exp(-g)).
 torch::Tensor silu_mul(torch::Tensor gate_up) {
-  TORCH_CHECK(gate_up.scalar_type() == torch::kFloat32 && gate_up.is_contiguous(),
-              "silu_mul: contiguous float32 only");
+  check_tensor(gate_up, "silu_mul", "gate_up", torch::kFloat32, 2);
+  check_contiguous(gate_up, "silu_mul", "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "silu_mul: gate_up's width must be even (gate then up), "
+              "got ", gate_up.size(1));
   const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
   auto out = torch::empty({rows, width}, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();
@@ -230,10 +347,14 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 // weight's rows. For one or a few rows this is a memory-bound stream, and a plain loop reaches
 // the machine's bandwidth where a GEMM library spends its time setting up (the README).
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && w.is_contiguous(),
-              "small_linear: contiguous float32 only");
+  check_tensor(x, "small_linear", "x", torch::kFloat32, 2);
+  check_tensor(w, "small_linear", "w", torch::kFloat32, 2);
+  check_contiguous(x, "small_linear", "x");
+  check_contiguous(w, "small_linear", "w");
   const int64_t rows = x.size(0), in = x.size(1), out = w.size(0);
-  TORCH_CHECK(in % (4 * kLanes) == 0, "small_linear: in features must be a multiple of 32");
+  TORCH_CHECK(w.size(1) == in, "small_linear: x has ", in, " in features, w has ", w.size(1));
+  TORCH_CHECK(in % (4 * kLanes) == 0, "small_linear: in features must be a multiple of 32, got ",
+              in);
   auto y = torch::empty({rows, out}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
@@ -246,12 +367,19 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// Each binding converts its arguments with the GIL held, then releases it for the call (the
+// checks and torch::empty need no GIL) and takes it back to return the result.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("small_linear", &small_linear, "x @ w.T for a few rows of x (float32)");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("small_linear", &small_linear, "x @ w.T for a few rows of x (float32)", release());
   m.def("paged_attention_rows", &paged_attention_rows,
-        "Attention of one query per row over the paged KV pool, read in place (float32, CPU)");
+        "Attention of one query per row over the paged KV pool, read in place (float32, CPU)",
+        release());
   m.def("rope_and_store_", &rope_and_store_,
-        "Rotary embedding of q and k in place; k and v written to their pool slots (float32)");
-  m.def("add_rms_norm_", &add_rms_norm_, "x += delta; returns RMSNorm(x) * weight (float32)");
-  m.def("silu_mul", &silu_mul, "SiLU(gate) * up of a [T, 2I] gate/up output (float32)");
+        "Rotary embedding of q and k in place; k and v written to their pool slots (float32)",
+        release());
+  m.def("add_rms_norm_", &add_rms_norm_, "x += delta; returns RMSNorm(x) * weight (float32)",
+        release());
+  m.def("silu_mul", &silu_mul, "SiLU(gate) * up of a [T, 2I] gate/up output (float32)",
+        release());
 }

@@ -307,87 +307,8 @@ def test_a_fault_in_one_sequence_fails_that_sequence_alone(tiny_lm):
     assert_pool_empty(engine)
 
 
-# ---------------------------------------------------------------- the C++ decode kernel
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    from step7_real_kv import cpu_kernels
-
-    module = cpu_kernels.load()
-    if module is None:
-        pytest.skip("no C++ compiler here: step 7 runs its torch code")
-    return module
-
-
-@pytest.mark.parametrize("lengths", [[1], [4, 5, 3, 9], [16, 17, 33, 64], [70, 2]])
-def test_the_attention_kernel_equals_the_torch_reference(kernels, lengths):
-    """Scattered blocks, contexts ending at, before and across block boundaries, one token."""
-    torch.manual_seed(len(lengths))
-    bs, heads, kv_heads, dim = 4, 9, 3, 64
-    blocks_each = [-(-n // bs) for n in lengths]
-    pool = PagedKVCache(1, sum(blocks_each) + 7, bs, kv_heads, dim)
-    pool.k.normal_(), pool.v.normal_()
-    order = torch.randperm(pool.num_blocks).tolist()
-    tables, taken = [], 0
-    for n in blocks_each:
-        tables.append(order[taken : taken + n])
-        taken += n
-    widest = max(blocks_each)
-    table_tensor = torch.tensor([t + [0] * (widest - len(t)) for t in tables])
-    length_tensor = torch.tensor(lengths)
-    q = torch.randn(len(lengths), heads, dim)
-    out = kernels.paged_attention_rows(
-        q, pool.k[0], pool.v[0], table_tensor, length_tensor, bs, dim**-0.5
-    )
-    for row, (table, n) in enumerate(zip(tables, lengths, strict=True)):
-        k, v = pool.gather(0, torch.tensor(slot_numbers(table, 0, n, bs)))
-        expected = dense_attention(q[row : row + 1], k, v, cached=n - 1)
-        torch.testing.assert_close(out[row : row + 1], expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("rows", [1, 7, 64])
-def test_the_fused_norm_and_silu_kernels_equal_torch(kernels, rows):
-    from step7_real_kv.model_runner import rms_norm
-
-    torch.manual_seed(rows)
-    x, delta, weight = torch.randn(rows, 576), torch.randn(rows, 576), torch.randn(576)
-    expected_x = x + delta
-    expected = rms_norm(expected_x, weight, 1e-5)
-    normed = kernels.add_rms_norm_(x, delta, weight, 1e-5)
-    assert torch.equal(x, expected_x)  # the residual add, in place, bit for bit
-    torch.testing.assert_close(normed, expected, rtol=1e-5, atol=1e-5)
-    gate_up = torch.randn(rows, 2 * 1536) * 4
-    gate, up = gate_up.chunk(2, dim=-1)
-    expected_mlp = torch.nn.functional.silu(gate) * up
-    torch.testing.assert_close(kernels.silu_mul(gate_up), expected_mlp, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("tokens", [1, 5, 40])
-def test_the_rope_and_store_kernel_equals_torch(kernels, tokens):
-    from step7_real_kv.model_runner import rotate
-
-    torch.manual_seed(tokens)
-    heads, kv_heads, dim = 9, 3, 64
-    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim)
-    cos, sin = torch.randn(tokens, 1, dim), torch.randn(tokens, 1, dim)
-    slots = torch.randperm(64)[:tokens]
-    expected = rotate(qkv[:, : heads + kv_heads], cos, sin)
-    values = qkv[:, heads + kv_heads :].clone()
-    pool = PagedKVCache(1, 16, 4, kv_heads, dim)
-    kernels.rope_and_store_(qkv, cos.view(tokens, dim), sin.view(tokens, dim), pool.k[0],
-                            pool.v[0], slots)  # fmt: skip
-    torch.testing.assert_close(qkv[:, : heads + kv_heads], expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(pool.k[0][slots], expected[:, heads:], rtol=1e-6, atol=1e-6)
-    assert torch.equal(pool.v[0][slots], values)
-
-
-@pytest.mark.parametrize("rows", [1, 3, 4])
-def test_the_small_linear_kernel_equals_f_linear(kernels, rows):
-    torch.manual_seed(rows)
-    x, weight = torch.randn(rows, 576), torch.randn(960, 576)
-    expected = torch.nn.functional.linear(x, weight)
-    torch.testing.assert_close(kernels.small_linear(x, weight), expected, rtol=1e-4, atol=1e-4)
+# ---------------------------------------------------------------- with and without the C++ kernels
+# (the kernels themselves: tests/test_step7_kernels.py)
 
 
 @pytest.mark.parametrize("backends", [("torch", "torch"), ("auto", "torch"), ("torch", "auto")])
