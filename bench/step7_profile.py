@@ -142,8 +142,8 @@ def instrumented(lm: LoadedModel, eng: PagedEngine, timer: Timer) -> Iterator[No
         (eng.scheduler, "schedule", timer.wrap("schedule", eng.scheduler.schedule)),
         (
             eng.scheduler,
-            "name_full_blocks",
-            timer.wrap("name full blocks", eng.scheduler.name_full_blocks),
+            "advance",
+            timer.wrap("name full blocks", eng.scheduler.advance),
         ),
     ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]

@@ -1,24 +1,30 @@
 """The OpenAI-compatible routes, shared by every step.
 
-A handler validates the body, tokenizes the prompt, checks it against the context window, builds
-a Request and hands it to the step's engine (`await engine.submit(request)`). Then it either
-collects the request's deltas into one response or streams them as server-sent events. Steps
-differ only in their engine: what happens between submit and the deltas.
+A handler reads the body, then, on a worker thread (parsing, chat templating and tokenizing a
+large body take long enough to hold up every stream the event loop is serving), validates it,
+refuses a prompt that cannot fit before tokenizing all of it, and tokenizes it. Back on the loop
+it builds a Request and passes it to the step's pipeline (`Serving.submit`: the engine alone, or
+response cache -> admission -> engine, as the step composes it). Then it either collects the
+request's deltas into one response or streams them as server-sent events. Steps differ only in
+what happens between submit and the deltas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import logging
 import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -36,9 +42,27 @@ log = logging.getLogger("gateway")
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine holds right now. The engine is the one owner of where its requests are;
+    whoever needs the counts (metrics, admission, readiness, the drain) asks it for this."""
+
+    waiting: int = 0  # taken, not started (or preempted and waiting again), client still there
+    waiting_tokens: int = 0  # the tokens those still have to prefill
+    running: int = 0  # in the model's hands now
+
+    @property
+    def in_flight(self) -> int:
+        return self.waiting + self.running
+
+
 class Engine(Protocol):
     async def submit(self, request: Request) -> None:
         """Take the request; its deltas will arrive on request.deltas(). May raise APIError."""
+
+    def load(self) -> EngineLoad:
+        """What it is holding now."""
+        ...
 
 
 class BackgroundEngine(Engine, Protocol):
@@ -47,6 +71,9 @@ class BackgroundEngine(Engine, Protocol):
     def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+Submit = Callable[[Request], Awaitable[None]]  # a step's pipeline after validation
 
 
 class Outcome(str, enum.Enum):
@@ -99,10 +126,40 @@ class Serving:
     max_model_len: int
     engine: Engine
     observer: Observer = field(default_factory=Observer)
+    # After validation, the request's way to the engine: the engine alone unless a step
+    # composes more in front of it (step 4's response cache, step 6's admission).
+    pipeline: Submit | None = None
 
     @property
     def eos_token_ids(self) -> set[int]:
         return {self.tokenizer.eos_token_id}
+
+    async def submit(self, request: Request) -> None:
+        await (self.pipeline or self.engine.submit)(request)
+
+    def check_prompt(self, num_tokens: int, param: str, at_least: bool = False) -> None:
+        """A 400 for a prompt of `num_tokens` (or, with at_least, of at least that many) that
+        leaves no room in the context window for a single new token."""
+        if num_tokens >= self.max_model_len:
+            some = "at least " if at_least else ""
+            raise APIError(
+                f"this model's context window is {self.max_model_len} tokens; the prompt has "
+                f"{some}{num_tokens}",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def check_prompt_chars(self, num_chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, a prompt so long that it must be over the limit: no
+        token spells more than `longest_token_chars` characters, so a text of n characters
+        has at least n / that many tokens."""
+        self.check_prompt(num_chars // longest_token_chars(self.tokenizer), param, at_least=True)
+
+    def check_message_count(self, count: int) -> None:
+        """Refuse `count` messages that must make too long a prompt: each one adds at least
+        `tokens_per_message` tokens."""
+        least = count * tokens_per_message(self.tokenizer)
+        self.check_prompt(least, "messages", at_least=True)
 
     def make_request(
         self, prompt_ids: list[int], params: GenerationRequest, rid: str, prompt_param: str
@@ -116,13 +173,14 @@ class Serving:
                 param="model",
                 code="model_not_found",
             )
+        self.check_prompt(len(prompt_ids), prompt_param)
         room = self.max_model_len - len(prompt_ids)
-        max_tokens = params.max_new_tokens or min(self.config.default_max_tokens, max(room, 1))
+        max_tokens = params.max_new_tokens or min(self.config.default_max_tokens, room)
         if max_tokens > room:
             raise APIError(
                 f"this model's context window is {self.max_model_len} tokens; the prompt has "
                 f"{len(prompt_ids)} and max_tokens asks for {max_tokens}",
-                param="max_tokens" if room > 0 else prompt_param,
+                param="max_tokens",
                 code="context_length_exceeded",
             )
         return Request(
@@ -134,6 +192,30 @@ class Serving:
             rid,
             channel=DeltaChannel(),
         )
+
+
+@functools.cache
+def tokens_per_message(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The fewest tokens the chat template adds for one more message, whatever its role: the
+    tokens of a conversation with one more empty message, less those without it (0 for a
+    template that may drop a message). SmolLM2's adds 4 or more (`<|im_start|>user\n...`)."""
+
+    def count(messages: list[dict[str, str]]) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return len(tokenizer.encode(cast(str, text), add_special_tokens=False))
+
+    first = [{"role": "user", "content": ""}]
+    roles = ("system", "user", "assistant", "tool")
+    added = [count([*first, {"role": role, "content": ""}]) - count(first) for role in roles]
+    return max(0, min(added))
+
+
+@functools.cache
+def longest_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """An upper bound on the characters one token decodes to: the longest entry of the
+    vocabulary (byte-level BPE writes one character per byte, and a character is a byte or
+    more). 81 for SmolLM2's tokenizer."""
+    return max(len(token) for token in tokenizer.get_vocab())
 
 
 def serving(http: HTTPRequest) -> Serving:
@@ -190,31 +272,56 @@ async def completions(http: HTTPRequest) -> Response:
     return await _generate(http, _prepare_completion)
 
 
+# Parsing, templating and tokenizing run here, never on the event loop. Two threads: a flood
+# of large bodies waits its turn instead of taking every core from the model.
+_PREPARE = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+
+async def off_loop(fn: Callable[..., T], *args: object) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_PREPARE, fn, *args)
+
+
 async def _prepare_chat(http: HTTPRequest, state: Serving):
-    parsed = protocol.parse_chat_request(await http.body())
-    messages = [message.as_dict() for message in parsed.messages]
-    prompt_ids = cast(  # tokenize=True, return_dict=False: the prompt's token ids
-        list[int],
-        state.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        ),
-    )
+    parsed, prompt_ids = await off_loop(_tokenize_chat, await http.body(), state)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    request = state.make_request(list(prompt_ids), parsed, rid, prompt_param="messages")
+    request = state.make_request(prompt_ids, parsed, rid, prompt_param="messages")
     return request, parsed, _ChatFormat(rid, parsed)
 
 
+def _tokenize_chat(body: bytes, state: Serving) -> tuple[protocol.ChatCompletionRequest, list]:
+    """On a worker thread: count, parse, bound, template, bound again, tokenize; each bound
+    refuses a prompt that must be too long before the next, costlier stage runs."""
+    count = protocol.count_messages(body)
+    if count is not None:  # before the full parse, which costs ~5 us a message
+        state.check_message_count(count)
+    parsed = protocol.parse_chat_request(body)
+    messages = [message.as_dict() for message in parsed.messages]
+    state.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+    text = cast(
+        str,
+        state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+    )
+    state.check_prompt_chars(len(text), "messages")
+    # As apply_chat_template(tokenize=True) does: the template writes the special tokens.
+    return parsed, state.tokenizer.encode(text, add_special_tokens=False)
+
+
 async def _prepare_completion(http: HTTPRequest, state: Serving):
-    parsed = protocol.parse_completion_request(await http.body())
-    if isinstance(parsed.prompt, str):
-        prompt_ids = state.tokenizer.encode(parsed.prompt, add_special_tokens=False)
-    else:
-        prompt_ids = list(parsed.prompt)
-        if max(prompt_ids) >= len(state.tokenizer):
-            raise APIError("'prompt' has token ids outside the vocabulary", param="prompt")
+    parsed, prompt_ids = await off_loop(_tokenize_completion, await http.body(), state)
     rid = f"cmpl-{uuid.uuid4().hex}"
     request = state.make_request(prompt_ids, parsed, rid, prompt_param="prompt")
     return request, parsed, _TextFormat(rid, parsed)
+
+
+def _tokenize_completion(body: bytes, state: Serving) -> tuple[protocol.CompletionRequest, list]:
+    parsed = protocol.parse_completion_request(body)
+    if not isinstance(parsed.prompt, str):
+        prompt_ids = [int(t) for t in parsed.prompt]
+        if max(prompt_ids) >= len(state.tokenizer):
+            raise APIError("'prompt' has token ids outside the vocabulary", param="prompt")
+        return parsed, prompt_ids
+    state.check_prompt_chars(len(parsed.prompt), "prompt")
+    return parsed, state.tokenizer.encode(parsed.prompt, add_special_tokens=False)
 
 
 async def _generate(http: HTTPRequest, prepare) -> Response:
@@ -228,6 +335,10 @@ async def _generate(http: HTTPRequest, prepare) -> Response:
         read_headers(http, request)
         state.observer.on_start(http, request)
         return await _respond(http, state, request, params, fmt)
+    except ClientDisconnect:  # gone while still sending its body: nobody to answer
+        if state is not None:
+            state.observer.on_end(http, Outcome.CANCELLED, request)
+        return Response(status_code=499)
     except APIError as exc:
         if state is not None:
             state.observer.on_end(http, Outcome.for_status(exc.status), request)
@@ -290,7 +401,7 @@ class _TextFormat:
 
 
 async def _respond(http, state: Serving, request: Request, params, fmt) -> Response:
-    await state.engine.submit(request)
+    await state.submit(request)
     if params.stream:
         events = _sse(http, state, request, fmt, params.include_usage)
         headers = {**_SSE_HEADERS, **response_headers(request)}

@@ -68,6 +68,23 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Probes and scrapes come every few seconds: their access lines are debug, not info, and
+    # so is httpx's line per request (the router's polls of its replicas).
+    logging.getLogger("uvicorn.access").addFilter(_probes_at_debug)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+PROBE_PATHS = ("/health", "/metrics")
+
+
+def _probes_at_debug(record: logging.LogRecord) -> bool:
+    """uvicorn's access record has args (client, method, path, version, status)."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    if len(args) >= 3 and str(args[2]).startswith(PROBE_PATHS):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("uvicorn.access").isEnabledFor(logging.DEBUG)
+    return True
 
 
 def program_name(build_app: Callable) -> str:

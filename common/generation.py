@@ -29,6 +29,7 @@ def generate_steps(lm: LoadedModel, request: Request) -> Iterator[None]:
             return
         yield
         input_ids = torch.tensor([[token]], device=lm.device)
+    request.drop_cancelled()
 
 
 def generate(lm: LoadedModel, request: Request, **log_fields: object) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
+import msgspec
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -164,6 +165,21 @@ class CompletionRequest(GenerationRequest):
 
 
 # ---------------------------------------------------------------- parsing into a 400
+
+
+class _MessageCount(msgspec.Struct):
+    messages: list[msgspec.Raw] = []
+
+
+def count_messages(body: bytes) -> int | None:
+    """How many messages a chat body holds, without parsing them (msgspec skips each one as
+    raw bytes: about a millisecond for 28,000), so that a body too long to serve is refused
+    before it costs a full parse. None when the body is not that shape: the full parse says
+    what is wrong with it."""
+    try:
+        return len(msgspec.json.decode(body, type=_MessageCount).messages)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:

@@ -5,6 +5,12 @@ then output), its status, its timings. It owns them: engines read and advance th
 methods, and nothing else keeps a copy. It knows nothing of HTTP or of event loops; the API
 (common/api.py) turns headers into its typed fields and gives it a DeltaChannel to answer on.
 
+Its status has one writer: the engine that holds it (its queue or scheduler moves it between
+WAITING and RUNNING, and it ends through `append_token`, `fail` or, on a cache hit before any
+engine, `finish_with`). A client that leaves does not touch the status: `cancel()` only raises
+the request's one cancellation flag, which the engine reads, from whatever thread it runs on,
+before its next token; the engine then drops the request and records it as CANCELLED.
+
 `append_token` is the single place where a sampled token becomes text, stop sequences and
 max_tokens are checked, and the finish reason is decided; every engine calls it.
 """
@@ -33,7 +39,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"  # not in a forward pass yet (or preempted, and waiting again)
     RUNNING = "running"
     FINISHED = "finished"
-    CANCELLED = "cancelled"
+    CANCELLED = "cancelled"  # dropped by its engine after the client left
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,11 @@ class Request:
         """Call `callback(request)` (on the channel's loop) once it has finished normally."""
         self._done_callbacks.append(callback)
 
+    def drop_cancelled(self) -> None:
+        """Called by the engine as it lets go of a request whose client has left."""
+        self.status = RequestStatus.CANCELLED
+        self.finish_time = time.monotonic()
+
     def fail(self, error: BaseException) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_time = time.monotonic()
@@ -195,10 +206,8 @@ class Request:
     # ------------------------------------------------------------ called on the event loop
 
     def cancel(self) -> None:
-        """The client went away: the worker stops this request at its next token."""
-        if not self.finished:
-            self.status = RequestStatus.CANCELLED
-            self.finish_time = time.monotonic()
+        """The client went away: the engine stops this request at its next token (a no-op
+        once it has finished). Safe from any thread."""
         self._cancel.set()
 
     async def deltas(self) -> AsyncIterator[Delta]:

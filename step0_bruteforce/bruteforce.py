@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
+from common.api import EngineLoad
 from common.config import ServerConfig
 from common.generation import generate_steps
 from common.model import load_model
@@ -27,6 +28,9 @@ class BruteForceEngine:
         task = asyncio.create_task(self._run(request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(running=len(self._tasks))  # nothing waits: every request runs
 
     async def _run(self, request: Request) -> None:
         try:

@@ -14,21 +14,14 @@ from starlette.applications import Starlette
 
 from common.api import Serving
 from common.app import create_app, serve
-from common.config import ServerConfig, knob
+from common.config import ServerConfig
 from common.model import load_model
-from step2_queue.queue import QueueEngine, RequestQueue
+from step2_queue.queue import QueueConfig, QueueEngine, RequestQueue
 
 
 @dataclass(frozen=True)
-class Config(ServerConfig):
+class Config(QueueConfig, ServerConfig):
     """Step 2: a bounded request queue in front of one model worker."""
-
-    max_queue_size: int = knob(64, "requests waiting for the worker; one more gets a 429")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_queue_size < 1:
-            raise ValueError("max_queue_size must be at least 1")
 
 
 def build_app(config: Config) -> Starlette:

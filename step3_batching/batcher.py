@@ -19,25 +19,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
+from common.config import ConfigPart, knob
 from common.model import LoadedModel
 from common.request import Request, RequestStatus, log_done
 from step2_queue.queue import QueueEngine, RequestQueue
 
 log = logging.getLogger("gateway")
 
-if TYPE_CHECKING:
-    from step3_batching.server import Config
+
+@dataclass(frozen=True)
+class BatchingConfig(ConfigPart):
+    max_batch_size: int = knob(16, "rows in one forward pass")
+    max_wait_ms: float = knob(100.0, "how long the worker waits to fill a batch")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_batch_size < 1 or self.max_wait_ms < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_wait_ms >= 0")
 
 
 class BatchingEngine(QueueEngine):
-    """Step 2's engine (queue, start, stop, submit); only the worker loop changes."""
+    """Step 2's engine (queue, start, stop, submit, load); only the worker loop changes."""
 
-    def __init__(self, lm: LoadedModel, queue: RequestQueue, config: Config) -> None:
+    def __init__(self, lm: LoadedModel, queue: RequestQueue, config: BatchingConfig) -> None:
         super().__init__(lm, queue)
         self.max_batch_size = config.max_batch_size
         self.max_wait_s = config.max_wait_ms / 1000
@@ -45,7 +54,7 @@ class BatchingEngine(QueueEngine):
     async def _run(self) -> None:
         while True:
             batch = await self.next_batch()
-            await asyncio.to_thread(self.run_batch, batch)
+            await self.run(batch, self.run_batch, batch)
 
     def run_batch(self, batch: list[Request]) -> None:
         run_batch(self.lm, batch)
@@ -128,7 +137,8 @@ def decode(lm: LoadedModel, batch: list[Request], cache, mask, last_positions, l
 
 
 def _step_row(request: Request, logits: torch.Tensor, active: list[bool], i: int, pad_id: int):
-    if active[i] and request.cancelled:
+    if active[i] and request.cancelled:  # the client left: the row is dropped (below)
+        request.drop_cancelled()
         active[i] = False
     if not active[i]:
         return pad_id

@@ -14,24 +14,15 @@ from starlette.applications import Starlette
 
 from common.api import Serving
 from common.app import create_app, serve
-from common.config import knob
 from common.model import load_model
 from step2_queue.queue import RequestQueue
 from step2_queue.server import Config as QueueConfig
-from step3_batching.batcher import BatchingEngine
+from step3_batching.batcher import BatchingConfig, BatchingEngine
 
 
 @dataclass(frozen=True)
-class Config(QueueConfig):
+class Config(BatchingConfig, QueueConfig):
     """Step 3: batching. Step 2's queue, and a worker that runs several requests at once."""
-
-    max_batch_size: int = knob(16, "rows in one forward pass")
-    max_wait_ms: float = knob(100.0, "how long the worker waits to fill a batch")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_batch_size < 1 or self.max_wait_ms < 0:
-            raise ValueError("max_batch_size must be >= 1 and max_wait_ms >= 0")
 
 
 def build_app(config: Config) -> Starlette:

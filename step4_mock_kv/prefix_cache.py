@@ -20,7 +20,20 @@ from dataclasses import dataclass
 
 import torch
 
+from common.config import ConfigPart, knob
 from common.prefix import CacheStats, PrefixHit, block_hashes
+
+
+@dataclass(frozen=True)
+class PrefixCacheConfig(ConfigPart):
+    block_size: int = knob(16, "tokens per prefix block")
+    prefix_cache_mb: int = knob(512, "byte budget of the prefix cache, in MiB")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size < 1 or self.prefix_cache_mb < 0:
+            raise ValueError("block_size must be >= 1 and prefix_cache_mb >= 0")
+
 
 # Per layer: (keys, values), each [1, kv_heads, tokens, head_dim].
 LayerKV = tuple[torch.Tensor, torch.Tensor]

@@ -9,7 +9,6 @@ cache and decoded together exactly as in step 3 (`decode` is imported from there
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +17,19 @@ from transformers import DynamicCache
 from common.model import LoadedModel
 from common.request import Request
 from step2_queue.queue import RequestQueue
-from step3_batching.batcher import BatchingEngine, decode, run_batch
+from step3_batching.batcher import BatchingConfig, BatchingEngine, decode, run_batch
 from step4_mock_kv.prefix_cache import LayerKV, MockPrefixCache
-
-if TYPE_CHECKING:
-    from step4_mock_kv.server import Config
 
 
 class PrefixBatchingEngine(BatchingEngine):
     """Step 3's engine; only how a batch is prefilled changes."""
 
     def __init__(
-        self, lm: LoadedModel, queue: RequestQueue, config: Config, prefix_cache: MockPrefixCache
+        self,
+        lm: LoadedModel,
+        queue: RequestQueue,
+        config: BatchingConfig,
+        prefix_cache: MockPrefixCache,
     ) -> None:
         super().__init__(lm, queue, config)
         self.prefix_cache = prefix_cache

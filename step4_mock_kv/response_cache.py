@@ -119,6 +119,7 @@ class ResponseCache:
         self.backend, self.model, self.cooldown_s = backend, model, cooldown_s
         self.stats = ResponseCacheStats()
         self._skip_until = 0.0
+        self._pending: set[asyncio.Future] = set()  # stores in flight
 
     def key(self, request: Request) -> str | None:
         """The cache key, or None when this request must not be cached."""
@@ -145,6 +146,32 @@ class ResponseCache:
     async def put(self, key: str, response: CachedResponse) -> None:
         await self._guarded("set", self.backend.set(key, json.dumps(asdict(response))))
 
+    async def answer(self, request: Request) -> bool:
+        """The pipeline's cache stage: True when `request` was answered from the cache (it is
+        finished, and no engine sees it). On a miss the answer is stored once it is complete."""
+        key = self.key(request)
+        if key is None:
+            return False
+        cached = await self.get(key)
+        if cached is not None:
+            request.response_cache = "hit"
+            request.finish_with(cached.text, cached.output_ids, cached.finish_reason)
+            return True
+        request.response_cache = "miss"
+        request.add_done_callback(lambda r: self._store_later(key, r))
+        return False
+
+    def _store_later(self, key: str, request: Request) -> None:
+        reason = request.finish_reason or "stop"  # (set: the request finished normally)
+        response = CachedResponse(request.text, request.output_ids, reason)
+        task = asyncio.ensure_future(self.put(key, response))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def flush(self) -> None:
+        """Finish the stores already started (at shutdown)."""
+        await asyncio.gather(*self._pending)
+
     async def _guarded(self, what: str, call):
         if time.monotonic() < self._skip_until:
             call.close()  # never awaited: the backend is cooling down
@@ -157,38 +184,3 @@ class ResponseCache:
             self._skip_until = time.monotonic() + self.cooldown_s
             log.warning("response cache %s bypassed: %s: %s", what, type(exc).__name__, exc)
             return None
-
-
-class CachingEngine:
-    """Wraps an engine: hits are answered from the cache, misses are generated, then stored."""
-
-    def __init__(self, inner, cache: ResponseCache) -> None:
-        self.inner, self.cache = inner, cache
-        self._pending: set[asyncio.Future] = set()  # stores in flight
-
-    def start(self) -> None:
-        self.inner.start()
-
-    async def stop(self) -> None:
-        await asyncio.gather(*self._pending)  # finish the stores already started
-        await self.inner.stop()
-
-    async def submit(self, request: Request) -> None:
-        key = self.cache.key(request)
-        if key is None:
-            return await self.inner.submit(request)
-        cached = await self.cache.get(key)
-        if cached is not None:
-            request.response_cache = "hit"
-            request.finish_with(cached.text, cached.output_ids, cached.finish_reason)
-            return
-        request.response_cache = "miss"
-        request.add_done_callback(lambda r: self._store_later(key, r))
-        await self.inner.submit(request)
-
-    def _store_later(self, key: str, request: Request) -> None:
-        reason = request.finish_reason or "stop"  # (set: the request finished normally)
-        response = CachedResponse(request.text, request.output_ids, reason)
-        task = asyncio.ensure_future(self.cache.put(key, response))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)

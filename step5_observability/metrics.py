@@ -9,6 +9,7 @@ model with a forward pre-hook; cache counters are read from the caches at scrape
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,8 +20,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
-from common.api import Observer, Outcome
-from common.request import Request, RequestStatus
+from common.api import EngineLoad, Observer, Outcome
+from common.request import Request
 
 disable_created_metrics()  # no *_created series: they double the output and no panel uses them
 
@@ -88,24 +89,13 @@ def _count_tasks() -> int:
 class MetricsObserver(Observer):
     def __init__(self, metrics: Metrics, on_end=None) -> None:
         self.metrics = metrics
-        self.live: set[Request] = set()  # started and not yet ended; touched on the loop only
         self.on_end_hook = on_end
-        metrics.running.set_function(lambda: self._count(RequestStatus.RUNNING))
-        metrics.waiting.set_function(lambda: self._count(RequestStatus.WAITING))
-
-    def _count(self, status: RequestStatus) -> int:
-        return sum(1 for r in list(self.live) if r.status == status)
-
-    def on_start(self, http, request: Request) -> None:
-        self.live.add(request)
 
     def on_end(self, http, outcome: Outcome, request: Request | None) -> None:
         finish = request.finish_reason if request is not None else None
         self.metrics.requests.labels(outcome.value, finish or "none").inc()
-        if request is not None:
-            self.live.discard(request)
-            if outcome is Outcome.SUCCESS:
-                self._observe_latencies(request)
+        if request is not None and outcome is Outcome.SUCCESS:
+            self._observe_latencies(request)
         if self.on_end_hook is not None:
             self.on_end_hook(http, outcome, request)
 
@@ -124,6 +114,17 @@ class MetricsObserver(Observer):
             m.itl.observe(later - earlier)
         if len(times) > 1:
             m.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
+
+
+class Loaded(Protocol):
+    def load(self) -> EngineLoad: ...
+
+
+def watch_load(engine: Loaded, metrics: Metrics) -> None:
+    """gateway_requests_{running,waiting}, asked of the engine at scrape time: it is the one
+    that knows where its requests are."""
+    metrics.running.set_function(lambda: engine.load().running)
+    metrics.waiting.set_function(lambda: engine.load().waiting)
 
 
 def watch_batch_sizes(model, metrics: Metrics):

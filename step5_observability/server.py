@@ -15,8 +15,8 @@ from starlette.applications import Starlette
 from common.api import Serving
 from common.app import create_app, serve
 from step4_mock_kv.server import Config as MockKVConfig
-from step4_mock_kv.server import build_engine
-from step5_observability.metrics import CacheCollector, watch_batch_sizes
+from step4_mock_kv.server import build_engine, pipeline
+from step5_observability.metrics import CacheCollector, watch_batch_sizes, watch_load
 from step5_observability.observability import Observability
 from step5_observability.structured_logs import LogConfig
 
@@ -34,12 +34,21 @@ def build_app(config: Config) -> Starlette:
         lm = observability.load_model(config)
         watch_batch_sizes(lm.model, observability.metrics)
         engine, prefix_cache, response_cache = build_engine(config, lm)  # step 4's serving path
+        watch_load(engine, observability.metrics)
         observability.watch(CacheCollector(prefix_cache, response_cache))
         engine.start()
-        observer = observability.observer
-        app.state.serving = Serving(config, lm.tokenizer, lm.max_model_len, engine, observer)
+        app.state.serving = Serving(
+            config,
+            lm.tokenizer,
+            lm.max_model_len,
+            engine,
+            observability.observer,
+            pipeline=pipeline(response_cache, engine),
+        )
         async with observability.stats_log():
             yield
+        if response_cache is not None:
+            await response_cache.flush()
         await engine.stop()
 
     return create_app(lifespan, observability.routes, observability.middleware)

@@ -6,11 +6,15 @@ kept their place until they reached the head. Here:
 
 - a request is admitted only while the waiting requests, and their prompt tokens, stay under
   their bounds; otherwise 429 at once, with a Retry-After computed from the observed drain rate;
-- while the server drains (SIGTERM) every new request gets 503;
+- while the server drains (SIGTERM, step 6's lifecycle) every new request gets 503;
 - an admitted request that is still waiting when its queue deadline passes gets a 503 instead of
   a late answer, and leaves the queue;
 - a request whose client went away stops counting against the bounds at once;
 - inputs are bounded: prompt tokens and max_tokens (400), on top of common's validation.
+
+The door keeps no list of its own of what is inside: the engine owns its waiting and running
+requests, and the door asks it (`load()`); a deadline asks the engine to take out a request that
+has not started (`expire()`). The lifecycle owns whether the server is draining.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily
 from starlette.datastructures import Headers
 
-from common.api import Observer, Outcome, Serving
+from common.api import Engine, Observer, Outcome, Serving
 from common.config import ConfigPart, knob
 from common.errors import APIError, error_response
-from common.request import Request, RequestStatus
+from common.request import Request
 
 
 @dataclass(frozen=True)
@@ -48,24 +53,42 @@ class AdmissionConfig(ConfigPart):
             raise ValueError("queue timeouts must be positive")
 
 
-class AdmissionController(Observer):
-    """Counts what is admitted and not finished; rejects what does not fit; sets deadlines."""
+class QueueingEngine(Engine, Protocol):
+    """What the door needs from an engine with a waiting place."""
 
-    def __init__(self, limits: AdmissionConfig, drain_window_s: float = 30.0) -> None:
-        self.limits = limits
-        self.live: set[Request] = set()
-        self.draining = False
+    def expire(self, request: Request, error: APIError) -> bool:
+        """Fail a request that has not started with `error` and take it out; False when it
+        has started."""
+        ...
+
+
+class Draining(Protocol):
+    @property
+    def draining(self) -> bool: ...
+
+
+class AdmissionController(Observer):
+    """Rejects what does not fit, sets deadlines, counts why; asks the engine what is inside."""
+
+    def __init__(
+        self,
+        limits: AdmissionConfig,
+        engine: QueueingEngine,
+        lifecycle: Draining,
+        drain_window_s: float = 30.0,
+    ) -> None:
+        self.limits, self.engine, self.lifecycle = limits, engine, lifecycle
         self.reasons: Counter[str] = Counter()  # rejections, timeouts and cancellations
         self._finished: deque[float] = deque()  # completion times inside the drain window
         self._window_s = drain_window_s
 
-    # ------------------------------------------------------------ counts
+    # ------------------------------------------------------------ counts, asked of the engine
 
-    def waiting(self) -> list[Request]:
-        return [r for r in self.live if r.status == RequestStatus.WAITING and not r.cancelled]
+    def in_flight(self) -> int:
+        return self.engine.load().in_flight
 
     def saturated(self) -> bool:
-        return len(self.waiting()) >= self.limits.max_waiting_requests
+        return self.engine.load().waiting >= self.limits.max_waiting_requests
 
     def drain_rate(self) -> float:
         """Requests finished per second over the last window."""
@@ -76,24 +99,24 @@ class AdmissionController(Observer):
 
     def retry_after_s(self) -> int:
         rate = self.drain_rate()
-        backlog = len(self.waiting()) + 1
+        backlog = self.engine.load().waiting + 1
         return 1 if rate == 0 else min(60, max(1, math.ceil(backlog / rate)))
 
     # ------------------------------------------------------------ the door
 
     def admit(self, request: Request) -> None:
-        if self.draining:
-            self._reject("draining", 503, "the server is shutting down; retry elsewhere")
-        waiting = self.waiting()
-        tokens = sum(r.num_prompt_tokens for r in waiting) + request.num_prompt_tokens
-        if len(waiting) >= self.limits.max_waiting_requests:
-            self._reject("queue_full", 429, f"{len(waiting)} requests are already waiting")
+        """Raises the 503 or 429 that keeps `request` out; else sets its queue deadline."""
+        if self.lifecycle.draining:
+            self.reject("draining", 503, "the server is shutting down; retry elsewhere")
+        load = self.engine.load()
+        tokens = load.waiting_tokens + request.num_prompt_tokens
+        if load.waiting >= self.limits.max_waiting_requests:
+            self.reject("queue_full", 429, f"{load.waiting} requests are already waiting")
         if tokens > self.limits.max_waiting_tokens:
-            self._reject("queue_tokens", 429, f"{tokens} prompt tokens would be waiting")
-        self.live.add(request)
+            self.reject("queue_tokens", 429, f"{tokens} prompt tokens would be waiting")
         self._set_deadline(request)
 
-    def _reject(self, reason: str, status: int, message: str) -> None:
+    def reject(self, reason: str, status: int, message: str) -> None:
         self.reasons[f"rejected:{reason}"] += 1
         headers = {"Retry-After": str(self.retry_after_s())}
         raise APIError(f"{message}; try again later", status, code=reason, headers=headers)
@@ -105,52 +128,27 @@ class AdmissionController(Observer):
         asyncio.get_running_loop().call_later(timeout, self._expire, request, timeout)
 
     def _expire(self, request: Request, timeout: float) -> None:
-        """On the event loop, which also owns the status change to RUNNING: no race."""
-        started = request.first_token_time is not None  # (a preempted request waits again)
-        if request.status != RequestStatus.WAITING or request.cancelled or started:
-            return
-        self.reasons["timeout:queue"] += 1
+        """On the event loop, as the engine's bookkeeping is: the engine takes the request out
+        if it has not started, and only then is the timeout counted."""
         error = APIError(
             f"waited {timeout:g} s in the queue without starting; try again later",
             503,
             code="queue_timeout",
             headers={"Retry-After": str(self.retry_after_s())},
         )
-        request.fail(error)
-        request.cancel()  # the worker drops it when it reaches the head of the queue
+        if self.engine.expire(request, error):
+            self.reasons["timeout:queue"] += 1
 
     # ------------------------------------------------------------ the way out
 
     def on_end(self, http, outcome: Outcome, request: Request | None) -> None:
-        if request is None or request not in self.live:
+        if request is None or request.response_cache == "hit":  # never came to the door
             return
-        self.live.discard(request)
         if outcome is Outcome.CANCELLED:
             stage = "queued" if request.first_token_time is None else "running"
             self.reasons[f"cancelled:{stage}"] += 1
         elif outcome is Outcome.SUCCESS:
             self._finished.append(time.monotonic())
-
-
-class AdmittingEngine:
-    """Puts the admission check in front of an engine's submit."""
-
-    def __init__(self, inner, admission: AdmissionController) -> None:
-        self.inner, self.admission = inner, admission
-
-    def start(self) -> None:
-        self.inner.start()
-
-    async def stop(self) -> None:
-        await self.inner.stop()
-
-    async def submit(self, request: Request) -> None:
-        self.admission.admit(request)
-        try:
-            await self.inner.submit(request)
-        except APIError:
-            self.admission.live.discard(request)
-            raise
 
 
 @dataclass
@@ -159,19 +157,22 @@ class LimitedServing(Serving):
 
     limits: AdmissionConfig = field(default_factory=AdmissionConfig)
 
-    def make_request(self, prompt_ids, params, rid, prompt_param: str) -> Request:
-        limits = self.limits
-        if len(prompt_ids) > limits.max_prompt_tokens:
+    def check_prompt(self, num_tokens: int, param: str, at_least: bool = False) -> None:
+        limit = self.limits.max_prompt_tokens
+        if num_tokens > limit:
+            some = "at least " if at_least else ""
             raise APIError(
-                f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
-                f"{limits.max_prompt_tokens}",
-                param=prompt_param,
+                f"the prompt has {some}{num_tokens} tokens; this server takes at most {limit}",
+                param=param,
                 code="prompt_too_long",
             )
+        super().check_prompt(num_tokens, param, at_least)
+
+    def make_request(self, prompt_ids, params, rid, prompt_param: str) -> Request:
         max_tokens = params.max_new_tokens
-        if max_tokens is not None and max_tokens > limits.max_tokens_limit:
+        if max_tokens is not None and max_tokens > self.limits.max_tokens_limit:
             raise APIError(
-                f"max_tokens is at most {limits.max_tokens_limit} on this server",
+                f"max_tokens is at most {self.limits.max_tokens_limit} on this server",
                 param="max_tokens",
                 code="max_tokens_too_large",
             )
@@ -179,18 +180,28 @@ class LimitedServing(Serving):
 
 
 class BodyLimitMiddleware:
-    """413 for a body past `limit` bytes: at once when Content-Length says so, else as soon as
-    more than that has arrived (a chunked body), before it is all read."""
+    """413 for a body past `limit` bytes, before the app reads any of it (Content-Length over
+    the limit) or as soon as more than that has arrived (a chunked body).
+
+    A client that is still sending when the server answers and closes would see its connection
+    reset instead of the answer (the kernel resets a socket closed with unread data), so the
+    rest of the body is read and thrown away first, up to `DRAIN_FACTOR` times the limit and
+    `DRAIN_TIMEOUT_S`; past that the connection is closed at once."""
+
+    DRAIN_FACTOR = 16
+    DRAIN_TIMEOUT_S = 10.0
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and _declared_length(scope) > self.limit:
-            error = APIError(f"request body over {self.limit} bytes", 413, code="body_too_large")
-            response = error_response(error)
-            response.headers["connection"] = "close"  # the unread body is not waited for
-            return await response(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _declared_length(scope)
+        if declared > self.limit:
+            if declared <= self.limit * self.DRAIN_FACTOR:
+                await self._drain(receive, 0)
+            return await self._refuse(scope, receive, send)
         seen = 0
 
         async def counted_receive():
@@ -198,10 +209,36 @@ class BodyLimitMiddleware:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise APIError(f"request body over {self.limit} bytes", 413, code="body_too_large")
+                if message.get("more_body", False):
+                    await self._drain(receive, seen)
+                raise self._error()
             return message
 
-        await self.app(scope, counted_receive if scope["type"] == "http" else receive, send)
+        await self.app(scope, counted_receive, send)
+
+    def _error(self) -> APIError:
+        return APIError(f"request body over {self.limit} bytes", 413, code="body_too_large")
+
+    async def _refuse(self, scope, receive, send) -> None:
+        response = error_response(self._error())
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+    async def _drain(self, receive, seen: int) -> None:
+        """Read and drop what is left of the body, within the bounds above."""
+
+        async def read_rest() -> None:
+            nonlocal seen
+            while seen <= self.limit * self.DRAIN_FACTOR:
+                message = await receive()
+                seen += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
+
+        try:
+            await asyncio.wait_for(read_rest(), self.DRAIN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return
 
 
 def _declared_length(scope) -> int:
@@ -209,10 +246,14 @@ def _declared_length(scope) -> int:
     return int(raw) if raw.isdigit() else 0  # a malformed header is uvicorn's to refuse
 
 
+class Reasons(Protocol):
+    reasons: Counter[str]
+
+
 class AdmissionCollector:
     """gateway_admission_events_total{reason}: rejections, timeouts, cancellations."""
 
-    def __init__(self, admission: AdmissionController) -> None:
+    def __init__(self, admission: Reasons) -> None:
         self.admission = admission
 
     def collect(self):

@@ -15,9 +15,10 @@ import hmac
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 from starlette.applications import Starlette
@@ -29,7 +30,6 @@ from starlette.routing import Route
 from common.app import program_name, setup_logging
 from common.config import ConfigPart, knob
 from common.errors import APIError, error_response
-from step6_backpressure.admission import AdmissionController
 
 log = logging.getLogger("gateway")
 
@@ -46,14 +46,36 @@ class LifecycleConfig(ConfigPart):
             raise ValueError("drain_timeout_s must be >= 0")
 
 
+class Door(Protocol):
+    """What the lifecycle asks of the server's door (step 6's AdmissionController)."""
+
+    def in_flight(self) -> int: ...
+
+    def saturated(self) -> bool: ...
+
+
 class Lifecycle:
-    """Readiness and drain state of one server, shared by its routes and its uvicorn.Server."""
+    """Readiness and drain state of one server, shared by its routes and its uvicorn.Server.
+    It owns `draining`; the door it watches while the server runs answers the counts."""
 
     def __init__(self, config: LifecycleConfig) -> None:
         self.config = config
         self.drain_timeout_s = config.drain_timeout_s
-        self.admission: AdmissionController | None = None  # set once the model is loaded
         self.drain_deadline: float | None = None
+        self._door: Door | None = None  # set while the server is serving (`serving`)
+
+    @asynccontextmanager
+    async def serving(self, door: Door) -> AsyncIterator[None]:
+        """The lifespan's body: ready (unless saturated) and drainable from here to its end."""
+        self._door = door
+        try:
+            yield
+        finally:
+            self._door = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._door is not None
 
     @property
     def routes(self) -> list[Route]:
@@ -75,11 +97,12 @@ class Lifecycle:
     def start_drain(self) -> None:
         log.warning("draining: refusing new requests, finishing %d in flight", self.in_flight())
         self.drain_deadline = time.monotonic() + self.drain_timeout_s
-        if self.admission is not None:
-            self.admission.draining = True
 
     def in_flight(self) -> int:
-        return len(self.admission.live) if self.admission is not None else 0
+        return self._door.in_flight() if self._door is not None else 0
+
+    def saturated(self) -> bool:
+        return self._door is not None and self._door.saturated()
 
     def drained(self, open_responses: int) -> bool:
         """Nothing admitted is unfinished and no response is still being written."""
@@ -97,12 +120,12 @@ class GracefulServer(uvicorn.Server):
         self.lifecycle = lifecycle
 
     def handle_exit(self, sig, frame) -> None:
-        if self.lifecycle.draining or self.lifecycle.admission is None:
+        if self.lifecycle.draining or not self.lifecycle.loaded:
             return super().handle_exit(sig, frame)
         self.lifecycle.start_drain()
 
     async def on_tick(self, counter: int) -> bool:
-        # A request leaves `in_flight` just before its response is sent: wait for that too.
+        # A request leaves the engine just before its response is sent: wait for that too.
         if self.lifecycle.drained(open_responses=len(self.server_state.tasks)):
             log.warning("drained (%d still in flight): exiting", self.lifecycle.in_flight())
             self.should_exit = True
@@ -115,14 +138,13 @@ async def live(http: HTTPRequest) -> JSONResponse:
 
 def readiness(lifecycle: Lifecycle, ready_when_saturated: bool):
     async def ready(http: HTTPRequest) -> JSONResponse:
-        admission = lifecycle.admission
         reason = (
             "loading"
-            if admission is None
+            if not lifecycle.loaded
             else "draining"
             if lifecycle.draining
             else "saturated"
-            if admission.saturated() and not ready_when_saturated
+            if lifecycle.saturated() and not ready_when_saturated
             else None
         )
         if reason is not None:

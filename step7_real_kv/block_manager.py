@@ -9,6 +9,11 @@ A block whose count drops to 0 goes to the back of the free list but keeps its h
 prompt with the same prefix still finds it ("freed but findable"). Allocation takes from the
 front, so the least recently freed block is the one reused (LRU); only then is its hash dropped.
 
+It is the one record of a block's name: `block_hash[b]` is the name of the tokens block b holds
+(once full and computed), and `by_hash` finds the first block that got each name. Two sequences
+that computed the same prefix each hold a block of that name; the second is not findable, but
+it keeps its name, so its sequence's chain of names goes on from it (`name_of`).
+
 It answers the same PrefixCache protocol as the step-4 cache: `match` pins the longest cached
 prefix (the hit's state is the list of block ids), `release` unpins, `insert` names blocks.
 """
@@ -54,10 +59,11 @@ class BlockManager:
 
     def _take(self, block_id: int) -> int:
         old = self.block_hash[block_id]
-        if old is not None:  # reusing a cached block evicts its prefix
-            del self.by_hash[old]
+        if old is not None:
             self.block_hash[block_id] = None
-            self.stats.evictions += 1
+            if self.by_hash.get(old) == block_id:  # reusing a findable block evicts its prefix
+                del self.by_hash[old]
+                self.stats.evictions += 1
         self.ref_counts[block_id] = 1
         return block_id
 
@@ -80,19 +86,9 @@ class BlockManager:
 
     def match(self, token_ids: list[int]) -> PrefixHit[list[int]]:
         """The longest run of cached full blocks at the start of `token_ids`, pinned."""
-        keys, found = [], []
-        for key in block_hashes(token_ids, self.block_size):
-            block_id = self.by_hash.get(key)
-            if block_id is None:
-                break
-            keys.append(key)
-            found.append(block_id)
-        for block_id in found:
-            self._pin(block_id)
-        hit = PrefixHit(len(found) * self.block_size, found, keys)
-        self.stats.queried_tokens += len(token_ids)
-        self.stats.hit_tokens += hit.num_tokens
-        return hit
+        keys = block_hashes(token_ids, self.block_size)
+        found = self.lookup(keys)
+        return self.pin(keys[: len(found)], found, queried=len(token_ids))
 
     def release(self, hit: PrefixHit[list[int]]) -> None:
         self.free(hit.state)
@@ -100,13 +96,46 @@ class BlockManager:
     def insert(self, token_ids: list[int], state: list[int]) -> None:
         """Name the full blocks of `token_ids`, held in blocks `state` (a block table), by their
         chained hashes."""
-        self.name(block_hashes(token_ids, self.block_size), state)
+        keys = block_hashes(token_ids, self.block_size)
+        self.name(keys, state[: len(keys)])
+
+    # ------------------------------------------------------------ the same, in two moves
+
+    def lookup(self, keys: list[bytes]) -> list[int]:
+        """The blocks holding the longest run of `keys` (chained names) that is cached. Only
+        looks: nothing is pinned or counted, so it can be asked again and again."""
+        found = []
+        for key in keys:
+            block_id = self.by_hash.get(key)
+            if block_id is None:
+                break
+            found.append(block_id)
+        return found
+
+    def free_after_pinning(self, found: list[int]) -> int:
+        """Free blocks left once `found` are pinned (a freed-but-findable one leaves the list)."""
+        return self.num_free - sum(1 for b in found if self.ref_counts[b] == 0)
+
+    def pin(self, keys: list[bytes], found: list[int], queried: int) -> PrefixHit[list[int]]:
+        """Pin what `lookup` found for a prompt of `queried` tokens, and count the query."""
+        for block_id in found:
+            self._pin(block_id)
+        hit = PrefixHit(len(found) * self.block_size, found, keys)
+        self.stats.queried_tokens += queried
+        self.stats.hit_tokens += hit.num_tokens
+        return hit
 
     def name(self, keys: list[bytes], block_ids: list[int]) -> None:
-        """Make blocks findable by their names. A name already taken (the same prefix computed
-        twice) keeps its block."""
-        for key, block_id in zip(keys, block_ids, strict=False):
-            if key in self.by_hash or self.block_hash[block_id] is not None:
+        """Name full blocks by the chained hashes of their tokens. The first block of a name is
+        the one `lookup` finds; a block already named keeps its name."""
+        for key, block_id in zip(keys, block_ids, strict=True):
+            if self.block_hash[block_id] is not None:
                 continue
-            self.by_hash[key] = block_id
             self.block_hash[block_id] = key
+            self.by_hash.setdefault(key, block_id)
+
+    def name_of(self, block_id: int) -> bytes:
+        name = self.block_hash[block_id]
+        if name is None:
+            raise RuntimeError(f"KV block {block_id} is full but has no name")
+        return name

@@ -7,11 +7,12 @@ Every sampled token goes through `request.append_token`, the one place where sto
 and max_tokens end a request; an ended or cancelled sequence frees its blocks at once.
 
 Threads: the event loop owns the scheduler, the block manager and every request. `submit`,
-cancellation, admission, deadlines and the bookkeeping between iterations all run there, one at a
-time, so none of them needs a lock. Only the batch's forward pass and sampling run on a worker
-thread (`asyncio.to_thread`); while it runs, the loop serves HTTP and may add waiting sequences or
-read the free block count, but changes nothing the batch uses (a cancelled sequence is retired
-at the start of the next iteration, after the thread has let go of its blocks).
+admission's questions, deadlines and the bookkeeping after each iteration (`_postprocess`) all
+run there, one at a time, so none of them needs a lock. Only the batch's forward pass and
+sampling run on a worker thread (`asyncio.to_thread`), and the C++ kernels let go of the GIL,
+so the loop keeps serving HTTP meanwhile; it may add waiting sequences or read counts, but
+changes nothing the batch uses (a client that leaves only raises its request's flag; the
+sequence is retired at the start of the next iteration, after the thread has let go of it).
 
 Faults: the forward pass is shared, so a fault there fails every sequence of the iteration.
 Sampling and detokenizing are per sequence: a fault there fails that sequence alone.
@@ -26,9 +27,16 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 
-from common.config import ConfigPart, knob
+from common.api import EngineLoad
+from common.config import knob
+from common.errors import APIError
 from common.model import LoadedModel
 from common.request import Request, log_done
 from step7_real_kv import cpu_kernels
@@ -36,34 +44,36 @@ from step7_real_kv.batch import build_batch
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.model_runner import ModelRunner
 from step7_real_kv.paged_kv import PagedKVCache
-from step7_real_kv.scheduler import Scheduler, Work
+from step7_real_kv.scheduler import Scheduler, SchedulerConfig, Work
 from step7_real_kv.sequence import Sequence
 
 log = logging.getLogger("gateway")
 
 Sampled = int | Exception  # a sequence's new token, or why it could not get one
-BACKENDS = ("auto", "torch")
+LINEAR_BACKENDS = ("auto", "torch")
+KERNELS = ("auto", "cpp", "torch")
 
 
 @dataclass(frozen=True)
-class EngineConfig(ConfigPart):
+class EngineConfig(SchedulerConfig):
     block_size: int = knob(16, "token slots per KV block")
     num_kv_blocks: int = knob(2048, "blocks in the KV pool (32768 tokens, 1.4 GiB in float32)")
-    max_num_batched_tokens: int = knob(256, "new tokens per iteration: decodes + prefill chunks")
-    max_num_seqs: int = knob(64, "sequences running at once")
     linear_backend: str = knob("auto", "auto: oneDNN, weights prepacked, on a CPU | torch")
     kernels: str = knob(
-        "auto", "auto: the C++ CPU kernels (paged attention, norm, SiLU) on a CPU | torch"
+        "auto",
+        "the C++ CPU kernels (paged attention, norm, rope, SiLU, small matmuls), float32 on a "
+        "CPU: auto (when they load, else the torch code, logged) | cpp (required: start-up "
+        "fails without them) | torch",
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.linear_backend not in BACKENDS or self.kernels not in BACKENDS:
-            raise ValueError(f"linear_backend and kernels are one of {BACKENDS}")
-        if min(self.block_size, self.num_kv_blocks, self.max_num_seqs) < 1:
-            raise ValueError("block_size, num_kv_blocks and max_num_seqs must be at least 1")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend is one of {LINEAR_BACKENDS}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels is one of {KERNELS}")
+        if min(self.block_size, self.num_kv_blocks) < 1:
+            raise ValueError("block_size and num_kv_blocks must be at least 1")
 
 
 class PagedEngine:
@@ -78,9 +88,10 @@ class PagedEngine:
         self._work_arrived = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         log.info(
-            "paged KV pool: %d blocks x %d tokens, %.0f MiB",
+            "paged KV pool: %d blocks x %d tokens, %.0f MiB; backends: %s",
             config.num_kv_blocks, config.block_size,
             config.num_kv_blocks * self.kv.bytes_per_block / 2**20,
+            " ".join(f"{k}={v}" for k, v in self.runner.backends.items()),
         )  # fmt: skip
 
     # ------------------------------------------------------------ on the event loop
@@ -93,8 +104,22 @@ class PagedEngine:
             self._loop_task.cancel()
 
     async def submit(self, request: Request) -> None:
-        self.scheduler.add(request)  # 400 if the whole pool could not hold it
+        """Queue a validated request (the server asked `require_fit` first)."""
+        self.scheduler.add(request)
         self._work_arrived.set()
+
+    # What others ask; the scheduler, which owns the queues, answers.
+    def load(self) -> EngineLoad:
+        return self.scheduler.load()
+
+    def require_fit(self, request: Request) -> None:
+        self.scheduler.require_fit(request)
+
+    def kv_demand(self, request: Request) -> tuple[int, int]:
+        return self.scheduler.kv_demand(request)
+
+    def expire(self, request: Request, error: APIError) -> bool:
+        return self.scheduler.expire(request, error)
 
     async def _run(self) -> None:
         while True:
@@ -104,7 +129,7 @@ class PagedEngine:
             await self.step()
 
     async def step(self) -> None:
-        """One iteration: every scheduled sequence advances by its share of the budget."""
+        """One iteration: schedule -> forward and sample (worker thread) -> postprocess."""
         self._retire_cancelled()
         work = self.scheduler.schedule()
         if not work:  # nothing can run before a running sequence ends (or none is left)
@@ -117,26 +142,28 @@ class PagedEngine:
         except Exception as exc:  # the shared forward pass: every sequence in it fails
             log.exception("iteration failed")
             return self._fail_all(work, exc)
-        for seq, n in work:
-            seq.num_computed += n
-            self.scheduler.name_full_blocks(seq)
-        for seq, token in sampled:
-            self._take_token(seq, token)
+        self._postprocess(work, sampled)
 
-    def _take_token(self, seq: Sequence, token: Sampled) -> None:
+    def _postprocess(self, work: Work, sampled: list[tuple[Sequence, Sampled]]) -> None:
+        """The one place an iteration's results land: computed counts and block names, then
+        each new token handed to its request, then the sequences that ended retired."""
+        for seq, n in work:
+            self.scheduler.advance(seq, n)
+        for seq, token in sampled:
+            if seq.request.cancelled or self._take_token(seq, token):
+                self._retire(seq)
+
+    def _take_token(self, seq: Sequence, token: Sampled) -> bool:
+        """Append the token (detokenize, stop strings, max_tokens); True once it has ended."""
         request = seq.request
-        if request.cancelled:
-            return self._retire(seq)
         try:
             if isinstance(token, Exception):
                 raise token
-            finished = request.append_token(token)  # detokenize, stop strings, max_tokens
+            return request.append_token(token)
         except Exception as exc:  # this sequence's fault: the others go on
             log.exception("request %s failed", request.request_id)
             request.fail(exc)
-            finished = True
-        if finished:
-            self._retire(seq)
+            return True
 
     def _retire_cancelled(self) -> None:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
@@ -151,10 +178,13 @@ class PagedEngine:
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        request = seq.request
+        if request.cancelled and not request.finished:
+            request.drop_cancelled()
         log_done(
-            seq.request,
-            queue_wait_s=round(seq.request.queue_wait_s or 0, 4),
-            cached_tokens=seq.request.cached_prompt_tokens,
+            request,
+            queue_wait_s=round(request.queue_wait_s or 0, 4),
+            cached_tokens=request.cached_prompt_tokens,
             preemptions=seq.num_preemptions,
         )
 
@@ -176,15 +206,25 @@ def _sample(seq: Sequence, logits: torch.Tensor) -> Sampled:
 
 
 def cpu_kernels_for(lm: LoadedModel, config: EngineConfig) -> ModuleType | None:
-    """cpu_kernels.cpp for a float32 model on a CPU, unless the torch code is asked for or the
-    kernels cannot be built here."""
-    if config.kernels == "auto" and lm.device.type == "cpu" and lm.dtype == torch.float32:
-        return cpu_kernels.load()
-    return None
+    """cpu_kernels.cpp for a float32 model on a CPU, unless the torch code is asked for. With
+    `kernels=cpp` they must load (or start-up fails, saying why); with `auto` the server runs
+    the torch code where they cannot, and says so."""
+    if config.kernels == "torch":
+        return None
+    usable = lm.device.type == "cpu" and lm.dtype == torch.float32
+    if config.kernels == "cpp":
+        if not usable:
+            raise RuntimeError(
+                f"kernels=cpp: the C++ kernels run float32 on a CPU, not {lm.dtype} on "
+                f"{lm.device.type}; use kernels=auto or torch"
+            )
+        return cpu_kernels.load(required=True)
+    return cpu_kernels.load() if usable else None
 
 
 class KVCollector:
-    """gateway_kv_blocks_{used,total} and gateway_preemptions_total, read at scrape time."""
+    """gateway_kv_blocks_{used,total}, gateway_preemptions_total and gateway_engine_info (the
+    backends this engine runs), read at scrape time."""
 
     def __init__(self, engine: PagedEngine) -> None:
         self.engine = engine
@@ -203,4 +243,7 @@ class KVCollector:
             "gateway_preemptions",
             "Sequences preempted for blocks.",
             value=self.engine.scheduler.num_preemptions,
+        )
+        yield InfoMetricFamily(
+            "gateway_engine", "The backends the engine runs.", value=self.engine.runner.backends
         )

@@ -96,6 +96,16 @@ class ModelRunner:
         inv_freq = lm.model.model.rotary_emb.inv_freq  # the model's own, as its forward uses it
         self.cos, self.sin = rope_tables(inv_freq, config.max_position_embeddings, lm.dtype)
 
+    @property
+    def backends(self) -> dict[str, str]:
+        """What runs the arithmetic, for the start-up log and gateway_engine_info."""
+        linear = self.layers[0].qkv
+        matmul = "onednn" if linear.packed is not None else "torch"
+        if linear.small is not None:
+            matmul += f"+small_linear(<={Linear.SMALL_ROWS} rows)"
+        kernels = "cpp" if self.kernels is not None else "torch"
+        return {"kernels": kernels, "linear": matmul, "device": self.device.type}
+
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """The batch's T new tokens through every layer -> logits [S, vocab] of sampled rows."""

@@ -14,40 +14,71 @@ Step 3 fixed a batch when it started. Here the batch is rebuilt every iteration:
   Its tokens (prompt and output so far) are kept, so later it is prefilled again, mostly from
   the prefix cache, and carries on; nothing already streamed is streamed again.
 
-A finished or cancelled sequence leaves at once and its blocks go back to the pool. `waiting` is
-the one place a step 7 request waits: admission (kv_admission.py) counts what is there.
+The scheduler is the one owner of where a step 7 request is: `waiting` and `running`. It writes
+their status, and everything else asks it: `load()` for the counts (metrics, step 6's door,
+readiness, the drain), `kv_demand()` for the door's block count, `expire()` for a deadline. A
+finished or cancelled sequence leaves at once and its blocks go back to the pool.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+from common.api import EngineLoad
+from common.config import ConfigPart, knob
 from common.errors import APIError
 from common.prefix import block_hashes
 from common.request import Request, RequestStatus
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.sequence import Sequence
 
-if TYPE_CHECKING:
-    from step7_real_kv.engine import EngineConfig
-
 Work = list[tuple[Sequence, int]]  # (sequence, new tokens this iteration)
 
 
+@dataclass(frozen=True)
+class SchedulerConfig(ConfigPart):
+    max_num_batched_tokens: int = knob(256, "new tokens per iteration: decodes + prefill chunks")
+    max_num_seqs: int = knob(64, "sequences running at once")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+
+
 class Scheduler:
-    def __init__(self, blocks: BlockManager, config: EngineConfig) -> None:
+    def __init__(self, blocks: BlockManager, config: SchedulerConfig) -> None:
         self.blocks = blocks
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
         self.waiting: deque[Sequence] = deque()  # arrival order, preempted ones at the front
         self.running: list[Sequence] = []  # admission order: the last is the youngest
         self.num_preemptions = 0
+        # The head of `waiting` when it last could not get its blocks, and the free count
+        # then: until more blocks are free it is not looked up again (nor counted again).
+        self._blocked: tuple[Sequence, int] | None = None
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------ asked from outside
+
+    def load(self) -> EngineLoad:
+        waiting = [s for s in self.waiting if not s.request.cancelled]
+        running = sum(1 for s in self.running if not s.request.cancelled)
+        return EngineLoad(len(waiting), sum(s.num_tokens for s in waiting), running)
+
+    def kv_demand(self, request: Request) -> tuple[int, int]:
+        """(blocks for every live waiting sequence's tokens plus `request`'s prompt, blocks
+        free now). Conservative: a cached prefix is counted as needing new blocks."""
+        tokens = [s.num_tokens for s in self.waiting if not s.request.cancelled]
+        tokens.append(request.num_prompt_tokens)
+        return sum(self.blocks.blocks_for(n) for n in tokens), self.blocks.num_free
 
     def fits(self, request: Request) -> bool:
         """Whether the whole pool could hold this request at its longest (else it never runs)."""
@@ -55,7 +86,8 @@ class Scheduler:
         return self.blocks.blocks_for(longest) <= self.blocks.num_blocks
 
     def require_fit(self, request: Request) -> None:
-        """A 400 for a request that even an empty pool could not hold: a retry would not help."""
+        """A 400 for a request that even an empty pool could not hold: a retry would not help.
+        The server asks it while validating, before any queue."""
         if not self.fits(request):
             slots = self.blocks.num_blocks * self.blocks.block_size
             raise APIError(
@@ -65,10 +97,24 @@ class Scheduler:
             )
 
     def add(self, request: Request) -> Sequence:
-        self.require_fit(request)
+        """Queue a validated request (`require_fit` passed)."""
         seq = Sequence(request)
         self.waiting.append(seq)
         return seq
+
+    def expire(self, request: Request, error: APIError) -> bool:
+        """Fail a request that has not started yet and take it out of `waiting`; False when
+        it runs, has run (a preempted one waits again, but it has started), or is gone."""
+        for seq in self.waiting:
+            if seq.request is request:
+                if seq.num_preemptions or request.cancelled:
+                    return False
+                self.waiting.remove(seq)
+                request.fail(error)
+                return True
+        return False
+
+    # ------------------------------------------------------------ each iteration
 
     def schedule(self) -> Work:
         budget = self.max_num_batched_tokens
@@ -106,21 +152,35 @@ class Scheduler:
         work: Work = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            # Match all but the last token: at least one must run to produce logits.
-            hit = self.blocks.match(seq.token_ids[:-1])
-            n = min(seq.num_tokens - hit.num_tokens, budget)
-            need = self.blocks.blocks_for(hit.num_tokens + n) - len(hit.state)
-            if need > self.blocks.num_free:
-                self.blocks.release(hit)
+            if self._blocked == (seq, self.blocks.num_free):
+                break  # nothing was freed since it last did not fit
+            n = self._try_start(seq, budget)
+            if n is None:
+                self._blocked = (seq, self.blocks.num_free)
                 break
-            self.waiting.popleft()
-            seq.block_table = hit.state + self.blocks.allocate(need)
-            seq.block_names = hit.keys
-            seq.num_computed = hit.num_tokens
-            self._run(seq)
+            self._blocked = None
             work.append((seq, n))
             budget -= n
         return work
+
+    def _try_start(self, seq: Sequence, budget: int) -> int | None:
+        """Start the head of `waiting` after its longest cached prefix, if its first chunk's
+        blocks are free: the new tokens it runs now, or None (nothing changed, nothing
+        counted)."""
+        # All but the last token may come from the cache: at least one runs, for its logits.
+        keys = block_hashes(seq.token_ids[:-1], self.blocks.block_size)
+        found = self.blocks.lookup(keys)
+        cached = len(found) * self.blocks.block_size
+        n = min(seq.num_tokens - cached, budget)
+        need = self.blocks.blocks_for(cached + n) - len(found)
+        if need > self.blocks.free_after_pinning(found):
+            return None
+        hit = self.blocks.pin(keys[: len(found)], found, queried=len(seq.token_ids) - 1)
+        self.waiting.popleft()
+        seq.block_table = hit.state + self.blocks.allocate(need)
+        seq.num_computed = hit.num_tokens
+        self._run(seq)
+        return n
 
     def _run(self, seq: Sequence) -> None:
         request = seq.request
@@ -148,22 +208,28 @@ class Scheduler:
         seq.request.status = RequestStatus.WAITING
         self.waiting.appendleft(seq)
 
+    # ------------------------------------------------------------ after the forward pass
+
+    def advance(self, seq: Sequence, n: int) -> None:
+        """`n` more of `seq`'s tokens are in the pool. The blocks they filled are named, so
+        the prefix cache can find them: only the new ones are hashed, the chain going on from
+        the name of the block before them."""
+        size = self.blocks.block_size
+        before = seq.num_computed // size
+        seq.num_computed += n
+        after = seq.num_computed // size
+        if after > before:
+            parent = self.blocks.name_of(seq.block_table[before - 1]) if before else b""
+            keys = block_hashes(seq.token_ids[before * size : after * size], size, parent)
+            self.blocks.name(keys, seq.block_table[before:after])
+
     def finish(self, seq: Sequence) -> None:
         """Take a finished or cancelled sequence out, wherever it is, and free its blocks."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if self._blocked is not None and self._blocked[0] is seq:
+            self._blocked = None
         self.blocks.free(seq.block_table)
         seq.reset()
-
-    def name_full_blocks(self, seq: Sequence) -> None:
-        """Offer blocks that the last iteration filled to the prefix cache. Only the new blocks
-        are hashed: the chain goes on from the name of the last block already named."""
-        size = self.blocks.block_size
-        named, full = len(seq.block_names), seq.num_computed // size
-        if full > named:
-            parent = seq.block_names[-1] if seq.block_names else b""
-            keys = block_hashes(seq.token_ids[named * size : full * size], size, parent)
-            self.blocks.name(keys, seq.block_table[named:full])
-            seq.block_names += keys

@@ -16,8 +16,7 @@ class Sequence:
     def __init__(self, request: Request) -> None:
         self.request = request
         self.num_computed = 0  # leading tokens whose K/V are in the pool
-        self.block_table: list[int] = []  # block ids, in token order
-        self.block_names: list[bytes] = []  # chained hashes of the leading full blocks, named
+        self.block_table: list[int] = []  # block ids, in token order (their names: blocks)
         self.num_preemptions = 0
 
     @property
@@ -37,4 +36,3 @@ class Sequence:
         """Forget the cache state (after preemption); the request keeps the tokens."""
         self.block_table = []
         self.num_computed = 0
-        self.block_names = []

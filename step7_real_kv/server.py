@@ -16,23 +16,18 @@ from dataclasses import dataclass
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from common.api import BackgroundEngine, Observers
+from common.api import Observers
 from common.app import create_app
 from common.config import ServerConfig
-from step4_mock_kv.response_cache import CachingEngine, ResponseCacheConfig, make_response_cache
-from step5_observability.metrics import CacheCollector
+from step4_mock_kv.response_cache import ResponseCacheConfig, make_response_cache
+from step5_observability.metrics import CacheCollector, watch_load
 from step5_observability.observability import Observability
 from step5_observability.structured_logs import LogConfig
-from step6_backpressure.admission import (
-    AdmissionCollector,
-    AdmissionConfig,
-    AdmittingEngine,
-    BodyLimitMiddleware,
-    LimitedServing,
-)
+from step6_backpressure.admission import AdmissionCollector, AdmissionConfig, BodyLimitMiddleware
 from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_gracefully
+from step6_backpressure.server import pipeline
 from step7_real_kv.engine import EngineConfig, KVCollector, PagedEngine
-from step7_real_kv.kv_admission import KVAdmission
+from step7_real_kv.kv_admission import KVAdmission, PoolServing
 
 
 @dataclass(frozen=True)
@@ -52,25 +47,28 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         engine = PagedEngine(lm, config)  # KV pool, block manager, scheduler, model runner
         engine.batch_size_hooks.append(observability.metrics.batch_size.observe)
         response_cache = make_response_cache(config, config.served_model_name)
-        served: BackgroundEngine = engine
-        if response_cache is not None:
-            served = CachingEngine(engine, response_cache)
-        admission = KVAdmission(config, engine.scheduler)
+        admission = KVAdmission(config, engine, lifecycle)
+        watch_load(engine, observability.metrics)
         observability.watch(
             CacheCollector(engine.blocks, response_cache),  # the block manager is the prefix cache
             AdmissionCollector(admission),
             KVCollector(engine),
         )
-        served = AdmittingEngine(served, admission)
-        served.start()
-        observer = Observers(admission, observability.observer)
-        app.state.serving = LimitedServing(
-            config, lm.tokenizer, lm.max_model_len, served, observer, limits=config
+        engine.start()
+        app.state.serving = PoolServing(
+            config,
+            lm.tokenizer,
+            lm.max_model_len,
+            engine,
+            Observers(admission, observability.observer),
+            pipeline=pipeline(response_cache, admission, engine),  # step 6's order
+            limits=config,
         )
-        lifecycle.admission = admission
-        async with observability.stats_log():
+        async with observability.stats_log(), lifecycle.serving(admission):
             yield
-        await served.stop()
+        if response_cache is not None:
+            await response_cache.flush()
+        await engine.stop()
 
     routes = [*observability.routes, *lifecycle.routes]
     middleware = [

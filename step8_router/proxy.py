@@ -14,6 +14,10 @@
   it is complete is a 502. A request whose replica already had it is not retried.
 
 Every answer a replica gave carries `X-Upstream: host:port`.
+
+The proxy is the router's door too: it owns the count of requests outstanding (per replica), so
+the lifecycle's drain and readiness ask it, and each request's `RequestLog` reports its one
+outcome, its TTFT and its latency to step 5's metrics, as an engine's requests do.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import anyio
@@ -29,10 +35,11 @@ import httpx
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
-from common.api import Outcome, sse_event
+from common.api import EngineLoad, Outcome, sse_event
 from common.errors import APIError
+from step5_observability.metrics import Metrics
 from step5_observability.structured_logs import REQUEST_ID
-from step6_backpressure.admission import AdmissionController
+from step6_backpressure.admission import Draining
 from step8_router.routing import Router
 from step8_router.upstreams import Upstream, UpstreamPool
 
@@ -51,22 +58,35 @@ class Proxy:
         pool: UpstreamPool,
         router: Router,
         client: httpx.AsyncClient,
-        door: AdmissionController,
+        lifecycle: Draining,
         api_key: str = "",
     ) -> None:
-        self.pool, self.router, self.client, self.door = pool, router, client, door
+        self.pool, self.router, self.client, self.lifecycle = pool, router, client, lifecycle
         self.auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.reasons: Counter[str] = Counter()  # refusals, by reason (as step 6's door counts)
 
     def admit(self) -> None:
         """Step 6's door, at the router: it queues nothing, so only the drain closes it."""
-        if self.door.draining:
-            self.door.reasons["rejected:draining"] += 1
+        if self.lifecycle.draining:
+            self.reasons["rejected:draining"] += 1
             headers = {"Retry-After": "1"}
             raise APIError("the server is shutting down; retry elsewhere", 503, headers=headers)
 
-    async def forward(self, http: HTTPRequest, path: str, body: bytes, prompt: str) -> Response:
+    # What step 5's gauges and step 6's lifecycle ask: the requests the replicas have.
+    def load(self) -> EngineLoad:
+        return EngineLoad(running=sum(u.outstanding for u in self.pool.upstreams.values()))
+
+    def in_flight(self) -> int:
+        return self.load().in_flight
+
+    def saturated(self) -> bool:
+        return False  # the replicas say when they are: their 429s
+
+    async def forward(
+        self, http: HTTPRequest, path: str, body: bytes, prompt: str, done: RequestLog
+    ) -> Response:
         """POST `body` to `path` on a replica chosen for `prompt`; the replica's answer."""
-        started, names = time.monotonic(), self.router.names(prompt)
+        names = self.router.names(prompt)
         headers = {k: v for k, v in http.headers.items() if k in FORWARDED} | self.auth
         tried: list[Upstream] = []
         refusals: list[int] = []
@@ -84,8 +104,7 @@ class Proxy:
                 refusals.append(response.status_code)
                 await self.refused(upstream, response)
                 continue
-            request_id = http.headers.get(REQUEST_ID)
-            done = RequestLog(request_id, upstream, len(tried), started)
+            done.upstream, done.attempts = upstream, len(tried)
             if response.headers.get("content-type", "").startswith("text/event-stream"):
                 return self.relay_stream(upstream, response, done)
             return await self.relay_whole(upstream, response, done)
@@ -147,7 +166,7 @@ class Proxy:
         else:
             code, status, message = "upstreams_busy", 429, f"all {len(ready)} replicas are busy"
         message += "; try again later"
-        self.door.reasons[f"rejected:{code}"] += 1
+        self.reasons[f"rejected:{code}"] += 1
         return APIError(message, status, code=code, headers=headers)
 
     async def get(self, path: str) -> Response:
@@ -197,6 +216,8 @@ class Proxy:
         try:
             async for chunk in response.aiter_bytes():
                 end.feed(chunk)
+                if end.tokens_seen:
+                    done.first_token()
                 yield chunk
             if not end.seen:
                 raise httpx.RemoteProtocolError("the stream ended before [DONE]")
@@ -227,11 +248,14 @@ class RelayedStream(StreamingResponse):
 
 
 class StreamEnd:
-    """Watches a relayed stream for its proper end: `data: [DONE]`, or an in-band error event
-    from the replica (which ends it too). Markers may straddle two chunks: a tail is kept."""
+    """Watches a relayed stream for its first token (a chunk with text in it) and its proper
+    end: `data: [DONE]`, or an in-band error event from the replica (which ends it too).
+    Markers may straddle two chunks: a tail is kept."""
+
+    TEXT = re.compile(rb'"(?:content|text)": ?"[^"]')  # a chunk that carries text
 
     def __init__(self) -> None:
-        self.tail, self.done, self.error = b"", False, False
+        self.tail, self.done, self.error, self.tokens_seen = b"", False, False, False
 
     @property
     def seen(self) -> bool:
@@ -241,31 +265,53 @@ class StreamEnd:
         window = self.tail + chunk
         self.done = self.done or b"data: [DONE]" in window
         self.error = self.error or b'data: {"error"' in window
+        self.tokens_seen = self.tokens_seen or self.TEXT.search(window) is not None
         self.tail = window[-16:]
 
 
 class RequestLog:
-    """The request's line in the log and its outcome on its replica, written once, at its end."""
+    """One request at the router, from arrival to its end: its line in the log, its outcome on
+    its replica (once one answered) and in step 5's metrics, written once, when it ends."""
 
-    def __init__(self, request_id: str | None, upstream: Upstream, attempts: int, started: float):
-        self.request_id, self.upstream, self.attempts = request_id, upstream, attempts
-        self.started, self.ended = started, False
+    def __init__(self, metrics: Metrics, request_id: str | None) -> None:
+        self.metrics, self.request_id = metrics, request_id
+        self.started = time.monotonic()
+        self.upstream: Upstream | None = None  # the replica that answered
+        self.attempts = 0
+        self.first_token_time: float | None = None
+        self.ended = False
+
+    def first_token(self) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
 
     def end(self, outcome: Outcome, status: int) -> None:
         """The first call counts; later ones (the same end, seen from outside) do nothing."""
         if self.ended:
             return
         self.ended = True
-        self.upstream.finish(outcome)
+        now = time.monotonic()
+        if self.upstream is not None:
+            self.upstream.finish(outcome)
+        self.metrics.requests.labels(outcome.value, "none").inc()
+        if outcome is Outcome.SUCCESS:
+            # A whole answer reaches the client all at once: its first token comes with it.
+            self.metrics.ttft.observe((self.first_token_time or now) - self.started)
+            self.metrics.e2e.observe(now - self.started)
         fields = {
             "request_id": self.request_id,
             "outcome": outcome.value,
             "status": status,
-            "upstream": self.upstream.name,
+            "upstream": self.upstream.name if self.upstream is not None else None,
             "attempts": self.attempts,
-            "e2e_s": round(time.monotonic() - self.started, 4),
+            "ttft_s": _round(self.first_token_time, self.started),
+            "e2e_s": round(now - self.started, 4),
         }
         log.info("request", extra={"fields": fields})
+
+
+def _round(moment: float | None, start: float) -> float | None:
+    return round(moment - start, 4) if moment is not None else None
 
 
 def relayed_headers(upstream: Upstream, response: httpx.Response) -> dict[str, str]:

@@ -12,34 +12,31 @@ Run: python -m step8_router
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from common import protocol
-from common.api import NO_CACHE, until_disconnect
+from common.api import NO_CACHE, Outcome, off_loop, until_disconnect
 from common.app import ErrorBoundary
 from common.config import ServerConfig
 from common.errors import EXCEPTION_HANDLERS, APIError
 from step4_mock_kv.response_cache import ResponseCacheConfig
-from step5_observability.metrics import CacheCollector
+from step5_observability.metrics import CacheCollector, Metrics, watch_load
 from step5_observability.observability import Observability
-from step5_observability.structured_logs import LogConfig
-from step6_backpressure.admission import (
-    AdmissionCollector,
-    AdmissionConfig,
-    AdmissionController,
-    BodyLimitMiddleware,
-)
+from step5_observability.structured_logs import REQUEST_ID, LogConfig
+from step6_backpressure.admission import AdmissionCollector, AdmissionConfig, BodyLimitMiddleware
 from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_gracefully
 from step8_router.answer_cache import AnswerCache, make_answer_cache
-from step8_router.proxy import Proxy
+from step8_router.proxy import Proxy, RequestLog
 from step8_router.replicas import LocalReplicas
 from step8_router.routing import Router, RoutingConfig, prompt_text
 from step8_router.upstreams import UpstreamCollector, UpstreamConfig, UpstreamPool
@@ -65,6 +62,7 @@ class Fleet:
 
     proxy: Proxy
     cache: AnswerCache | None
+    metrics: Metrics
 
 
 def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
@@ -78,21 +76,24 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         local = None if config.upstreams else LocalReplicas(config, config.replicas)
         async with httpx.AsyncClient(timeout=_timeouts(config), limits=_unbounded()) as client:
             try:
+                started = time.monotonic()
                 if local is not None:
                     pool.set_urls(local.start())
                     await local.wait_ready(pool, client, config.startup_timeout_s)
+                # No model here: the gauge says how long the fleet took to be ready.
+                observability.metrics.model_load.set(time.monotonic() - started)
                 async with polling(pool, client):
-                    door = AdmissionController(config)  # step 6's: its drain switch and counts
+                    proxy = Proxy(pool, router, client, lifecycle, config.upstream_api_key)
                     cache = make_answer_cache(config, config.served_model_name)
+                    watch_load(proxy, observability.metrics)
                     observability.watch(
                         UpstreamCollector(pool),
-                        AdmissionCollector(door),
+                        AdmissionCollector(proxy),
                         CacheCollector(None, cache),
                     )
-                    proxy = Proxy(pool, router, client, door, config.upstream_api_key)
-                    app.state.fleet = Fleet(proxy, cache)
-                    lifecycle.admission = door
-                    yield
+                    app.state.fleet = Fleet(proxy, cache, observability.metrics)
+                    async with lifecycle.serving(proxy):
+                        yield
             finally:
                 if local is not None:
                     local.stop()
@@ -161,10 +162,31 @@ async def completions(http: HTTPRequest) -> Response:
 
 
 async def generate(http: HTTPRequest, path: str, parse) -> Response:
-    """Validate (a bad request never reaches a replica), admit, try the cache, forward."""
+    """Validate (a bad request never reaches a replica), admit, try the cache, forward; one
+    outcome per request, counted by its RequestLog whichever way it ends."""
     state = fleet(http)
+    done = RequestLog(state.metrics, http.headers.get(REQUEST_ID))
+    try:
+        response = await _generate(http, state, path, parse, done)
+    except ClientDisconnect:  # gone while still sending its body
+        done.end(Outcome.CANCELLED, 499)
+        return Response(status_code=499)
+    except APIError as exc:
+        done.end(Outcome.for_status(exc.status), exc.status)
+        raise
+    except Exception:
+        done.end(Outcome.SERVER_ERROR, 500)
+        raise
+    if not isinstance(response, StreamingResponse):  # (a stream ends when it is relayed)
+        status = response.status_code
+        outcome = Outcome.SUCCESS if status == 200 else Outcome.for_status(status)
+        done.end(Outcome.CANCELLED if status == 499 else outcome, status)
+    return response
+
+
+async def _generate(http: HTTPRequest, state: Fleet, path: str, parse, done) -> Response:
     body = await http.body()
-    request = parse(body)
+    request = await off_loop(parse, body)  # a large body is parsed off the event loop
     state.proxy.admit()
     no_cache = any(word in http.headers.get("cache-control", "").lower() for word in NO_CACHE)
     key = state.cache.answer_key(path, body, request, no_cache) if state.cache else None
@@ -172,7 +194,7 @@ async def generate(http: HTTPRequest, path: str, parse) -> Response:
         cached = await state.cache.get_answer(key)
         if cached is not None:
             return Response(cached, media_type="application/json", headers={"X-Cache": "hit"})
-    forwarding = state.proxy.forward(http, path, body, prompt_text(request))
+    forwarding = state.proxy.forward(http, path, body, prompt_text(request), done)
     response = await until_disconnect(http, forwarding)
     if response is None:  # the client left; the replica saw its connection close
         return Response(status_code=499)

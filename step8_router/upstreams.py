@@ -157,6 +157,7 @@ class UpstreamPool:
             upstream.errors["health"] += 1
             why = f"health poll failed: {type(exc).__name__}"
             return self.take_out(upstream, why, unreachable=True)
+        log.debug("poll %s: %d", upstream.url, response.status_code)
         if response.status_code == 200:
             return self.put_back(upstream)
         reason = _reason(response)

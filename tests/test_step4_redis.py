@@ -72,12 +72,10 @@ def test_redis_killed_mid_test_requests_keep_succeeding(tiny_model_dir, redis_se
             response = client.post(CHAT, json=chat(f"during the outage {i}"))
             assert response.status_code == 200
             assert response.json()["choices"][0]["message"]["content"] is not None
-        stats = client.app.state.serving.engine.cache.stats
-    assert stats.errors >= 1
     assert any("response cache get bypassed" in r.message for r in caplog.records)
 
 
-def test_slow_redis_is_bypassed_by_timeout(tiny_model_dir, redis_server):
+def test_slow_redis_is_bypassed_by_timeout(tiny_model_dir, redis_server, caplog):
     with redis_client(tiny_model_dir, redis_server, redis_timeout_s=0.1) as client:
         client.post(CHAT, json=chat("slow"))  # stored while Redis is fast
         wait_for_keys(redis_server)
@@ -92,7 +90,6 @@ def test_slow_redis_is_bypassed_by_timeout(tiny_model_dir, redis_server):
             response = client.post(CHAT, json=chat("slow"))
         finally:
             blocker.join()
-        stats = client.app.state.serving.engine.cache.stats
     assert response.status_code == 200
     assert response.headers["x-cache"] == "miss"  # generated, not served from the cache
-    assert stats.errors >= 1
+    assert any("TimeoutError" in r.message for r in caplog.records)

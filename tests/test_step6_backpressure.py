@@ -3,6 +3,7 @@ overload, disconnect storms, SIGTERM during load, a thousand malformed bodies, R
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
@@ -15,7 +16,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.api import EngineLoad
+from common.errors import APIError
+from common.request import DeltaChannel, Request
+from common.sampling import SamplingParams
 from step6_backpressure.admission import AdmissionConfig, AdmissionController
+from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig
 from tests.conftest import tiny_client
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -51,8 +57,79 @@ def limits(**overrides) -> AdmissionConfig:
     return AdmissionConfig(**{**values, **overrides})
 
 
+class FakeEngine:
+    """An engine as the door sees it: it answers load() and expire(), and owns what it says."""
+
+    def __init__(self) -> None:
+        self.now = EngineLoad()
+        self.expired: list[Request] = []
+        self.started: set[int] = set()  # ids of requests that have started
+
+    def load(self) -> EngineLoad:
+        return self.now
+
+    def expire(self, request: Request, error: APIError) -> bool:
+        if id(request) in self.started:
+            return False
+        self.expired.append(request)
+        request.fail(error)
+        return True
+
+    async def submit(self, request: Request) -> None:
+        pass
+
+
+def door(**overrides) -> tuple[AdmissionController, FakeEngine, Lifecycle]:
+    engine, lifecycle = FakeEngine(), Lifecycle(LifecycleConfig())
+    return AdmissionController(limits(**overrides), engine, lifecycle, 10), engine, lifecycle
+
+
+def a_request(tokenizer, prompt_tokens: int = 5) -> Request:
+    return Request([7] * prompt_tokens, SamplingParams(), 4, tokenizer, {0})
+
+
+def test_the_door_counts_what_the_engine_holds_and_keeps_no_list_of_its_own(tokenizer):
+    async def scenario() -> None:
+        admission, engine, lifecycle = door()  # at most 4 waiting, 100 waiting tokens
+        engine.now = EngineLoad(waiting=3, waiting_tokens=90)
+        admission.admit(a_request(tokenizer, 10))  # 4th waiting, exactly 100 tokens: in
+        engine.now = EngineLoad(waiting=3, waiting_tokens=91)
+        with pytest.raises(APIError) as too_many_tokens:
+            admission.admit(a_request(tokenizer, 10))
+        engine.now = EngineLoad(waiting=4, waiting_tokens=0)
+        with pytest.raises(APIError) as full:
+            admission.admit(a_request(tokenizer, 1))
+        assert (too_many_tokens.value.code, full.value.code) == ("queue_tokens", "queue_full")
+        assert admission.saturated() and admission.in_flight() == 4
+        engine.now = EngineLoad(waiting=0, running=2)
+        assert not admission.saturated() and admission.in_flight() == 2
+        lifecycle.start_drain()  # the lifecycle owns draining; the door asks it
+        with pytest.raises(APIError) as draining:
+            admission.admit(a_request(tokenizer, 1))
+        assert (draining.value.status, draining.value.code) == (503, "draining")
+        assert not hasattr(admission, "live")
+
+    asyncio.run(scenario())
+
+
+def test_a_deadline_asks_the_engine_to_take_out_what_has_not_started(tokenizer):
+    async def scenario() -> tuple[list[Request], Request, Request, int]:
+        admission, engine, _ = door(queue_timeout_s=0.05)
+        waiting, started = a_request(tokenizer), a_request(tokenizer)
+        engine.started.add(id(started))
+        for request in (waiting, started):
+            request.channel = DeltaChannel()
+            admission.admit(request)
+        await asyncio.sleep(0.2)
+        return engine.expired, waiting, started, admission.reasons["timeout:queue"]
+
+    expired, waiting, started, timeouts = asyncio.run(scenario())
+    assert expired == [waiting] and timeouts == 1  # the started one is the engine's to finish
+    assert waiting.finished and not started.finished
+
+
 def test_retry_after_follows_the_drain_rate():
-    admission = AdmissionController(limits(), drain_window_s=10)
+    admission, _, _ = door()
     assert admission.retry_after_s() == 1  # nothing observed yet: come back soon
     now = time.monotonic()
     admission._finished.extend([now] * 5)  # 0.5 requests per second
@@ -211,6 +288,25 @@ def test_a_body_declared_too_large_is_refused_before_it_is_sent(start_server, ti
     status, _, rest = answer.partition("\r\n")
     assert status == "HTTP/1.1 413 Request Entity Too Large" or " 413 " in status, answer
     assert "body_too_large" in rest and "connection: close" in rest.lower()
+    assert httpx.post(server.url + URL, json=body(), timeout=30).status_code == 200
+
+
+@pytest.mark.integration
+def test_a_five_megabyte_body_gets_a_413_the_client_can_read(start_server, tiny_model_dir):
+    """The client is still sending when the server has decided: the rest of the body is read
+    and dropped, so the client reads the 413 instead of a connection reset."""
+    server = start(start_server, tiny_model_dir)  # the default limit: 1 MiB
+    payload = json.dumps(body(prompt="x" * (5 << 20))).encode()
+    for chunked in (False, True):  # with Content-Length, and without (a chunked body)
+        content = iter([payload[i : i + 65536] for i in range(0, len(payload), 65536)])
+        response = httpx.post(
+            server.url + URL,
+            content=content if chunked else payload,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        assert response.status_code == 413, chunked
+        assert response.json()["error"]["code"] == "body_too_large"
     assert httpx.post(server.url + URL, json=body(), timeout=30).status_code == 200
 
 

@@ -11,6 +11,7 @@ import pytest
 from common.errors import APIError
 from common.request import Request
 from common.sampling import SamplingParams
+from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.engine import EngineConfig
 from step7_real_kv.kv_admission import KVAdmission
@@ -32,7 +33,9 @@ def test_kv_admission_counts_free_blocks_and_waiting_prompts(tokenizer):
         blocks = BlockManager(num_blocks=10, block_size=4)
         held = blocks.allocate(7)  # running sequences hold 7 of the 10 blocks
         scheduler = Scheduler(blocks, EngineConfig(block_size=4, num_kv_blocks=10))
-        admission = KVAdmission(limits(), scheduler)  # at most 4 waiting, 100 tokens
+        lifecycle = Lifecycle(LifecycleConfig())
+        # The scheduler answers what the door asks of an engine: load, kv_demand, expire.
+        admission = KVAdmission(limits(), scheduler, lifecycle)  # at most 4 waiting, 100 tokens
 
         def admit(r: Request) -> None:  # as the server does: admission, then the engine's queue
             admission.admit(r)
@@ -54,7 +57,7 @@ def test_kv_admission_counts_free_blocks_and_waiting_prompts(tokenizer):
         assert admission.reasons["rejected:kv_blocks"] == 3
 
         assert rejected(admission, 16).code == "kv_blocks"  # 7 waiting + 4 > 10 free
-        admission.draining = True  # draining outranks a full pool: 503, not 429
+        lifecycle.start_drain()  # draining outranks a full pool: 503, not 429
         assert rejected(admission, 16).status == 503
 
     asyncio.run(scenario())

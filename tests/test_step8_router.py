@@ -171,6 +171,31 @@ def test_the_router_answers_a_repeated_greedy_request_from_its_cache(router, rep
     assert metric(router.url, "gateway_response_cache_hits_total") >= 1
 
 
+def test_the_routers_own_metrics_count_its_requests(replicas, tmp_path):
+    """Step 5's metrics at the router: one outcome per request, TTFT and e2e observed, however
+    the request ended (a replica's answer, a stream, the cache, or the router's own 400)."""
+    router = router_for(tmp_path / "router.log", replicas)
+    try:
+        url = router.url + "/v1/completions"
+        body = completion("Counted at the router", max_tokens=6)
+        assert httpx.post(url, json=body, timeout=60).status_code == 200  # relayed whole
+        assert httpx.post(url, json=body, timeout=60).headers["x-cache"] == "hit"
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as stream:
+            assert stream.status_code == 200
+            streamed_text(stream.iter_lines())
+        assert httpx.post(url, content=b"{oops", timeout=10).status_code == 400
+        assert metric(router.url, "gateway_requests_total", outcome="success") == 3
+        assert metric(router.url, "gateway_requests_total", outcome="client_error") == 1
+        assert metric(router.url, "gateway_time_to_first_token_seconds_count") == 3
+        assert metric(router.url, "gateway_e2e_request_latency_seconds_count") == 3
+        assert metric(router.url, "gateway_requests_running") == 0
+        assert metric(router.url, "gateway_model_load_seconds") > 0  # the fleet's start-up
+        log = router.log()
+        assert "/health/ready" not in log  # the readiness polls log at debug, not info
+    finally:
+        router.stop()
+
+
 def test_two_routers_share_one_answer_cache_in_redis(replicas, redis_server, tmp_path):
     """Step 4's Redis backend in front of the fleet: what router A stored, router B serves."""
     routers = [

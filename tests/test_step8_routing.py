@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from common import protocol
-from step6_backpressure.admission import AdmissionController
+from step6_backpressure.lifecycle import Lifecycle
 from step8_router.proxy import Proxy, StreamEnd, _retry_after_s
 from step8_router.replicas import engine_env
 from step8_router.routing import (
@@ -274,8 +274,7 @@ def test_a_dns_name_gives_one_upstream_per_address():
 
 def test_the_fleets_refusal_says_429_while_any_replica_is_only_busy():
     pool, _ = pool_of(A, B)
-    door = AdmissionController(Config())
-    proxy = Proxy(pool, Router(config()), httpx.AsyncClient(), door)
+    proxy = Proxy(pool, Router(config()), httpx.AsyncClient(), Lifecycle(Config()))
     none_ready = proxy.unavailable([])
     assert (none_ready.status, none_ready.code) == (503, "no_upstream")
     for upstream in pool.upstreams.values():
@@ -286,7 +285,7 @@ def test_the_fleets_refusal_says_429_while_any_replica_is_only_busy():
     draining = proxy.unavailable([503, 503])
     assert (draining.status, draining.code) == (503, "upstreams_unavailable")
     assert proxy.unavailable([503, 429]).status == 429  # one was only busy
-    assert door.reasons == {
+    assert proxy.reasons == {
         "rejected:no_upstream": 1,
         "rejected:upstreams_busy": 2,
         "rejected:upstreams_unavailable": 1,

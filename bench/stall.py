@@ -1,0 +1,201 @@
+"""Does any request stall the others? Healthy streams, timed token by token, while abuse arrives.
+
+    python -m bench.stall --step 7                       # every kind of abuse, one after another
+    python -m bench.stall --step 7 --abuse big-prompts   # one kind
+    python -m bench.stall --url http://127.0.0.1:8000    # a server that is already running
+
+Three greedy streams run for the whole measurement; each records the time of every chunk it
+receives. Meanwhile one kind of abuse is sent, all at once:
+
+- big-prompts: 12 chat requests of about 1 MB of text each (valid JSON, refused for length);
+- many-messages: 6 chat requests of about 28,000 tiny messages each (0.98 MB, under the body
+  limit, refused for length once templated);
+- half-open: 400 connections that send the headers and half of a body, then nothing.
+
+The number reported is the largest gap between two chunks of a healthy stream while the abuse
+was in flight (and, for comparison, the largest gap of the same streams without abuse). The
+goal: under 250 ms each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.servers import StepServer, discover_steps, select_steps
+
+MODEL = "SmolLM2-135M-Instruct"
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+ABUSES = ("big-prompts", "many-messages", "half-open")
+
+
+@dataclass
+class Stream:
+    """One healthy stream: the arrival time of each chunk."""
+
+    times: list[float] = field(default_factory=list)
+
+    def largest_gap(self, start: float, end: float) -> float:
+        """The longest silence between two chunks (or the window's edges) inside [start, end]."""
+        inside = [start] + [t for t in self.times if start <= t <= end]
+        after = [t for t in self.times if t > end]
+        edges = inside + ([after[0]] if after else [])
+        return max((b - a for a, b in zip(edges, edges[1:], strict=False)), default=0.0)
+
+
+def healthy_body(max_tokens: int) -> dict:
+    """A stream that runs to max_tokens: greedy, the model goes on counting."""
+    return {
+        "model": MODEL,
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+
+
+async def run_stream(http: httpx.AsyncClient, url: str, stream: Stream, max_tokens: int) -> None:
+    headers = {"cache-control": "no-cache"}  # generated, never a cached answer
+    body = healthy_body(max_tokens)
+    async with http.stream("POST", url + COMPLETIONS, json=body, headers=headers) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                stream.times.append(time.monotonic())
+
+
+def big_prompt_bodies(count: int, size: int = 1_000_000) -> list[bytes]:
+    text = "lorem ipsum dolor sit amet " * (size // 27)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+    return [json.dumps(body).encode()] * count
+
+
+def many_message_bodies(count: int, messages: int = 28_000) -> list[bytes]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "a"}] * messages}
+    return [json.dumps(body).encode()] * count
+
+
+async def post_all(url: str, bodies: list[bytes]) -> list[int]:
+    """Send every body at once; their statuses (each must be refused, quickly)."""
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(timeout=120) as http:
+        responses = await asyncio.gather(
+            *(http.post(url + CHAT, content=b, headers=headers) for b in bodies)
+        )
+    return [r.status_code for r in responses]
+
+
+async def half_open(url: str, count: int, hold_s: float) -> list[int]:
+    """`count` connections that declare a body, send half of it, and hold still."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(healthy_body(4)).encode()
+    head = (
+        f"POST {COMPLETIONS} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sockets = []
+    for _ in range(count):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(head + body[: len(body) // 2])
+        sockets.append(s)
+    await asyncio.sleep(hold_s)
+    for s in sockets:
+        s.close()
+    return [0] * count
+
+
+async def measure(url: str, abuse: str, streams: int = 3, max_tokens: int = 400) -> dict:
+    """Largest gaps of `streams` healthy streams, in a quiet window and under `abuse`."""
+    results = [Stream() for _ in range(streams)]
+    async with httpx.AsyncClient(timeout=300) as http:
+        tasks = [asyncio.create_task(run_stream(http, url, s, max_tokens)) for s in results]
+        while not all(len(s.times) > 2 for s in results):  # every stream is generating
+            await asyncio.sleep(0.05)
+        quiet_start = time.monotonic()
+        await asyncio.sleep(1.0)
+        start = time.monotonic()
+        statuses = await attack(url, abuse)
+        end = time.monotonic()
+        await asyncio.sleep(0.3)  # a stall that began at the end of the abuse shows too
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finished = [s for s in results if s.times and s.times[-1] >= end]
+    if len(finished) < streams:
+        raise RuntimeError("a healthy stream ended during the abuse: raise max_tokens")
+    return {
+        "abuse": abuse,
+        "abuse_s": round(end - start, 3),
+        "statuses": sorted(set(statuses)),
+        "largest_gap_quiet_s": round(max(s.largest_gap(quiet_start, start) for s in results), 3),
+        "largest_gap_s": round(max(s.largest_gap(start, end + 0.3) for s in results), 3),
+    }
+
+
+async def attack(url: str, abuse: str) -> list[int]:
+    """The abuse, from a process of its own: sent from this one, its work (encoding 12 MB,
+    opening 400 sockets) would delay the reading of the healthy streams it is measuring."""
+    argv = [sys.executable, "-m", "bench.stall", "--url", url, "--attack", abuse]
+    child = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+    out, _ = await child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"the {abuse} attack failed ({child.returncode})")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def send_attack(url: str, abuse: str) -> list[int]:
+    if abuse == "big-prompts":
+        return await post_all(url, big_prompt_bodies(12))
+    if abuse == "many-messages":
+        return await post_all(url, many_message_bodies(6))
+    if abuse == "half-open":
+        return await half_open(url, 400, hold_s=3.0)
+    raise ValueError(f"unknown abuse {abuse!r}; one of {ABUSES}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.stall", description=__doc__.strip())
+    parser.add_argument("--step", default="7", help="the step to start (number or folder)")
+    parser.add_argument("--url", default="", help="measure a running server instead")
+    parser.add_argument("--abuse", default=",".join(ABUSES), help=f"comma-separated: {ABUSES}")
+    parser.add_argument("--goal-ms", type=float, default=250.0, help="the largest gap allowed")
+    parser.add_argument("--attack", default="", help=argparse.SUPPRESS)  # the abuse process
+    args = parser.parse_args(argv)
+    if args.attack:
+        print(json.dumps(asyncio.run(send_attack(args.url.rstrip("/"), args.attack))))
+        return 0
+    server = None
+    url = args.url.rstrip("/")
+    if not url:
+        (step,) = select_steps(discover_steps(), args.step)
+        log = Path(tempfile.mkdtemp(prefix="stall-")) / f"{step}.log"
+        print(f"[stall] starting {step} (log: {log})", flush=True)
+        server = StepServer(step, "float32", log)
+        server.wait_ready(300)
+        url = server.url
+    failed = False
+    try:
+        for abuse in args.abuse.split(","):
+            print(f"[stall] {abuse} ...", flush=True)
+            row = asyncio.run(measure(url, abuse))
+            verdict = "ok" if row["largest_gap_s"] * 1000 < args.goal_ms else "OVER THE GOAL"
+            failed |= verdict != "ok"
+            print(f"[stall] {json.dumps(row)} {verdict}", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Step 7 at its edges: one owner for every piece of state, the request pipeline in its order.
+
+- A cache hit is answered before the door: it gets its 200 even when the KV pool is full.
+- The prefix cache's counters do not move while a blocked request waits.
+- A block's name has one record (the block manager); two sequences that computed the same
+  prefix keep naming their blocks correctly after it.
+- Deadlines, counts and cancellation go through the scheduler, which owns the queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from common.config import ServerConfig
+from common.errors import APIError
+from common.model import load_model
+from common.prefix import block_hashes
+from common.request import RequestStatus
+from step7_real_kv.engine import EngineConfig, PagedEngine
+from tests.engine_helpers import drain, make_request
+from tests.test_step6_backpressure import metric
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    return load_model(ServerConfig(model=str(tiny_model_dir)))
+
+
+def test_prefix_cache_counters_do_not_move_while_a_blocked_request_waits(tiny_lm):
+    async def go():
+        engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=6))
+        running = make_request(tiny_lm, list(range(100, 116)), 4)  # 16 tokens: 4 of 6 blocks
+        await engine.submit(running)
+        await engine.step()  # it runs, and holds 5 blocks once its first token is in
+        blocked = make_request(tiny_lm, list(range(200, 212)), 4)  # 3 blocks: no room
+        await engine.submit(blocked)
+        stats = engine.blocks.stats
+        before = (stats.queried_tokens, stats.hit_tokens)
+        steps = 0
+        while blocked.status is RequestStatus.WAITING:
+            assert (stats.queried_tokens, stats.hit_tokens) == before, f"after {steps} steps"
+            await engine.step()
+            steps += 1
+        assert steps > 1  # it really waited, iteration after iteration
+        while engine.scheduler.has_work:
+            await engine.step()
+        return before, (stats.queried_tokens, stats.hit_tokens), blocked
+
+    before, after, blocked = asyncio.run(go())
+    assert after[0] - before[0] == blocked.num_prompt_tokens - 1  # looked up once, when let in
+
+
+def test_a_prefix_computed_twice_keeps_one_record_of_each_blocks_name(tiny_lm):
+    """Two sequences with the same prompt start in the same iteration: neither finds the
+    other's blocks, both compute them. The first block of each name is the findable one; the
+    second keeps its own name, so its sequence's later blocks chain on correctly."""
+    prompt = list(range(300, 312))  # 3 full blocks of 4
+
+    async def go():
+        engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=32))
+        twins = [make_request(tiny_lm, prompt, 9) for _ in range(2)]
+        for request in twins:
+            await engine.submit(request)
+        tables: dict[int, list[int]] = {}
+        while engine.scheduler.has_work:
+            await engine.step()
+            for i, seq in enumerate(engine.scheduler.running):
+                tables[i] = list(seq.block_table)  # the last table each one had
+        return engine, twins, [tables[0], tables[1]]
+
+    engine, twins, tables = asyncio.run(go())
+    assert twins[0].output_ids == twins[1].output_ids
+    assert tables[0][:3] != tables[1][:3]  # the prompt was computed twice, in other blocks
+    chain = block_hashes(twins[0].token_ids, 4)  # every full block's name, in order
+    for table in tables:  # each block knows its own name, the second twin's blocks too
+        full = table[: len(chain)]
+        assert [engine.blocks.block_hash[b] for b in full] == chain[: len(full)]
+    assert [engine.blocks.by_hash[k] for k in chain[:3]] == tables[0][:3]  # the first is found
+
+
+def test_the_scheduler_owns_the_deadline_of_a_waiting_request(tiny_lm):
+    """A request that has not started is taken out and failed; a running one is not."""
+
+    async def go():
+        engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=64))
+        first, second = make_request(tiny_lm, "Hello", 6), make_request(tiny_lm, "Hi", 6)
+        await engine.submit(first)
+        await engine.step()  # first runs
+        await engine.submit(second)  # second waits
+        error = APIError("late", 503, code="queue_timeout")
+        assert engine.load().waiting == 1 and engine.load().running == 1
+        assert not engine.expire(first, error)  # started: the engine finishes it
+        assert engine.expire(second, error)
+        assert engine.load().waiting == 0
+        with pytest.raises(APIError):
+            await drain(second)
+        while engine.scheduler.has_work:
+            await engine.step()
+        return first
+
+    assert asyncio.run(go()).status is RequestStatus.FINISHED
+
+
+def test_a_cancelled_request_stops_counting_at_once_and_the_engine_records_it(tiny_lm):
+    async def go():
+        engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=64))
+        request = make_request(tiny_lm, "Hello there", 50)
+        await engine.submit(request)
+        await engine.step()
+        request.cancel()  # the client left: only the flag is raised
+        counted = engine.load().running
+        status = request.status
+        await engine.step()  # the engine lets go of it, and records why
+        return counted, status, request.status, engine.blocks.num_free
+
+    counted, status_at_cancel, status_after, free = asyncio.run(go())
+    assert counted == 0 and status_at_cancel is RequestStatus.RUNNING
+    assert status_after is RequestStatus.CANCELLED and free == 64
+
+
+@pytest.mark.integration
+def test_a_cache_hit_gets_its_200_while_the_kv_pool_is_full(start_server, tokenizer):
+    """The pipeline: validate -> response cache -> admission -> engine. A repeated greedy
+    request is answered from the cache without asking the door for KV blocks."""
+    server = start_server(
+        "step7_real_kv",
+        GATEWAY_NUM_KV_BLOCKS="8",  # 8 blocks x 16 slots = 128 tokens in all
+        GATEWAY_BLOCK_SIZE="16",
+    )
+    model = "SmolLM2-135M-Instruct"
+    small = {"model": model, "prompt": " pear" * 40, "max_tokens": 4, "temperature": 0}
+    other = {**small, "prompt": " plum" * 40}
+    busy = {**small, "prompt": " apple" * 90, "max_tokens": 30, "stream": True}
+    url = server.url + "/v1/completions"
+    no_cache = {"cache-control": "no-cache"}
+    with httpx.Client(timeout=120) as http:
+        first = http.post(url, json=small)  # generated, then stored
+        with http.stream("POST", url, json=busy, headers=no_cache) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data:"))  # holding 6 blocks
+            refused = http.post(url, json=other)  # would need 3 blocks: 429 kv_blocks
+            repeated = http.post(url, json=small)  # the cache answers: no blocks needed
+            for _ in lines:
+                pass
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "kv_blocks"
+    assert repeated.status_code == 200 and repeated.headers["x-cache"] == "hit"
+    assert repeated.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    assert metric(server.url, "gateway_admission_events_total", reason="rejected:kv_blocks") == 1
+
+
+@pytest.mark.integration
+def test_the_server_says_which_backends_it_runs(start_server, tiny_model_dir):
+    server = start_server("step7_real_kv", GATEWAY_MODEL=str(tiny_model_dir))
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    info = [line for line in text.splitlines() if line.startswith("gateway_engine_info{")]
+    assert len(info) == 1 and 'device="cpu"' in info[0], info
+    backends = "kernels=" + info[0].split('kernels="')[1].split('"')[0]
+    assert backends in server.log()  # and its start-up log line says the same
+
+
+@pytest.mark.integration
+def test_required_kernels_that_cannot_load_stop_the_start_up(
+    start_server, tiny_model_dir, tmp_path
+):
+    env = {
+        "GATEWAY_MODEL": str(tiny_model_dir),
+        "GATEWAY_KERNELS": "cpp",
+        "GATEWAY_CACHE_DIR": str(tmp_path / "empty-cache"),  # no build here
+        "CXX": "/bin/false",  # and none can be made
+    }
+    with pytest.raises(RuntimeError) as exited:
+        start_server("step7_real_kv", **env)
+    assert "C++ kernels are required" in str(exited.value)
