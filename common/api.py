@@ -12,6 +12,7 @@ what happens between submit and the deltas.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import functools
 import json
@@ -19,10 +20,10 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
@@ -32,8 +33,11 @@ from starlette.routing import Route
 from common import protocol
 from common.config import ServerConfig
 from common.errors import APIError
+from common.formats import ChatFormat, Choice, TextFormat, token_text
+from common.grammar import grammars_for, json_grammar
 from common.protocol import GenerationRequest
-from common.request import DeltaChannel, Request
+from common.request import Delta, DeltaChannel, Request
+from common.tools import tool_grammar, with_tools
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -162,10 +166,16 @@ class Serving:
         self.check_prompt(least, "messages", at_least=True)
 
     def make_request(
-        self, prompt_ids: list[int], params: GenerationRequest, rid: str, prompt_param: str
+        self,
+        prompt_ids: list[int],
+        params: GenerationRequest,
+        rid: str,
+        prompt_param: str,
+        **choice: Any,
     ) -> Request:
-        """The request to submit, once the prompt fits; `prompt_param` names the prompt's field
-        (messages or prompt) in errors."""
+        """One choice of the request to submit, once the prompt fits; `prompt_param` names the
+        prompt's field (messages or prompt) in errors; `choice`: its index, channel, grammar
+        (and the grammar's constraint)."""
         if params.model != self.config.served_model_name:
             raise APIError(
                 f"model '{params.model}' does not exist; this server serves "
@@ -183,14 +193,20 @@ class Serving:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        index = choice.get("index", 0)
+        sampling = dataclasses.replace(params.sampling(), grammar=choice.get("grammar"))
+        if sampling.seed is not None and index:  # choice i: seed + i, within a seed's range
+            sampling = dataclasses.replace(sampling, seed=(sampling.seed + index) % 2**63)
         return Request(
             prompt_ids,
-            params.sampling(),
+            sampling,
             max_tokens,
             self.tokenizer,
             self.eos_token_ids,
             rid,
-            channel=DeltaChannel(),
+            channel=choice.get("channel") or DeltaChannel(),
+            constraint=choice.get("constraint"),
+            index=index,
         )
 
 
@@ -252,9 +268,9 @@ def _positive_seconds(raw: str) -> float:
 
 
 def usage(request: Request) -> dict:
-    return protocol.usage(
-        request.num_prompt_tokens, request.num_output_tokens, request.cached_prompt_tokens
-    )
+    """For the whole API request: the prompt once, the tokens of every choice."""
+    generated = sum(choice.num_output_tokens for choice in request.siblings)
+    return protocol.usage(request.num_prompt_tokens, generated, request.cached_prompt_tokens)
 
 
 def response_headers(request: Request) -> dict[str, str]:
@@ -282,70 +298,134 @@ async def off_loop(fn: Callable[..., T], *args: object) -> T:
 
 
 async def _prepare_chat(http: HTTPRequest, state: Serving):
-    parsed, prompt_ids = await off_loop(_tokenize_chat, await http.body(), state)
+    parsed, prompt_ids, grammar = await off_loop(_tokenize_chat, await http.body(), state)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    request = state.make_request(prompt_ids, parsed, rid, prompt_param="messages")
-    return request, parsed, _ChatFormat(rid, parsed)
+    choices = make_choices(state, prompt_ids, parsed, rid, "messages", grammar)
+    return choices, parsed, ChatFormat(rid, parsed, state.tokenizer)
 
 
-def _tokenize_chat(body: bytes, state: Serving) -> tuple[protocol.ChatCompletionRequest, list]:
+def _tokenize_chat(body: bytes, state: Serving):
     """On a worker thread: count, parse, bound, template, bound again, tokenize; each bound
-    refuses a prompt that must be too long before the next, costlier stage runs."""
+    refuses a prompt that must be too long before the next, costlier stage runs. Then the
+    grammar, if the answer must follow one, is compiled (once per distinct grammar)."""
     count = protocol.count_messages(body)
     if count is not None:  # before the full parse, which costs ~5 us a message
         state.check_message_count(count)
     parsed = protocol.parse_chat_request(body)
     messages = [message.as_dict() for message in parsed.messages]
     state.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
-    text = cast(
-        str,
-        state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-    )
-    state.check_prompt_chars(len(text), "messages")
+    prompt_ids = chat_prompt_ids(state, messages, parsed.tools)
+    return parsed, prompt_ids, _grammar(state, parsed)
+
+
+def chat_prompt_ids(state: Serving, messages: list[dict[str, str]], tools=(), **template):
+    """The chat template's prompt for `messages` (and `tools`), bounded, then tokenized."""
+    arguments = with_tools(messages, list(tools), state.tokenizer.chat_template or "")
+    text = state.tokenizer.apply_chat_template(
+        **arguments, add_generation_prompt=template.get("add_generation_prompt", True),
+        tokenize=False,
+    )  # fmt: skip
+    state.check_prompt_chars(len(cast(str, text)), "messages")
     # As apply_chat_template(tokenize=True) does: the template writes the special tokens.
-    return parsed, state.tokenizer.encode(text, add_special_tokens=False)
+    return state.tokenizer.encode(cast(str, text), add_special_tokens=False)
 
 
 async def _prepare_completion(http: HTTPRequest, state: Serving):
-    parsed, prompt_ids = await off_loop(_tokenize_completion, await http.body(), state)
+    parsed, prompt_ids, grammar = await off_loop(_tokenize_completion, await http.body(), state)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    request = state.make_request(prompt_ids, parsed, rid, prompt_param="prompt")
-    return request, parsed, _TextFormat(rid, parsed)
+    choices = make_choices(state, prompt_ids, parsed, rid, "prompt", grammar)
+    return choices, parsed, TextFormat(rid, parsed, state.tokenizer)
 
 
-def _tokenize_completion(body: bytes, state: Serving) -> tuple[protocol.CompletionRequest, list]:
+def _tokenize_completion(body: bytes, state: Serving):
     parsed = protocol.parse_completion_request(body)
     if not isinstance(parsed.prompt, str):
         prompt_ids = [int(t) for t in parsed.prompt]
-        if max(prompt_ids) >= len(state.tokenizer):
-            raise APIError("'prompt' has token ids outside the vocabulary", param="prompt")
-        return parsed, prompt_ids
-    state.check_prompt_chars(len(parsed.prompt), "prompt")
-    return parsed, state.tokenizer.encode(parsed.prompt, add_special_tokens=False)
+        _check_token_ids(state, prompt_ids, "prompt")
+    else:
+        state.check_prompt_chars(len(parsed.prompt), "prompt")
+        prompt_ids = state.tokenizer.encode(parsed.prompt, add_special_tokens=False)
+    return parsed, prompt_ids, _grammar(state, parsed)
+
+
+def _check_token_ids(state: Serving, ids, param: str) -> None:
+    if ids and max(ids) >= len(state.tokenizer):
+        raise APIError(f"'{param}' has token ids outside the vocabulary", param=param)
+
+
+def _grammar(state: Serving, parsed: GenerationRequest) -> str | None:
+    """The grammar the answer must follow (tools first, then response_format), compiled once
+    here (a 400 if it cannot be); and the logit_bias keys checked against the vocabulary."""
+    _check_token_ids(state, [int(k) for k in parsed.logit_bias], "logit_bias")
+    grammar, param = None, "response_format"
+    if isinstance(parsed, protocol.ChatCompletionRequest):
+        grammar, param = tool_grammar(parsed), "tools"
+    fmt = parsed.response_format
+    if grammar is None and fmt is not None and fmt.type != "text":
+        param = "response_format"
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+        try:
+            grammar = json_grammar(schema)
+        except ValueError as exc:
+            raise APIError(f"'response_format' has no usable schema: {exc}", param=param) from None
+    if grammar is not None:
+        grammars_for(state.tokenizer).compiled(grammar, param)
+    return grammar
+
+
+def make_choices(
+    state: Serving, prompt_ids: list[int], parsed, rid: str, param: str, grammar: str | None
+) -> list[Request]:
+    """The request's n choices: one Request each, the same prompt, one channel for their
+    deltas, each its own sampler and grammar state. A seeded request's choice i draws from seed
+    + i, so the same request gives the same n answers every time."""
+    channel = DeltaChannel()
+    choices = []
+    for index in range(parsed.n):
+        constraint = None
+        if grammar is not None:
+            constraint = grammars_for(state.tokenizer).constraint(grammar, "response_format")
+        choices.append(
+            state.make_request(
+                prompt_ids,
+                parsed,
+                rid,
+                param,
+                channel=channel,
+                constraint=constraint,
+                index=index,
+                grammar=grammar,
+            )  # fmt: skip
+        )
+    for choice in choices:
+        choice.siblings = choices
+    return choices
 
 
 async def _generate(http: HTTPRequest, prepare) -> Response:
     """Validate, submit, answer; report exactly one outcome to the observer."""
     arrival = time.monotonic()  # latencies count from here, body parsing included
-    state, request = None, None
+    state, first = None, None
     try:
         state = serving(http)
-        request, params, fmt = await prepare(http, state)
-        request.arrival_time = arrival
-        read_headers(http, request)
-        state.observer.on_start(http, request)
-        return await _respond(http, state, request, params, fmt)
+        choices, params, fmt = await prepare(http, state)
+        first = choices[0]
+        for choice in choices:
+            choice.arrival_time = arrival
+            read_headers(http, choice)
+        state.observer.on_start(http, first)
+        return await _respond(http, state, choices, params, fmt)
     except ClientDisconnect:  # gone while still sending its body: nobody to answer
         if state is not None:
-            state.observer.on_end(http, Outcome.CANCELLED, request)
+            state.observer.on_end(http, Outcome.CANCELLED, first)
         return Response(status_code=499)
     except APIError as exc:
         if state is not None:
-            state.observer.on_end(http, Outcome.for_status(exc.status), request)
+            state.observer.on_end(http, Outcome.for_status(exc.status), first)
         raise
     except Exception:
         if state is not None:
-            state.observer.on_end(http, Outcome.SERVER_ERROR, request)
+            state.observer.on_end(http, Outcome.SERVER_ERROR, first)
         raise
 
 
@@ -360,76 +440,117 @@ async def health(http: HTTPRequest) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def tokenize(http: HTTPRequest) -> Response:
+    """vLLM's POST /tokenize: a prompt, or chat messages through the template, to token ids."""
+    state = serving(http)
+    parsed = await off_loop(protocol.parse_tokenize_request, await http.body())
+    _check_model(state, parsed.model)
+    return JSONResponse(await off_loop(_tokenized, state, parsed))
+
+
+def _tokenized(state: Serving, parsed: protocol.TokenizeRequest) -> dict:
+    if parsed.messages is not None:
+        messages = [m.as_dict() for m in parsed.messages]
+        state.check_message_count(len(messages))
+        state.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        ids = chat_prompt_ids(
+            state, messages, parsed.tools, add_generation_prompt=parsed.add_generation_prompt
+        )
+    else:
+        prompt = parsed.prompt or ""
+        state.check_prompt_chars(len(prompt), "prompt")
+        ids = state.tokenizer.encode(prompt, add_special_tokens=parsed.add_special_tokens)
+    strings = [token_text(state.tokenizer, t) for t in ids] if parsed.return_token_strs else None
+    return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
+            "token_strs": strings}  # fmt: skip
+
+
+async def detokenize(http: HTTPRequest) -> Response:
+    """vLLM's POST /detokenize: token ids to text."""
+    state = serving(http)
+    parsed = await off_loop(protocol.parse_detokenize_request, await http.body())
+    _check_model(state, parsed.model)
+    _check_token_ids(state, parsed.tokens, "tokens")
+    return JSONResponse({"prompt": state.tokenizer.decode(parsed.tokens)})
+
+
+def _check_model(state: Serving, model: str | None) -> None:
+    if model is not None and model != state.config.served_model_name:
+        raise APIError(f"model '{model}' does not exist", param="model", code="model_not_found")
+
+
 ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/tokenize", tokenize, methods=["POST"]),
+    Route("/detokenize", detokenize, methods=["POST"]),
 ]
 
 
-# ---------------------------------------------------------------- response shaping
+# ---------------------------------------------------------------- answering
 
 
-class _ChatFormat:
-    def __init__(self, rid: str, params: GenerationRequest) -> None:
-        self.rid, self.model, self.kind = rid, params.model, "chat.completion.chunk"
-
-    def whole(self, text: str, finish: str, use: dict) -> dict:
-        return protocol.chat_response(self.rid, self.model, text, finish, use)
-
-    def first_chunk(self) -> dict | None:
-        return protocol.chat_chunk(self.rid, self.model, {"role": "assistant", "content": ""}, None)
-
-    def chunk(self, text: str, finish: str | None) -> dict:
-        delta = {"content": text} if text else {}
-        return protocol.chat_chunk(self.rid, self.model, delta, finish)
-
-
-class _TextFormat:
-    def __init__(self, rid: str, params: GenerationRequest) -> None:
-        self.rid, self.model, self.kind = rid, params.model, "text_completion"
-
-    def whole(self, text: str, finish: str, use: dict) -> dict:
-        return protocol.completion_response(self.rid, self.model, text, finish, use)
-
-    def first_chunk(self) -> dict | None:
-        return None
-
-    def chunk(self, text: str, finish: str | None) -> dict:
-        return protocol.completion_response(self.rid, self.model, text, finish)
-
-
-async def _respond(http, state: Serving, request: Request, params, fmt) -> Response:
-    await state.submit(request)
+async def _respond(http, state: Serving, choices: list[Request], params, fmt) -> Response:
+    await _submit_all(state, choices)
+    first = choices[0]
     if params.stream:
-        events = _sse(http, state, request, fmt, params.include_usage)
-        headers = {**_SSE_HEADERS, **response_headers(request)}
+        events = _sse(http, state, choices, fmt, params.include_usage)
+        headers = {**_SSE_HEADERS, **response_headers(first)}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    result = await _until_done_or_disconnect(http, request, _collect(request))
+    result = await until_disconnect(http, _collect(choices), on_disconnect=_cancel_all(choices))
     if result is None:  # nobody is listening any more
-        state.observer.on_end(http, Outcome.CANCELLED, request)
+        state.observer.on_end(http, Outcome.CANCELLED, first)
         return Response(status_code=499)
-    text, finish = result
-    use = usage(request)
-    state.observer.on_end(http, Outcome.SUCCESS, request)
-    return JSONResponse(fmt.whole(text, finish, use), headers=response_headers(request))
+    use = usage(first)
+    state.observer.on_end(http, Outcome.SUCCESS, first)
+    return JSONResponse(fmt.whole(result, use), headers=response_headers(first))
+
+
+async def _submit_all(state: Serving, choices: list[Request]) -> None:
+    """Every choice through the pipeline; if one is refused, the others are called off."""
+    try:
+        for choice in choices:
+            await state.submit(choice)
+    except BaseException:
+        _cancel_all(choices)()
+        raise
+
+
+def _cancel_all(choices: list[Request]) -> Callable[[], None]:
+    def cancel() -> None:
+        for choice in choices:
+            choice.cancel()
+
+    return cancel
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _collect(request: Request) -> tuple[str, str]:
-    parts, finish = [], "stop"
-    async for delta in request.deltas():
-        parts.append(delta.text)
-        finish = delta.finish_reason or finish
-    return "".join(parts), finish
+async def choice_deltas(choices: list[Request]) -> AsyncIterator[Delta]:
+    """Every delta of every choice, as they come, until each choice has ended; a choice's
+    error is raised."""
+    channel = choices[0].channel
+    assert channel is not None
+    running = len(choices)
+    while running:
+        delta = await channel.receive()
+        if delta.error is not None:
+            raise delta.error
+        yield delta
+        running -= delta.finish_reason is not None
 
 
-async def _until_done_or_disconnect(http: HTTPRequest, request: Request, work):
-    """Await `work`; if the client hangs up first, cancel the request and return None."""
-    return await until_disconnect(http, work, on_disconnect=request.cancel)
+async def _collect(choices: list[Request]) -> list[Choice]:
+    collected = [Choice(i) for i in range(len(choices))]
+    async for delta in choice_deltas(choices):
+        choice = collected[delta.index]
+        choice.text += delta.text
+        choice.logprobs += delta.logprobs
+        choice.finish_reason = delta.finish_reason or choice.finish_reason
+    return collected
 
 
 async def until_disconnect(
@@ -456,17 +577,17 @@ async def _wait_disconnect(receive: Callable) -> None:
         pass
 
 
-async def _sse(http, state: Serving, request: Request, fmt, include_usage: bool):
+async def _sse(http, state: Serving, choices: list[Request], fmt, include_usage: bool):
     outcome = Outcome.CANCELLED  # unless the stream gets to its end
+    first = choices[0]
     try:
-        first = fmt.first_chunk()
-        if first is not None:
-            yield sse_event(first)
-        async for delta in request.deltas():
-            if delta.text or delta.finish_reason:
-                yield sse_event(fmt.chunk(delta.text, delta.finish_reason))
+        for chunk in fmt.first_chunks(len(choices)):
+            yield sse_event(chunk)
+        async for delta in choice_deltas(choices):
+            for chunk in fmt.chunks(delta.index, delta.text, delta.finish_reason, delta.logprobs):
+                yield sse_event(chunk)
         if include_usage:
-            use = usage(request)
+            use = usage(first)
             yield sse_event(protocol.usage_chunk(fmt.kind, fmt.rid, fmt.model, use))
         yield "data: [DONE]\n\n"
         outcome = Outcome.SUCCESS
@@ -475,11 +596,11 @@ async def _sse(http, state: Serving, request: Request, fmt, include_usage: bool)
         yield sse_event(exc.body())
     except Exception as exc:  # report in-band, as OpenAI does
         outcome = Outcome.SERVER_ERROR
-        log.exception("stream %s failed", request.request_id)
+        log.exception("stream %s failed", first.request_id)
         yield sse_event(APIError(f"generation failed: {type(exc).__name__}", 500).body())
     finally:
-        request.cancel()  # a no-op when finished; stops the worker when the client left
-        state.observer.on_end(http, outcome, request)
+        _cancel_all(choices)()  # a no-op when finished; stops the worker when the client left
+        state.observer.on_end(http, outcome, first)
 
 
 def sse_event(payload: dict) -> str:

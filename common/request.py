@@ -24,12 +24,16 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.detokenize import IncrementalDetokenizer, StopMatcher
-from common.sampling import Sampler, SamplingParams
+from common.sampling import Sampler, SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from common.grammar import Constraint
 
 _ids = itertools.count()
 log = logging.getLogger("gateway")
@@ -47,6 +51,8 @@ class Delta:
     text: str
     finish_reason: str | None = None  # "stop" | "length" on the last delta
     error: BaseException | None = None
+    index: int = 0  # which of the request's choices (n > 1) it belongs to
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of the tokens since the last
 
 
 class DeltaChannel:
@@ -78,12 +84,17 @@ class Request:
         eos_token_ids: set[int],
         request_id: str | None = None,
         channel: DeltaChannel | None = None,
+        constraint: Constraint | None = None,
+        index: int = 0,
     ) -> None:
         self.request_id = request_id or f"req-{next(_ids)}"
         self.token_ids = list(prompt_ids)  # the prompt, then every sampled token
         self.num_prompt_tokens = len(prompt_ids)
         self.sampling = sampling
-        self.sampler = Sampler(sampling)
+        self.sampler = Sampler(sampling, constraint)
+        self.index = index  # this choice's place among the request's n
+        self.siblings: list[Request] = [self]  # every choice of the API request, in order
+        self.logprobs: list[TokenLogprobs] = []  # per output token, when asked for
         self.max_tokens = max_tokens
         self.eos_token_ids = eos_token_ids
         self.text = ""  # everything emitted so far
@@ -105,6 +116,7 @@ class Request:
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopMatcher(sampling.stop)
         self._cancel = threading.Event()
+        self._unsent_logprobs = 0  # entries of `logprobs` not yet on a delta
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -145,14 +157,19 @@ class Request:
         self.token_ids.append(token_id)
         if token_id in self.eos_token_ids:
             return self._finish("stop", self._drain()[0])
+        if self.sampler.last_logprobs is not None:
+            self.logprobs.append(self.sampler.last_logprobs)
         text, hit_stop = self._stops.push(self._detok.push(token_id))
         if hit_stop:
             return self._finish("stop", text)
+        grammar = self.sampler.constraint
+        if grammar is not None and grammar.finished:  # the JSON is complete: nothing may follow
+            return self._finish("stop", text + self._drain()[0])
         if self.num_output_tokens >= self.max_tokens:
             rest, hit_stop = self._drain()
             return self._finish("stop" if hit_stop else "length", text + rest)
         if text:
-            self._emit(Delta(text))
+            self._emit(text)
         return False
 
     def _drain(self) -> tuple[str, bool]:
@@ -179,7 +196,7 @@ class Request:
     def fail(self, error: BaseException) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_time = time.monotonic()
-        self._send(Delta("", error=error))
+        self._send(Delta("", error=error, index=self.index))
 
     def _finish(self, reason: str, text: str) -> bool:
         self.status, self.finish_reason = RequestStatus.FINISHED, reason
@@ -192,12 +209,19 @@ class Request:
                 callback(self)
             else:
                 self.channel.call_soon(callback, self)
-        self._send(Delta(text, finish_reason=reason))
+        self._send(Delta(text, reason, index=self.index, logprobs=self._take_logprobs()))
         return True
 
-    def _emit(self, delta: Delta) -> None:
-        self.text += delta.text
-        self._send(delta)
+    def _emit(self, text: str) -> None:
+        self.text += text
+        self._send(Delta(text, index=self.index, logprobs=self._take_logprobs()))
+
+    def _take_logprobs(self) -> list[TokenLogprobs]:
+        """The logprobs of the tokens whose text goes out now (text held back waits, and so
+        do its tokens' logprobs)."""
+        fresh = self.logprobs[self._unsent_logprobs :]
+        self._unsent_logprobs = len(self.logprobs)
+        return fresh
 
     def _send(self, delta: Delta) -> None:
         if self.channel is not None:

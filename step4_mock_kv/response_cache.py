@@ -122,8 +122,10 @@ class ResponseCache:
         self._pending: set[asyncio.Future] = set()  # stores in flight
 
     def key(self, request: Request) -> str | None:
-        """The cache key, or None when this request must not be cached."""
-        if not request.sampling.deterministic or request.skip_response_cache:
+        """The cache key, or None when this request must not be cached (not deterministic,
+        opted out, or asking for logprobs, which a stored answer does not keep)."""
+        skip = request.skip_response_cache or request.sampling.logprobs is not None
+        if not request.sampling.deterministic or skip:
             self.stats.skipped += 1
             return None
         normalized = {

@@ -103,7 +103,7 @@ class MetricsObserver(Observer):
         m, times = self.metrics, request.token_times
         m.prompt_tokens.inc(request.num_prompt_tokens)
         m.cached_prompt_tokens.inc(request.cached_prompt_tokens)
-        m.generation_tokens.inc(request.num_output_tokens)
+        m.generation_tokens.inc(sum(c.num_output_tokens for c in request.siblings))  # n choices
         if request.queue_wait_s is not None:
             m.queue_wait.observe(request.queue_wait_s)
         if request.first_token_time is not None:

@@ -79,7 +79,7 @@ def request_fields(http, outcome: Outcome, request: Request | None, log_prompts:
         finish_reason=request.finish_reason,
         prompt_tokens=request.num_prompt_tokens,
         cached_prompt_tokens=request.cached_prompt_tokens,
-        output_tokens=request.num_output_tokens,
+        output_tokens=sum(c.num_output_tokens for c in request.siblings),  # every choice
         response_cache=request.response_cache,
         queue_wait_s=_round(request.queue_wait_s),
         ttft_s=_round(first - request.arrival_time if first else None),

@@ -168,7 +168,7 @@ class LimitedServing(Serving):
             )
         super().check_prompt(num_tokens, param, at_least)
 
-    def make_request(self, prompt_ids, params, rid, prompt_param: str) -> Request:
+    def make_request(self, prompt_ids, params, rid, prompt_param: str, **choice) -> Request:
         max_tokens = params.max_new_tokens
         if max_tokens is not None and max_tokens > self.limits.max_tokens_limit:
             raise APIError(
@@ -176,7 +176,7 @@ class LimitedServing(Serving):
                 param="max_tokens",
                 code="max_tokens_too_large",
             )
-        return super().make_request(prompt_ids, params, rid, prompt_param)
+        return super().make_request(prompt_ids, params, rid, prompt_param, **choice)
 
 
 class BodyLimitMiddleware:

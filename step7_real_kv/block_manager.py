@@ -77,6 +77,11 @@ class BlockManager:
             elif self.ref_counts[block_id] < 0:
                 raise RuntimeError(f"KV block {block_id} freed twice")
 
+    def share(self, block_ids: list[int]) -> None:
+        """One more reference to each block (a sequence forked from another: n > 1)."""
+        for block_id in block_ids:
+            self._pin(block_id)
+
     def _pin(self, block_id: int) -> None:
         if self.ref_counts[block_id] == 0:
             del self.free_ids[block_id]

@@ -50,6 +50,8 @@ from step7_real_kv.sequence import Sequence
 log = logging.getLogger("gateway")
 
 Sampled = int | Exception  # a sequence's new token, or why it could not get one
+Sampled_ = tuple[Sequence, Sampled]
+Forked = tuple[Sequence, Request, Sampled]  # (leader, a choice starting from it, its token)
 LINEAR_BACKENDS = ("auto", "torch")
 KERNELS = ("auto", "cpp", "torch")
 
@@ -137,18 +139,42 @@ class PagedEngine:
             return
         for hook in self.batch_size_hooks:
             hook(len(work))
+        forks = self._forks_due(work)
         try:
-            sampled = await asyncio.to_thread(self._compute, work)
+            sampled, forked = await asyncio.to_thread(self._compute, work, forks)
         except Exception as exc:  # the shared forward pass: every sequence in it fails
             log.exception("iteration failed")
             return self._fail_all(work, exc)
-        self._postprocess(work, sampled)
+        self._postprocess(work, sampled, forked)
 
-    def _postprocess(self, work: Work, sampled: list[tuple[Sequence, Sampled]]) -> None:
-        """The one place an iteration's results land: computed counts and block names, then
-        each new token handed to its request, then the sequences that ended retired."""
+    def _forks_due(self, work: Work) -> dict[Sequence, list[Request]]:
+        """n > 1: the leaders whose prompt is all computed after this iteration, and the
+        choices that will start from it (as many as there are blocks for; the others start
+        on their own)."""
+        due: dict[Sequence, list[Request]] = {}
+        for seq, n in work:
+            if seq.request in self.scheduler.forks and seq.num_computed + n == seq.num_tokens:
+                children = self.scheduler.take_forks(seq.request)
+                room = len(children)
+                if (seq.num_computed + n) % self.blocks.block_size:  # a partial block each
+                    taken = sum(len(children) for children in due.values())
+                    room = min(room, self.blocks.num_free - taken)
+                due[seq] = children[:room]
+                for child in reversed(children[room:]):
+                    self.scheduler.waiting.appendleft(Sequence(child))
+        return due
+
+    def _postprocess(self, work: Work, sampled: list[Sampled_], forked: list[Forked]) -> None:
+        """The one place an iteration's results land: computed counts and block names, the
+        choices that start from their leader's prompt, then each new token handed to its
+        request, then the sequences that ended retired."""
         for seq, n in work:
             self.scheduler.advance(seq, n)
+        for leader, child, token in forked:  # before the leader may end and free its blocks
+            child_seq, copy = self.scheduler.fork(leader, child)
+            if copy is not None:
+                self.kv.copy_block(*copy)
+            sampled.append((child_seq, token))
         for seq, token in sampled:
             if seq.request.cancelled or self._take_token(seq, token):
                 self._retire(seq)
@@ -169,6 +195,11 @@ class PagedEngine:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             if seq.request.cancelled:
                 self._retire(seq)
+        for children in self.scheduler.forks.values():
+            for child in [c for c in children if c.cancelled]:
+                children.remove(child)
+                child.drop_cancelled()
+                log_done(child, dropped="queued")
 
     def _fail_all(self, work: Work, error: BaseException) -> None:
         for seq, _ in work:
@@ -191,16 +222,23 @@ class PagedEngine:
     # ------------------------------------------------------------ on the worker thread
 
     @torch.inference_mode()
-    def _compute(self, work: Work) -> list[tuple[Sequence, Sampled]]:
-        """The batch's forward pass, then a token for each sequence whose prompt is all in."""
+    def _compute(
+        self, work: Work, forks: dict[Sequence, list[Request]]
+    ) -> tuple[list[Sampled_], list[Forked]]:
+        """The batch's forward pass, then a token for each sequence whose prompt is all in,
+        and for each choice that forks from it (from the same logits, with its own sampler)."""
         batch = build_batch(work, self.blocks.block_size, self.runner.device)
         logits = self.runner.forward(batch)  # [sampled sequences, vocab]
-        return [(seq, _sample(seq, row)) for seq, row in zip(batch.sampled, logits, strict=True)]
+        sampled, forked = [], []
+        for seq, row in zip(batch.sampled, logits, strict=True):
+            sampled.append((seq, _sample(seq.request, row)))
+            forked += [(seq, child, _sample(child, row)) for child in forks.get(seq, [])]
+        return sampled, forked
 
 
-def _sample(seq: Sequence, logits: torch.Tensor) -> Sampled:
+def _sample(request: Request, logits: torch.Tensor) -> Sampled:
     try:
-        return seq.request.sample(logits)
+        return request.sample(logits)
     except Exception as exc:  # reported on the loop, for this sequence only
         return exc
 

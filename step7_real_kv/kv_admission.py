@@ -47,7 +47,7 @@ class PoolServing(LimitedServing):
 
     engine: PagedEngineLike
 
-    def make_request(self, prompt_ids, params, rid, prompt_param: str) -> Request:
-        request = super().make_request(prompt_ids, params, rid, prompt_param)
+    def make_request(self, prompt_ids, params, rid, prompt_param: str, **choice) -> Request:
+        request = super().make_request(prompt_ids, params, rid, prompt_param, **choice)
         self.engine.require_fit(request)
         return request

@@ -58,6 +58,16 @@ class PagedKVCache:
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)
 
+    def copy_block(self, source: int, target: int) -> None:
+        """Block `target`'s slots take block `source`'s keys and values, in every layer."""
+        size = self.block_size
+        self.k[:, target * size : (target + 1) * size] = self.k[
+            :, source * size : (source + 1) * size
+        ]
+        self.v[:, target * size : (target + 1) * size] = self.v[
+            :, source * size : (source + 1) * size
+        ]
+
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots: any shape [...] of slot numbers -> keys, values [..., kv_heads, head_dim]."""
         flat = slots.reshape(-1)

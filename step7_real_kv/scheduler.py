@@ -57,6 +57,9 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.waiting: deque[Sequence] = deque()  # arrival order, preempted ones at the front
         self.running: list[Sequence] = []  # admission order: the last is the youngest
+        # n > 1: the other choices of a request wait here for its first choice (the leader)
+        # to prefill the prompt, then start from its blocks (`fork`).
+        self.forks: dict[Request, list[Request]] = {}
         self.num_preemptions = 0
         # The head of `waiting` when it last could not get its blocks, and the free count
         # then: until more blocks are free it is not looked up again (nor counted again).
@@ -68,16 +71,23 @@ class Scheduler:
 
     # ------------------------------------------------------------ asked from outside
 
+    def _waiting_tokens(self) -> list[int]:
+        """The tokens each live waiting sequence (or choice waiting to fork) must prefill."""
+        tokens = [s.num_tokens for s in self.waiting if not s.request.cancelled]
+        for children in self.forks.values():
+            tokens += [c.num_tokens for c in children if not c.cancelled]
+        return tokens
+
     def load(self) -> EngineLoad:
-        waiting = [s for s in self.waiting if not s.request.cancelled]
+        waiting = self._waiting_tokens()
         running = sum(1 for s in self.running if not s.request.cancelled)
-        return EngineLoad(len(waiting), sum(s.num_tokens for s in waiting), running)
+        return EngineLoad(len(waiting), sum(waiting), running)
 
     def kv_demand(self, request: Request) -> tuple[int, int]:
         """(blocks for every live waiting sequence's tokens plus `request`'s prompt, blocks
-        free now). Conservative: a cached prefix is counted as needing new blocks."""
-        tokens = [s.num_tokens for s in self.waiting if not s.request.cancelled]
-        tokens.append(request.num_prompt_tokens)
+        free now). Conservative: a cached prefix, or a prompt a choice will share with its
+        leader, is counted as needing new blocks."""
+        tokens = [*self._waiting_tokens(), request.num_prompt_tokens]
         return sum(self.blocks.blocks_for(n) for n in tokens), self.blocks.num_free
 
     def fits(self, request: Request) -> bool:
@@ -96,8 +106,15 @@ class Scheduler:
                 code="context_length_exceeded",
             )
 
-    def add(self, request: Request) -> Sequence:
-        """Queue a validated request (`require_fit` passed)."""
+    def add(self, request: Request) -> Sequence | None:
+        """Queue a validated request (`require_fit` passed). A later choice of a request whose
+        first choice has not prefilled the prompt yet waits to fork from it instead."""
+        leader = request.siblings[0]
+        if request is not leader and leader in self.forks:
+            self.forks[leader].append(request)
+            return None
+        if request is leader and len(request.siblings) > 1:
+            self.forks[request] = []
         seq = Sequence(request)
         self.waiting.append(seq)
         return seq
@@ -105,6 +122,11 @@ class Scheduler:
     def expire(self, request: Request, error: APIError) -> bool:
         """Fail a request that has not started yet and take it out of `waiting`; False when
         it runs, has run (a preempted one waits again, but it has started), or is gone."""
+        children = self.forks.get(request.siblings[0], [])
+        if request in children and not request.cancelled:
+            children.remove(request)
+            request.fail(error)
+            return True
         for seq in self.waiting:
             if seq.request is request:
                 if seq.num_preemptions or request.cancelled:
@@ -223,8 +245,45 @@ class Scheduler:
             keys = block_hashes(seq.token_ids[before * size : after * size], size, parent)
             self.blocks.name(keys, seq.block_table[before:after])
 
+    # ------------------------------------------------------------ n > 1: one prompt, n choices
+
+    def fork(self, leader: Sequence, child: Request) -> tuple[Sequence, tuple[int, int] | None]:
+        """`child` starts where `leader` is, just after the prompt: it shares the leader's full
+        blocks (one more reference each); the leader's last, partly filled block, which both
+        will write into next, is copied into a block of the child's own. Returns the child's
+        sequence and the (from, to) block copy the engine must make, or None."""
+        size = self.blocks.block_size
+        full, partial = divmod(leader.num_computed, size)
+        shared = leader.block_table[:full]
+        self.blocks.share(shared)
+        seq = Sequence(child)
+        seq.block_table = list(shared)
+        copy = None
+        if partial:
+            (own,) = self.blocks.allocate(1)
+            seq.block_table.append(own)
+            copy = (leader.block_table[full], own)
+        seq.num_computed = leader.num_computed
+        self._run(seq)
+        child.cached_prompt_tokens = leader.request.cached_prompt_tokens
+        return seq, copy
+
+    def can_fork(self, leader: Sequence) -> bool:
+        """A partly filled last block needs a free block per child."""
+        return leader.num_computed % self.blocks.block_size == 0 or self.blocks.num_free > 0
+
+    def take_forks(self, leader: Request) -> list[Request]:
+        """The choices waiting to fork from `leader` (its prompt is computed now)."""
+        return [c for c in self.forks.pop(leader, []) if not c.cancelled]
+
+    def release_forks(self, leader: Request) -> None:
+        """A leader that ends before its prompt was computed: its choices start on their own."""
+        for child in reversed(self.forks.pop(leader, [])):
+            self.waiting.appendleft(Sequence(child))
+
     def finish(self, seq: Sequence) -> None:
         """Take a finished or cancelled sequence out, wherever it is, and free its blocks."""
+        self.release_forks(seq.request)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -169,11 +169,16 @@ class Proxy:
         self.reasons[f"rejected:{code}"] += 1
         return APIError(message, status, code=code, headers=headers)
 
-    async def get(self, path: str) -> Response:
-        """A GET answered by the first ready replica that answers (the model list)."""
+    async def get(self, path: str, body: bytes | None = None) -> Response:
+        """A question any replica answers alike, put to the first ready one that answers: a
+        GET (the model list), or a POST of `body` (/tokenize, /detokenize)."""
         for upstream in self.pool.ready():
+            method = "GET" if body is None else "POST"
+            headers = {**self.auth, "content-type": "application/json"}
             try:
-                response = await self.client.get(upstream.url + path, headers=self.auth)
+                response = await self.client.request(
+                    method, upstream.url + path, content=body, headers=headers
+                )
             except httpx.HTTPError:
                 continue
             headers = relayed_headers(upstream, response)

@@ -103,6 +103,8 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/tokenize", tokenizer_route, methods=["POST"]),
+        Route("/detokenize", tokenizer_route, methods=["POST"]),
         *observability.routes,
         *lifecycle.routes,
     ]
@@ -206,6 +208,11 @@ async def _generate(http: HTTPRequest, state: Fleet, path: str, parse, done) -> 
 
 async def models(http: HTTPRequest) -> Response:
     return await fleet(http).proxy.get("/v1/models")
+
+
+async def tokenizer_route(http: HTTPRequest) -> Response:
+    """/tokenize and /detokenize: every replica serves the same model; one of them answers."""
+    return await fleet(http).proxy.get(http.url.path, await http.body())
 
 
 async def health(http: HTTPRequest) -> Response:

@@ -126,6 +126,20 @@ def start_server(tmp_path) -> Iterator:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def kernels():
+    """Step 7's C++ kernels; where they cannot load the test is skipped, except in CI
+    (GATEWAY_REQUIRE_KERNELS=1), where it fails."""
+    from step7_real_kv import cpu_kernels
+
+    try:
+        return cpu_kernels.load(required=True)
+    except RuntimeError as exc:
+        if os.environ.get("GATEWAY_REQUIRE_KERNELS") == "1":
+            pytest.fail(f"GATEWAY_REQUIRE_KERNELS=1, but {exc}")
+        pytest.skip(f"no C++ kernels here, step 7 runs its torch code: {exc}")
+
+
 def require_binary(name: str) -> str:
     """A service binary the tests need; CI (GATEWAY_REQUIRE_SERVICES=1) must have it."""
     import shutil

@@ -62,7 +62,54 @@ BAD_BODIES = [
     pytest.param(chat(max_tokens=1.5), "max_tokens", "an integer", id="max-tokens-float"),
     pytest.param(chat(max_tokens=True), "max_tokens", "an integer", id="max-tokens-bool"),
     pytest.param(chat(max_tokens=10**6), "max_tokens", "context window", id="context-window"),
-    pytest.param(chat(n=2), "n", "only n=1", id="n-two"),
+    pytest.param(chat(n=9), "n", "from 1 to 8", id="n-over-the-limit"),
+    pytest.param(chat(n=0), "n", "from 1 to 8", id="n-zero"),
+    # The fields this API honours beyond the basics, each refused clearly when wrong.
+    pytest.param(chat(top_logprobs=3), "top_logprobs", "needs 'logprobs'", id="top-no-lp"),
+    pytest.param(chat(logprobs=True, top_logprobs=21), "top_logprobs", "0 to 20", id="top-lp"),
+    pytest.param(chat(logit_bias={"x": 1}), "logit_bias", "token ids", id="bias-key"),
+    pytest.param(chat(logit_bias={"5": 101}), "logit_bias", "[-100, 100]", id="bias-value"),
+    pytest.param(chat(logit_bias={"999999": 1}), "logit_bias", "vocabulary", id="bias-vocab"),
+    pytest.param(
+        chat(response_format={"type": "xml"}), "response_format.type", "json_schema", id="fmt"
+    ),
+    pytest.param(
+        chat(response_format={"type": "json_schema"}),
+        "response_format",
+        "needs json_schema",
+        id="fmt-no-schema",
+    ),
+    pytest.param(
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "frobnicate"}},
+            }
+        ),
+        "response_format",
+        "cannot be used",
+        id="fmt-bad-schema",
+    ),
+    pytest.param(
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"enum": ["a" * 100] * 400}},
+            }
+        ),
+        "response_format.json_schema.schema",
+        "bytes of JSON",
+        id="fmt-huge-schema",
+    ),
+    pytest.param(
+        chat(tool_choice={"type": "function", "function": {"name": "nope"}}),
+        "tool_choice",
+        "not one of the tools",
+        id="tool-unknown",
+    ),
+    pytest.param(chat(tool_choice="required"), "tool_choice", "needs tools", id="tool-required"),
+    pytest.param(chat(functions=[{"name": "f"}]), "functions", "use tools", id="functions"),
+    pytest.param(chat(audio={"voice": "x"}), "audio", "not supported", id="audio"),
     pytest.param(chat(stop=[""]), "stop", "non-empty string", id="empty-stop"),
     pytest.param(chat(stop=["a"] * 5), "stop", "at most 4", id="too-many-stops"),
     pytest.param(chat(stream="yes"), "stream", "boolean", id="stream-type"),

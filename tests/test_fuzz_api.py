@@ -29,8 +29,35 @@ EXAMPLES = 1100  # at least 1,000 bodies per run, across both endpoints
 FIELDS = [
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
     "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options", "presence_penalty",
-    "frequency_penalty",
+    "frequency_penalty", "logprobs", "top_logprobs", "logit_bias", "response_format", "tools",
+    "tool_choice", "best_of", "echo",
 ]  # fmt: skip
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+# The structured fields at their edges: schemas that are no schemas, huge ones, counts out of
+# range, bias keys that are no token ids, tool choices that name nothing.
+API_EDGES = {
+    "n": [0, 1, 3, 8, 9, 10**9, -1],
+    "logprobs": [True, False, 0, 5, 20, 21, -1],
+    "top_logprobs": [0, 20, 21, -1],
+    "logit_bias": [{"0": 100}, {"49151": -100}, {"49152": 1}, {"-1": 1}, {"a": 1}, {"1": 101},
+                   {str(i): 1 for i in range(2000)}, {"1": float("inf")}, {"1": None}],
+    "response_format": [
+        {"type": "json_object"}, {"type": "text"}, {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nonsense"}}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": {"$ref": "#/nowhere"}}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "integer"}}},
+        {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": {"enum": ["x" * 99] * 999}}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": {"allOf": [{}] * 50}}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}},
+    ],
+    "tools": [[TOOL], [TOOL, TOOL], [{"type": "function"}], [{"type": "code"}], [TOOL] * 65],
+    "tool_choice": ["none", "auto", "required", "any", {"type": "function"},
+                    {"type": "function", "function": {"name": "f"}},
+                    {"type": "function", "function": {"name": "g"}}],
+    "best_of": [1, 2, 0],
+    "echo": [True, False],
+}  # fmt: skip
 EXTREMES = [
     0, -1, 1, 2**31, 2**63, -(2**63) - 1, 2**64, 10**40, -(10**40),
     5e-324, sys.float_info.min, sys.float_info.max, 1e-320, -0.0, 0.999999, 2.0000001,
@@ -78,9 +105,13 @@ def encode(body: object) -> bytes:
 @st.composite
 def bodies(draw, endpoint: str) -> bytes:
     base = valid_base(endpoint)
-    family = draw(st.sampled_from(["valid", "field", "extreme", "unknown", "text", "raw"]))
+    families = ["valid", "field", "extreme", "unknown", "text", "raw", "api"]
+    family = draw(st.sampled_from(families))
     if family == "valid":
         return encode({**base, **draw(valid_sampling)})
+    if family == "api":  # the structured fields, one to three of them, at their edges
+        names = draw(st.lists(st.sampled_from(sorted(API_EDGES)), min_size=1, max_size=3))
+        return encode({**base, **{name: draw(st.sampled_from(API_EDGES[name])) for name in names}})
     if family == "field":  # one field of any JSON value (wrong types, nulls, nesting)
         return encode({**base, draw(st.sampled_from(FIELDS)): draw(json_values)})
     if family == "extreme":
@@ -167,7 +198,7 @@ def check_answer(response: httpx.Response, raw: bytes) -> None:
         events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), response.text
     else:
-        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
 
 
 def test_fuzzed_bodies_get_a_4xx_or_a_200_never_a_5xx(server):

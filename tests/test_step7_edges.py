@@ -175,3 +175,110 @@ def test_required_kernels_that_cannot_load_stop_the_start_up(
     with pytest.raises(RuntimeError) as exited:
         start_server("step7_real_kv", **env)
     assert "C++ kernels are required" in str(exited.value)
+
+
+# ---------------------------------------------------------------- n > 1: one prompt, n choices
+
+
+def choices_of(tiny_lm, prompt: list[int], n: int, max_tokens: int, **sampling):
+    """n choices of one request, as the API makes them: one channel, siblings, seeds + i.
+    (Inside a running event loop: the channel belongs to it.)"""
+    from common.request import DeltaChannel
+
+    channel = DeltaChannel()
+    requests = []
+    for i in range(n):
+        seeded = {**sampling, "seed": sampling["seed"] + i} if "seed" in sampling else sampling
+        request = make_request(tiny_lm, prompt, max_tokens, **seeded)
+        request.channel, request.index = channel, i
+        requests.append(request)
+    for request in requests:
+        request.siblings = requests
+    return requests
+
+
+def run_counting(engine: PagedEngine, make, before_step=None):
+    """Submit what `make()` returns and step to the end. Returns (the requests, tokens run
+    through the model, most KV blocks held at once)."""
+    computed, most = 0, 0
+    forward = engine.runner.forward
+
+    def counting(batch):
+        nonlocal computed
+        computed += batch.num_tokens
+        return forward(batch)
+
+    engine.runner.forward = counting
+
+    async def go():
+        nonlocal most
+        requests = make()
+        for request in requests:
+            await engine.submit(request)
+        steps = 0
+        while engine.scheduler.has_work:
+            if before_step is not None:
+                before_step(steps, requests)
+            await engine.step()
+            steps += 1
+            most = max(most, engine.blocks.num_blocks - engine.blocks.num_free)
+        return requests
+
+    return asyncio.run(go()), computed, most
+
+
+def alone(tiny_lm, prompt: list[int], max_tokens: int) -> list[int]:
+    engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=64))
+    (request,), _, _ = run_counting(engine, lambda: [make_request(tiny_lm, prompt, max_tokens)])
+    return request.output_ids
+
+
+def test_n_choices_share_the_prompts_blocks_and_compute_it_once(tiny_lm):
+    prompt = [(7 * i) % 4000 + 100 for i in range(300)]  # 300 tokens: 18 full blocks + 12
+    config = EngineConfig(block_size=16, num_kv_blocks=256)
+    one = lambda: [make_request(tiny_lm, prompt, 6)]  # noqa: E731
+    _, alone_tokens, alone_blocks = run_counting(PagedEngine(tiny_lm, config), one)
+    four, computed, blocks = run_counting(
+        PagedEngine(tiny_lm, config),
+        lambda: choices_of(tiny_lm, prompt, 4, 6, temperature=1.0, seed=3),
+    )
+    assert alone_tokens == 300 + 5 and alone_blocks == 19  # the prompt, then 5 decodes
+    assert computed == 300 + 4 * 5  # the prompt once, then each choice's own decodes
+    # 4 x 19 = 76 if each had its own; shared: the prompt's 18 full blocks, then at most 2
+    # of each choice's own (its copy of the prompt's last block, and the next one)
+    assert blocks <= 18 + 4 * 2
+    assert all(len(r.output_ids) == 6 for r in four)
+    assert len({tuple(r.output_ids) for r in four}) > 1  # each its own sampler
+
+
+def test_a_cancelled_choice_leaves_the_others_running(tiny_lm):
+    prompt = list(range(500, 530))
+    engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=64))
+
+    def cancel_after_the_prompt(steps, requests):
+        if steps == 1:
+            requests[1].cancel()
+
+    requests, _, _ = run_counting(
+        engine, lambda: choices_of(tiny_lm, prompt, 3, 12), cancel_after_the_prompt
+    )
+    assert requests[1].status is RequestStatus.CANCELLED and 0 < len(requests[1].output_ids) < 12
+    expected = alone(tiny_lm, prompt, 12)
+    assert requests[0].output_ids == requests[2].output_ids == expected  # greedy, undisturbed
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_choice_whose_sampling_fails_fails_alone(tiny_lm):
+    prompt = list(range(600, 622))
+    engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=64))
+
+    def make():
+        requests = choices_of(tiny_lm, prompt, 3, 8)
+        requests[2].sampler.sample = lambda *_: 1 / 0
+        return requests
+
+    requests, _, _ = run_counting(engine, make)
+    expected = alone(tiny_lm, prompt, 8)
+    assert requests[0].output_ids == requests[1].output_ids == expected
+    assert requests[2].finished and requests[2].output_ids == []
+    assert engine.blocks.num_free == engine.blocks.num_blocks

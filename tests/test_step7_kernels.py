@@ -22,16 +22,6 @@ from tests.conftest import ROOT
 REQUIRED = os.environ.get("GATEWAY_REQUIRE_KERNELS") == "1"
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    try:
-        return cpu_kernels.load(required=True)
-    except RuntimeError as exc:
-        if REQUIRED:
-            pytest.fail(f"GATEWAY_REQUIRE_KERNELS=1, but {exc}")
-        pytest.skip(f"no C++ kernels here, step 7 runs its torch code: {exc}")
-
-
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [heads, d] over its whole context k, v [context, kv_heads, d] -> [heads, d]."""
     group = q.shape[0] // k.shape[1]

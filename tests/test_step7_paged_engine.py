@@ -316,13 +316,18 @@ def test_a_fault_in_one_sequence_fails_that_sequence_alone(tiny_lm):
 # (the kernels themselves: tests/test_step7_kernels.py)
 
 
-@pytest.mark.parametrize("backends", [("torch", "torch"), ("auto", "torch"), ("torch", "auto")])
-def test_each_backend_alone_is_exact_too(tiny_lm, backends):
+@pytest.mark.parametrize("backends", [("torch", "torch"), ("auto", "torch"), ("torch", "cpp")])
+def test_each_backend_alone_is_exact_too(tiny_lm, backends, request):
     """The default path (oneDNN matmuls, the C++ kernels) is exact on the tests above; so is
-    each piece alone, and the plain torch code."""
+    each piece alone, and the plain torch code. The kernels' case runs them or fails (it
+    asks for them as required), never the torch code in their place."""
     linear, kernels = backends
-    outputs, _, _ = run_engine(
+    if kernels == "cpp":
+        request.getfixturevalue("kernels")  # skipped where they cannot load, failed in CI
+    outputs, _, engine = run_engine(
         tiny_lm, PROMPTS, 10, block_size=4, num_kv_blocks=64,
         linear_backend=linear, kernels=kernels,
     )  # fmt: skip
+    assert engine.runner.backends["kernels"] == kernels
+    assert engine.runner.backends["linear"].startswith("onednn" if linear == "auto" else "torch")
     assert outputs == [reference(tiny_lm, p, 10) for p in PROMPTS]
