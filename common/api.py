@@ -134,6 +134,14 @@ class Serving:
     # composes more in front of it (step 4's response cache, step 6's admission).
     pipeline: Submit | None = None
 
+    def __post_init__(self) -> None:
+        # What validating a request needs of the tokenizer, worked out now, before the server
+        # is ready: each holds the GIL for a good tenth of a second, which the first request
+        # would otherwise spend while other requests' tokens wait.
+        longest_token_chars(self.tokenizer)
+        tokens_per_message(self.tokenizer)
+        _ = grammars_for(self.tokenizer).ll_tokenizer
+
     @property
     def eos_token_ids(self) -> set[int]:
         return {self.tokenizer.eos_token_id}

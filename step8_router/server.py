@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from common import protocol
 from common.api import NO_CACHE, Outcome, off_loop, until_disconnect
-from common.app import ErrorBoundary
+from common.app import ErrorBoundary, frozen_after_startup
 from common.config import ServerConfig
 from common.errors import EXCEPTION_HANDLERS, APIError
 from step4_mock_kv.response_cache import ResponseCacheConfig
@@ -118,7 +118,7 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         routes=routes,
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=lifespan,
+        lifespan=frozen_after_startup(lifespan),
     )
 
 
