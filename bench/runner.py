@@ -21,6 +21,7 @@ from bench.provenance import ForeignCpu, git_facts, library_versions, machine_fa
 from bench.records import Record
 from bench.servers import ROOT, NotReady, StepServer, TargetServer, discover_steps
 from bench.stats import summarise
+from bench.timeline_chart import draw as draw_timeline
 from bench.workload import Workload, chat_body, load_workload
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
@@ -289,6 +290,7 @@ def _run_level(config: RunConfig, server, model: str, level: int, users: int, pr
         f"+{profile.stop_timeout_s:.0f} s or {profile.max_requests} requests"
     )
     records_path.unlink(missing_ok=True)  # the load generator appends: no earlier run's records
+    before = last_iteration(server.url)
     started = time.monotonic()
     loadgen = _spawn_loadgen(config, server.url, model, users, records_path, tag)
     watch = _watch(loadgen, server, profile.level_timeout_s)
@@ -297,8 +299,41 @@ def _run_level(config: RunConfig, server, model: str, level: int, users: int, pr
     records = read_records(records_path)
     result = _level_result(level, users, records, watch, time.monotonic() - started)
     result["records_file"] = str(records_path.relative_to(config.results_dir))
+    timeline = save_timeline(server.url, before, config.results_dir / "timelines", tag)
+    if timeline is not None:
+        result["timeline_file"] = str(timeline.relative_to(config.results_dir))
     progress.say(_level_line(server.step, result))
     return result
+
+
+def last_iteration(url: str) -> int | None:
+    """The number of the engine's latest recorded iteration; None: it keeps no timeline."""
+    try:
+        response = httpx.get(url + "/debug/timeline?last=1", timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    numbers = [e["args"]["iteration"] for e in response.json()["traceEvents"]
+               if e["ph"] == "X" and e["name"].startswith("iteration ")]  # fmt: skip
+    return max(numbers, default=0)
+
+
+def save_timeline(url: str, after: int | None, folder: Path, tag: str) -> Path | None:
+    """The level's iterations (those after `after`) as a trace, and drawn; None without."""
+    if after is None:
+        return None
+    try:
+        response = httpx.get(url + f"/debug/timeline?after={after}", timeout=60)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{tag}.json"
+    path.write_text(response.text)
+    draw_timeline(response.json(), folder / f"{tag}.png", title=tag, count=160)
+    return path
 
 
 def _short(step: str) -> str:

@@ -37,6 +37,7 @@ from common.formats import ChatFormat, Choice, TextFormat, token_text
 from common.grammar import grammars_for, json_grammar
 from common.protocol import GenerationRequest
 from common.request import Delta, DeltaChannel, Request
+from common.timeline import trace
 from common.tools import tool_grammar, with_tools
 
 if TYPE_CHECKING:
@@ -482,6 +483,25 @@ async def detokenize(http: HTTPRequest) -> Response:
     return JSONResponse({"prompt": state.tokenizer.decode(parsed.tokens)})
 
 
+async def debug_timeline(http: HTTPRequest) -> Response:
+    """The engine's last iterations as Chrome Trace Event JSON (open it in Perfetto): ?last=N
+    for the last N only, ?after=K for those numbered after K. 404 for an engine that keeps no
+    timeline (steps 0-2, or the timeline switched off)."""
+    timeline = getattr(serving(http).engine, "timeline", None)
+    if timeline is None:
+        raise APIError("this server records no timeline", 404, code="no_timeline")
+    last = _count_param(http, "last")
+    iterations, spans = timeline.snapshot(last or None, after=_count_param(http, "after"))
+    return JSONResponse(trace(iterations, spans))
+
+
+def _count_param(http: HTTPRequest, name: str) -> int:
+    raw = http.query_params.get(name, "0")
+    if not raw.isdigit() or len(raw) > 12:
+        raise APIError(f"'{name}' must be a non-negative integer", param=name)
+    return int(raw)
+
+
 def _check_model(state: Serving, model: str | None) -> None:
     if model is not None and model != state.config.served_model_name:
         raise APIError(f"model '{model}' does not exist", param="model", code="model_not_found")
@@ -494,6 +514,7 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/tokenize", tokenize, methods=["POST"]),
     Route("/detokenize", detokenize, methods=["POST"]),
+    Route("/debug/timeline", debug_timeline, methods=["GET"]),
 ]
 
 

@@ -119,6 +119,11 @@ class Request:
         self._unsent_logprobs = 0  # entries of `logprobs` not yet on a delta
 
     @property
+    def trace_id(self) -> str:
+        """The request id, and the choice for n > 1: how logs and the timeline name it."""
+        return self.request_id if len(self.siblings) == 1 else f"{self.request_id}/{self.index}"
+
+    @property
     def prompt_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from transformers import DynamicCache
 from common.config import ConfigPart, knob
 from common.model import LoadedModel
 from common.request import Request, RequestStatus, log_done
+from common.timeline import Iteration, Step, Timeline, TimelineConfig
 from step2_queue.queue import QueueEngine, RequestQueue
 
 log = logging.getLogger("gateway")
@@ -46,10 +48,23 @@ class BatchingConfig(ConfigPart):
 class BatchingEngine(QueueEngine):
     """Step 2's engine (queue, start, stop, submit, load); only the worker loop changes."""
 
-    def __init__(self, lm: LoadedModel, queue: RequestQueue, config: BatchingConfig) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        queue: RequestQueue,
+        config: BatchingConfig,
+        timeline: TimelineConfig | None = None,
+    ) -> None:
         super().__init__(lm, queue)
         self.max_batch_size = config.max_batch_size
         self.max_wait_s = config.max_wait_ms / 1000
+        timeline = timeline or TimelineConfig(timeline=False)
+        self.timeline = Timeline(timeline.timeline_iterations) if timeline.timeline else None
+
+    async def submit(self, request: Request) -> None:
+        await super().submit(request)
+        if self.timeline is not None:
+            self.timeline.arrived(request.trace_id, request.arrival_time)
 
     async def _run(self) -> None:
         while True:
@@ -57,7 +72,10 @@ class BatchingEngine(QueueEngine):
             await self.run(batch, self.run_batch, batch)
 
     def run_batch(self, batch: list[Request]) -> None:
-        run_batch(self.lm, batch)
+        run_batch(self.lm, batch, recorder=self.recorder())
+
+    def recorder(self) -> BatchRecorder:
+        return BatchRecorder(self.timeline, self.max_batch_size, lambda: self.queue.depth)
 
     async def next_batch(self) -> list[Request]:
         batch = [await self.queue.get()]
@@ -74,10 +92,52 @@ class BatchingEngine(QueueEngine):
         return batch
 
 
-def run_batch(lm: LoadedModel, batch: list[Request], compute=None) -> None:
+class BatchRecorder:
+    """One static batch's forward passes, each an iteration of the engine's timeline
+    (common/timeline.py): the prefill of every row, then one decode step after another, in
+    which a row that has finished is a padding row. Does nothing without a timeline."""
+
+    def __init__(self, timeline: Timeline | None, size: int, waiting: Callable[[], int]):
+        self.timeline, self.size, self.waiting = timeline, size, waiting
+        self._pending: tuple[float, float, list[Step]] | None = None  # start, forward, steps
+
+    def forward_done(self, start: float, steps: list[Step]) -> None:
+        """A forward pass that began at `start` has ended; its sampling comes next."""
+        if self.timeline is not None:
+            self._pending = (start, time.monotonic() - start, steps)
+
+    def sampled(self, start: float, batch: list[Request]) -> None:
+        """The rows' tokens, sampled from `start` on: the iteration is complete."""
+        if self.timeline is None or self._pending is None:
+            return
+        began, forward_s, steps = self._pending
+        now = time.monotonic()
+        ended = [r for r in batch if r.finished and r.finish_time and r.finish_time >= began]
+        phases = {"forward": forward_s, "sample": now - start}
+        finished = [(r.trace_id, r.finish_reason or r.status.value) for r in ended]
+        self.timeline.record(
+            Iteration(
+                self.timeline.next_number(), began, phases, steps, finished=finished,
+                budget=self.size, waiting=self.waiting(), running=len(steps),
+            )
+        )  # fmt: skip
+        for rid, how in finished:
+            self.timeline.ended(rid, how)
+        self._pending = None
+
+    @staticmethod
+    def decode_steps(batch: list[Request], active: list[bool]) -> list[Step]:
+        return [
+            Step(r.trace_id, "decode" if live else "padding", 1, r.num_tokens - 1)
+            for r, live in zip(batch, active, strict=True)
+        ]
+
+
+def run_batch(lm: LoadedModel, batch: list[Request], compute=None, recorder=None) -> None:
     """Run a batch to its end on the calling thread; a fault fails every row, not the worker."""
+    recorder = recorder or BatchRecorder(None, len(batch), lambda: 0)
     try:
-        (compute or _decode_batch)(lm, batch)
+        (compute or _decode_batch)(lm, batch, recorder)
     except Exception as exc:
         for request in batch:
             if not request.finished:
@@ -91,12 +151,15 @@ def log_batch(batch: list[Request]) -> None:
 
 
 @torch.inference_mode()
-def _decode_batch(lm: LoadedModel, batch: list[Request]) -> None:
+def _decode_batch(lm: LoadedModel, batch: list[Request], recorder: BatchRecorder) -> None:
     input_ids, mask = left_pad([r.prompt_ids for r in batch], lm.tokenizer.pad_token_id, lm.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not advance positions
     cache = DynamicCache()
+    start = time.monotonic()
     logits = forward(lm, input_ids, mask, positions, cache)
-    decode(lm, batch, cache, mask, positions[:, -1:], logits)
+    longest = input_ids.shape[1]  # every row runs this many positions, its padding included
+    recorder.forward_done(start, [Step(r.trace_id, "prefill", longest, 0) for r in batch])
+    decode(lm, batch, cache, mask, positions[:, -1:], logits, recorder)
 
 
 def forward(lm: LoadedModel, input_ids, mask, positions, cache) -> torch.Tensor:
@@ -112,7 +175,9 @@ def forward(lm: LoadedModel, input_ids, mask, positions, cache) -> torch.Tensor:
     return out.logits[:, -1]
 
 
-def decode(lm: LoadedModel, batch: list[Request], cache, mask, last_positions, logits) -> None:
+def decode(
+    lm: LoadedModel, batch: list[Request], cache, mask, last_positions, logits, recorder
+) -> None:
     """From the first sampled token until the last row ends: one token per row per step.
 
     mask: [B, cached_len] attention mask over what `cache` holds; last_positions: [B, 1].
@@ -120,7 +185,9 @@ def decode(lm: LoadedModel, batch: list[Request], cache, mask, last_positions, l
     pad_id = lm.tokenizer.pad_token_id
     active = [True] * len(batch)
     while True:
+        start = time.monotonic()
         tokens = [_step_row(r, logits[i], active, i, pad_id) for i, r in enumerate(batch)]
+        recorder.sampled(start, batch)
         keep = [i for i, r in enumerate(batch) if r.status != RequestStatus.CANCELLED]
         if len(keep) < len(batch):  # a client left: its row leaves the batch and frees compute
             batch = [batch[i] for i in keep]
@@ -133,7 +200,9 @@ def decode(lm: LoadedModel, batch: list[Request], cache, mask, last_positions, l
         input_ids = torch.tensor(tokens, device=lm.device)[:, None]  # [B, 1]
         mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
         last_positions = last_positions + 1
+        start = time.monotonic()
         logits = forward(lm, input_ids, mask, last_positions, cache)
+        recorder.forward_done(start, BatchRecorder.decode_steps(batch, active))
 
 
 def _step_row(request: Request, logits: torch.Tensor, active: list[bool], i: int, pad_id: int):

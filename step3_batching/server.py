@@ -15,14 +15,16 @@ from starlette.applications import Starlette
 from common.api import Serving
 from common.app import create_app, serve
 from common.model import load_model
+from common.timeline import TimelineConfig
 from step2_queue.queue import RequestQueue
 from step2_queue.server import Config as QueueConfig
 from step3_batching.batcher import BatchingConfig, BatchingEngine
 
 
 @dataclass(frozen=True)
-class Config(BatchingConfig, QueueConfig):
-    """Step 3: batching. Step 2's queue, and a worker that runs several requests at once."""
+class Config(TimelineConfig, BatchingConfig, QueueConfig):
+    """Step 3: batching. Step 2's queue, and a worker that runs several requests at once
+    (every batch's forward passes recorded on the timeline, GET /debug/timeline)."""
 
 
 def build_app(config: Config) -> Starlette:
@@ -30,7 +32,7 @@ def build_app(config: Config) -> Starlette:
     async def lifespan(app: Starlette):
         lm = load_model(config)
         queue = RequestQueue(config.max_queue_size)
-        engine = BatchingEngine(lm, queue, config)
+        engine = BatchingEngine(lm, queue, config, timeline=config)
         engine.start()
         app.state.serving = Serving(config, lm.tokenizer, lm.max_model_len, engine)
         yield

@@ -8,6 +8,7 @@ cache and decoded together exactly as in step 3 (`decode` is imported from there
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import torch
@@ -16,8 +17,15 @@ from transformers import DynamicCache
 
 from common.model import LoadedModel
 from common.request import Request
+from common.timeline import Step, TimelineConfig
 from step2_queue.queue import RequestQueue
-from step3_batching.batcher import BatchingConfig, BatchingEngine, decode, run_batch
+from step3_batching.batcher import (
+    BatchingConfig,
+    BatchingEngine,
+    BatchRecorder,
+    decode,
+    run_batch,
+)
 from step4_mock_kv.prefix_cache import LayerKV, MockPrefixCache
 
 
@@ -30,20 +38,32 @@ class PrefixBatchingEngine(BatchingEngine):
         queue: RequestQueue,
         config: BatchingConfig,
         prefix_cache: MockPrefixCache,
+        timeline: TimelineConfig | None = None,
     ) -> None:
-        super().__init__(lm, queue, config)
+        super().__init__(lm, queue, config, timeline)
         self.prefix_cache = prefix_cache
 
     def run_batch(self, batch: list[Request]) -> None:
-        run_batch(self.lm, batch, partial(_run, prefix_cache=self.prefix_cache))
+        compute = partial(_run, prefix_cache=self.prefix_cache)
+        run_batch(self.lm, batch, compute, self.recorder())
 
 
 @torch.inference_mode()
-def _run(lm: LoadedModel, batch: list[Request], prefix_cache: MockPrefixCache) -> None:
+def _run(
+    lm: LoadedModel, batch: list[Request], recorder: BatchRecorder, prefix_cache: MockPrefixCache
+) -> None:
+    start = time.monotonic()
     rows = [prefill(lm, r, prefix_cache) for r in batch]
     cache, mask, last_positions = stack_rows([kv for kv, _ in rows], lm.device)
     logits = torch.stack([row_logits for _, row_logits in rows])  # [B, vocab]
-    decode(lm, batch, cache, mask, last_positions, logits)
+    # The rows' prefills, one forward pass each, as one iteration of the timeline.
+    steps = [
+        Step(r.trace_id, "prefill", r.num_prompt_tokens - r.cached_prompt_tokens,
+             r.cached_prompt_tokens, cached=r.cached_prompt_tokens)
+        for r in batch
+    ]  # fmt: skip
+    recorder.forward_done(start, steps)
+    decode(lm, batch, cache, mask, last_positions, logits, recorder)
 
 
 def prefill(lm: LoadedModel, request: Request, prefix_cache: MockPrefixCache):

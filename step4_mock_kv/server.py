@@ -36,7 +36,7 @@ def build_engine(
     that goes in front of them. Returns the engine and both caches."""
     prefix_cache = MockPrefixCache(config.block_size, config.prefix_cache_mb << 20)
     queue = RequestQueue(config.max_queue_size)
-    engine = PrefixBatchingEngine(lm, queue, config, prefix_cache)
+    engine = PrefixBatchingEngine(lm, queue, config, prefix_cache, timeline=config)
     return engine, prefix_cache, make_response_cache(config, config.served_model_name)
 
 

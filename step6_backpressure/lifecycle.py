@@ -154,15 +154,19 @@ def readiness(lifecycle: Lifecycle, ready_when_saturated: bool):
     return ready
 
 
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/debug/")
+
+
 class ApiKeyMiddleware:
-    """Bearer-token check on /v1/*; health and metrics stay open for probes and scrapers. The
-    scheme is case-insensitive (RFC 9110: `bearer`, `Bearer` and `BEARER` are the same)."""
+    """Bearer-token check on the API (/v1/*, /tokenize, /detokenize) and /debug/*; health and
+    metrics stay open for probes and scrapers. The scheme is case-insensitive (RFC 9110:
+    `bearer`, `Bearer` and `BEARER` are the same)."""
 
     def __init__(self, app, api_key: str) -> None:
         self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED):
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if not (scheme.lower() == b"bearer" and hmac.compare_digest(token, self.expected)):

@@ -4,6 +4,7 @@ and without a hit on the real model, and the hot-response cache (in-process)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 import torch
@@ -135,7 +136,8 @@ def test_greedy_tokens_identical_with_and_without_a_prefix_hit(real_model_dir):
             plain.append(r.output_ids)
         for _ in range(2):  # the first round fills the cache, the second hits it
             batch = [make_request(lm, ids(p), 16) for p in prompts]
-            await asyncio.to_thread(run_batch, lm, batch, lambda m, b: _run(m, b, prefix_cache))
+            compute = functools.partial(_run, prefix_cache=prefix_cache)
+            await asyncio.to_thread(run_batch, lm, batch, compute)
             rounds.append(batch)
         return plain, rounds
 
