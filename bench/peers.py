@@ -53,6 +53,7 @@ class Peer:
     env: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 180.0  # how long start-up may take, before the first /health 200
     model: str = DEFAULT_MODEL_NAME  # the `model` every request sends (templated like argv)
+    home_name: str = ""  # the folder it is installed in, when another peer's (default: name)
 
     @property
     def row(self) -> str:
@@ -167,7 +168,21 @@ LLAMACPP = Peer(
     ready_timeout_s=120.0,
 )
 
-PEERS = {peer.name: peer for peer in (VLLM, TRANSFORMERS, LLAMACPP)}
+# The same build serving the GGUF as stored: Q4_1 layers and a Q8_0 embedding (llama.cpp's own
+# kernels, which quantize the activations to 8 bits: not token-identical to float32).
+LLAMACPP_Q4 = Peer(
+    name="llamacpp-q4",
+    title="llamacpp-q4_1",
+    install=LLAMACPP.install,
+    command=_words(
+        "{home}/build/bin/llama-server -m {gguf} --host 127.0.0.1 --port {port}"
+        " -t {cpus} -tb {cpus} -np 64 -c 65536 -cb --metrics"
+    ),
+    ready_timeout_s=120.0,
+    home_name="llamacpp",
+)
+
+PEERS = {peer.name: peer for peer in (VLLM, TRANSFORMERS, LLAMACPP, LLAMACPP_Q4)}
 
 
 # ---------------------------------------------------------------- names
@@ -221,7 +236,7 @@ def fill(template: str, peer: Peer, home: Path, port: int | None = None) -> str:
 
 
 def home_of(peer: Peer, root: Path | None = None) -> Path:
-    return (root or peers_root()) / peer.name
+    return (root or peers_root()) / (peer.home_name or peer.name)
 
 
 def command(peer: Peer, port: int, home: Path) -> list[str]:

@@ -43,6 +43,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
+    path: Path | None = None  # the folder it was loaded from
 
     @property
     def config(self) -> Any:
@@ -84,7 +85,7 @@ def load_model(
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model = model.to(device).eval()  # type: ignore[arg-type]  # (to() is typed for devices)
-    return LoadedModel(model, tokenizer or load_tokenizer(path), device, dtype)
+    return LoadedModel(model, tokenizer or load_tokenizer(path), device, dtype, path)
 
 
 def _require(path: Path) -> None:

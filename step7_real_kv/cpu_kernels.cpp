@@ -5,7 +5,8 @@
 // - rope_and_store_: rotary embedding of q and k, in place, and k, v written to their slots;
 // - add_rms_norm_: the residual add and the next RMSNorm, in one pass over the row;
 // - silu_mul: the MLP's SiLU(gate) * up, in one pass;
-// - small_linear: x @ w.T for a few rows (decoding at low concurrency), at memory speed.
+// - small_linear: x @ w.T for a few rows (decoding at low concurrency), at memory speed;
+// - block_linear: the same, the weights read as GGUF stores them (Q4_1 / Q8_0 blocks).
 //
 // Why: the README's profile. Attention first (it was half of an iteration at 64 sequences):
 //
@@ -35,8 +36,11 @@
 
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -53,6 +57,8 @@ std::string dtype_name(torch::ScalarType dtype) {
     case torch::kBFloat16: return "bfloat16";
     case torch::kInt64: return "int64";
     case torch::kInt32: return "int32";
+    case torch::kUInt8: return "uint8";
+    case torch::kInt8: return "int8";
     default: return c10::toString(dtype);
   }
 }
@@ -367,11 +373,198 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// ---------------------------------------------------------------- weights as GGUF stores them
+//
+// At one sequence a decode step reads every weight once, and the bytes read set its speed. The
+// model's only source is a GGUF file whose layers are Q4_1 blocks and whose embedding is Q8_0
+// (ggml-common.h), 32 weights a block:
+//
+//   Q4_1: { float16 d; float16 m; uint8 qs[16]; }  20 bytes   weight j = d * q_j + m, q_j the
+//         low nibble of qs[j] for j < 16, the high nibble of qs[j - 16] for j >= 16
+//   Q8_0: { float16 d; int8 qs[32]; }              34 bytes   weight j = d * qs[j]
+//
+// The float32 checkpoint holds exactly these weights (common/model.py dequantized the file;
+// step7_real_kv/stored_weights.py checks every block against it, bit for bit, at load), so
+// x @ W.T can read the blocks instead: 20 bytes for 32 weights where float32 reads 128. Each
+// block's 32 weights are computed in registers exactly as the checkpoint holds them (d * q
+// rounded, then + m rounded: `exact` stops the compiler from fusing the two into one rounding),
+// then multiplied into every row of x, in float32. Only the order of the sums differs from a
+// float32 matmul's, as with small_linear.
+
+namespace {
+
+constexpr int64_t kBlockWeights = 32;
+constexpr int64_t kQ4_1Bytes = 20, kQ8_0Bytes = 34;
+constexpr int64_t kMaxBlockRows = 8;  // rows of x computed together per pass over the weights
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+// A value the compiler must compute as written: no contraction of a * b + c into an FMA.
+template <typename V>
+inline V exact(V v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
+#if defined(__AVX512F__)
+constexpr int kVector = 16;  // floats in a register: a block is two registers
+using Vec = __m512;
+inline Vec bytes_to_floats(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+inline Vec signed_bytes_to_floats(__m128i b) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+inline Vec splat(float v) { return _mm512_set1_ps(v); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline float total(Vec v) { return _mm512_reduce_add_ps(v); }
+
+// The 32 weights of one Q4_1 block, in 2 registers of 16.
+inline void q4_1_weights(const uint8_t* block, Vec w[2]) {
+  const Vec d = splat(half_at(block)), m = splat(half_at(block + 2));
+  const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  w[0] = add(exact(mul(d, bytes_to_floats(_mm_and_si128(qs, nibble)))), m);
+  w[1] = add(exact(mul(d, bytes_to_floats(_mm_and_si128(_mm_srli_epi16(qs, 4), nibble)))), m);
+}
+
+inline void q8_0_weights(const uint8_t* block, Vec w[2]) {
+  const Vec d = splat(half_at(block));
+  const __m128i* qs = reinterpret_cast<const __m128i*>(block + 2);
+  w[0] = mul(d, signed_bytes_to_floats(_mm_loadu_si128(qs)));
+  w[1] = mul(d, signed_bytes_to_floats(_mm_loadu_si128(qs + 1)));
+}
+#else
+constexpr int kVector = 8;  // AVX2: a block is four registers
+using Vec = __m256;
+inline Vec bytes_to_floats(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+inline Vec signed_bytes_to_floats(__m128i b) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+inline Vec splat(float v) { return _mm256_set1_ps(v); }
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec zero() { return _mm256_setzero_ps(); }
+inline float total(Vec v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// The 32 weights of one Q4_1 block, in 4 registers of 8.
+inline void q4_1_weights(const uint8_t* block, Vec w[4]) {
+  const Vec d = splat(half_at(block)), m = splat(half_at(block + 2));
+  const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m128i low = _mm_and_si128(qs, nibble);
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(qs, 4), nibble);
+  const __m128i parts[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
+  for (int k = 0; k < 4; ++k) w[k] = add(exact(mul(d, bytes_to_floats(parts[k]))), m);
+}
+
+inline void q8_0_weights(const uint8_t* block, Vec w[4]) {
+  const Vec d = splat(half_at(block));
+  for (int k = 0; k < 4; ++k) {
+    const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 2 + 8 * k));
+    w[k] = mul(d, signed_bytes_to_floats(q));
+  }
+}
+#endif
+
+constexpr int kParts = kBlockWeights / kVector;  // registers per block
+
+// y[r, n] for R rows of x and the output rows [begin, end): each block's weights are computed
+// once and used for all R rows while they are in registers.
+template <int R, bool Q4>
+void block_rows(const float* x, int64_t in, const uint8_t* blocks, int64_t row_bytes,
+                float* y, int64_t out, int64_t begin, int64_t end) {
+  const int64_t num_blocks = in / kBlockWeights;
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = blocks + n * row_bytes;
+    Vec acc[R][kParts];
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < kParts; ++k) acc[r][k] = zero();
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      Vec w[kParts];
+      if constexpr (Q4) q4_1_weights(row + b * kQ4_1Bytes, w);
+      else q8_0_weights(row + b * kQ8_0Bytes, w);
+      for (int r = 0; r < R; ++r) {
+        const float* xs = x + r * in + b * kBlockWeights;
+        for (int k = 0; k < kParts; ++k) acc[r][k] = fmadd(load(xs + k * kVector), w[k], acc[r][k]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      Vec sum = acc[r][0];
+      for (int k = 1; k < kParts; ++k) sum = add(sum, acc[r][k]);
+      y[r * out + n] = total(sum);
+    }
+  }
+}
+
+template <bool Q4>
+void block_rows_any(int R, const float* x, int64_t in, const uint8_t* blocks, int64_t row_bytes,
+                    float* y, int64_t out, int64_t begin, int64_t end) {
+  switch (R) {
+    case 1: return block_rows<1, Q4>(x, in, blocks, row_bytes, y, out, begin, end);
+    case 2: return block_rows<2, Q4>(x, in, blocks, row_bytes, y, out, begin, end);
+    case 3: return block_rows<3, Q4>(x, in, blocks, row_bytes, y, out, begin, end);
+    case 4: return block_rows<4, Q4>(x, in, blocks, row_bytes, y, out, begin, end);
+    case 5: return block_rows<5, Q4>(x, in, blocks, row_bytes, y, out, begin, end);
+    case 6: return block_rows<6, Q4>(x, in, blocks, row_bytes, y, out, begin, end);
+    case 7: return block_rows<7, Q4>(x, in, blocks, row_bytes, y, out, begin, end);
+    default: return block_rows<8, Q4>(x, in, blocks, row_bytes, y, out, begin, end);
+  }
+}
+
+}  // namespace
+
+// x: [M, in] float32, contiguous; blocks: [out, in / 32 * block bytes] uint8, contiguous, the
+// weight's rows as GGUF stores them; kind: "q4_1" or "q8_0" -> [M, out] float32.
+torch::Tensor block_linear(torch::Tensor x, torch::Tensor blocks, const std::string& kind) {
+  check_tensor(x, "block_linear", "x", torch::kFloat32, 2);
+  check_tensor(blocks, "block_linear", "blocks", torch::kUInt8, 2);
+  check_contiguous(x, "block_linear", "x");
+  check_contiguous(blocks, "block_linear", "blocks");
+  TORCH_CHECK(kind == "q4_1" || kind == "q8_0", "block_linear: kind must be q4_1 or q8_0, got ",
+              kind);
+  const bool q4 = kind == "q4_1";
+  const int64_t rows = x.size(0), in = x.size(1), out = blocks.size(0);
+  TORCH_CHECK(in % kBlockWeights == 0, "block_linear: in features must be a multiple of 32, got ",
+              in);
+  const int64_t row_bytes = in / kBlockWeights * (q4 ? kQ4_1Bytes : kQ8_0Bytes);
+  TORCH_CHECK(blocks.size(1) == row_bytes, "block_linear: ", in, " in features in ", kind,
+              " blocks are ", row_bytes, " bytes a row, got ", blocks.size(1));
+  auto y = torch::empty({rows, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxBlockRows) {  // more rows: another pass
+      const int R = static_cast<int>(std::min(kMaxBlockRows, rows - r0));
+      const float* xr = xp + r0 * in;
+      float* yr = yp + r0 * out;
+      if (q4) block_rows_any<true>(R, xr, in, bp, row_bytes, yr, out, begin, end);
+      else block_rows_any<false>(R, xr, in, bp, row_bytes, yr, out, begin, end);
+    }
+  });
+  return y;
+}
+
 // Each binding converts its arguments with the GIL held, then releases it for the call (the
 // checks and torch::empty need no GIL) and takes it back to return the result.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("small_linear", &small_linear, "x @ w.T for a few rows of x (float32)", release());
+  m.def("block_linear", &block_linear,
+        "x @ W.T for a few rows of float32 x, W read as GGUF's Q4_1 or Q8_0 blocks", release());
   m.def("paged_attention_rows", &paged_attention_rows,
         "Attention of one query per row over the paged KV pool, read in place (float32, CPU)",
         release());

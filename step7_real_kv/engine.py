@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -39,13 +40,15 @@ from common.config import knob
 from common.errors import APIError
 from common.model import LoadedModel
 from common.request import Request, log_done
-from step7_real_kv import cpu_kernels
+from common.timeline import Iteration, PhaseClock, Step, Timeline, TimelineConfig
+from step7_real_kv import cpu_kernels, stored_weights
 from step7_real_kv.batch import build_batch
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.model_runner import ModelRunner
 from step7_real_kv.paged_kv import PagedKVCache
 from step7_real_kv.scheduler import Scheduler, SchedulerConfig, Work
 from step7_real_kv.sequence import Sequence
+from step7_real_kv.stored_weights import StoredWeight, find_gguf
 
 log = logging.getLogger("gateway")
 
@@ -54,10 +57,11 @@ Sampled_ = tuple[Sequence, Sampled]
 Forked = tuple[Sequence, Request, Sampled]  # (leader, a choice starting from it, its token)
 LINEAR_BACKENDS = ("auto", "torch")
 KERNELS = ("auto", "cpp", "torch")
+WEIGHT_FORMATS = ("auto", "blocks", "float32")
 
 
 @dataclass(frozen=True)
-class EngineConfig(SchedulerConfig):
+class EngineConfig(TimelineConfig, SchedulerConfig):
     block_size: int = knob(16, "token slots per KV block")
     num_kv_blocks: int = knob(2048, "blocks in the KV pool (32768 tokens, 1.4 GiB in float32)")
     linear_backend: str = knob("auto", "auto: oneDNN, weights prepacked, on a CPU | torch")
@@ -67,6 +71,13 @@ class EngineConfig(SchedulerConfig):
         "CPU: auto (when they load, else the torch code, logged) | cpp (required: start-up "
         "fails without them) | torch",
     )
+    weight_format: str = knob(
+        "auto",
+        "matmuls of a few rows read the weights as the GGUF stores them (Q4_1/Q8_0 blocks, "
+        "5.6x fewer bytes) or as float32: auto (blocks where they are the model's weights bit "
+        "for bit, and the kernels run) | blocks (required; served lossy if they differ) | "
+        "float32",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +85,8 @@ class EngineConfig(SchedulerConfig):
             raise ValueError(f"linear_backend is one of {LINEAR_BACKENDS}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels is one of {KERNELS}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format is one of {WEIGHT_FORMATS}")
         if min(self.block_size, self.num_kv_blocks) < 1:
             raise ValueError("block_size and num_kv_blocks must be at least 1")
 
@@ -83,10 +96,21 @@ class PagedEngine:
         self.kv = PagedKVCache.for_model(lm, config.num_kv_blocks, config.block_size)
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config)
+        kernels = cpu_kernels_for(lm, config)
         self.runner = ModelRunner(
-            lm, self.kv, config.linear_backend, cpu_kernels_for(lm, config), config.max_num_seqs
-        )
+            lm, self.kv, config.linear_backend, kernels, config.max_num_seqs,
+            stored_weights_for(lm, config, kernels), lossy=config.weight_format == "blocks",
+        )  # fmt: skip
+        if self.runner.lossy:
+            log.warning(
+                "%d stored weights differ from the model's float32 weights: %s",
+                len(self.runner.lossy),
+                "served lossy, as weight_format=blocks asks" if config.weight_format == "blocks"
+                else "using float32 for them all",
+            )  # fmt: skip
         self.batch_size_hooks: list[Callable[[int], object]] = []  # sequences per iteration
+        self.timeline = Timeline(config.timeline_iterations) if config.timeline else None
+        self._retired: list[tuple[str, str]] = []  # (request, how) since the last record
         self._work_arrived = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         log.info(
@@ -108,6 +132,8 @@ class PagedEngine:
     async def submit(self, request: Request) -> None:
         """Queue a validated request (the server asked `require_fit` first)."""
         self.scheduler.add(request)
+        if self.timeline is not None:
+            self.timeline.arrived(request.trace_id, request.arrival_time)
         self._work_arrived.set()
 
     # What others ask; the scheduler, which owns the queues, answers.
@@ -132,6 +158,7 @@ class PagedEngine:
 
     async def step(self) -> None:
         """One iteration: schedule -> forward and sample (worker thread) -> postprocess."""
+        clock = PhaseClock()
         self._retire_cancelled()
         work = self.scheduler.schedule()
         if not work:  # nothing can run before a running sequence ends (or none is left)
@@ -140,12 +167,56 @@ class PagedEngine:
         for hook in self.batch_size_hooks:
             hook(len(work))
         forks = self._forks_due(work)
+        steps = self._steps(work) if self.timeline is not None else []
+        clock.lap("schedule")
         try:
-            sampled, forked = await asyncio.to_thread(self._compute, work, forks)
+            sampled, forked, times = await asyncio.to_thread(self._compute, work, forks)
         except Exception as exc:  # the shared forward pass: every sequence in it fails
             log.exception("iteration failed")
             return self._fail_all(work, exc)
+        clock.lap("compute")
         self._postprocess(work, sampled, forked)
+        clock.lap("hand-over")
+        self._record(clock, times, steps, forked)
+
+    def _steps(self, work: Work) -> list[Step]:
+        """For the timeline: what each scheduled sequence does in this iteration."""
+        admitted = self.scheduler.admitted
+        return [
+            Step(
+                seq.request.trace_id,
+                "decode" if n == 1 and seq.num_computed == seq.num_tokens - 1 else "prefill",
+                n,
+                seq.num_computed,
+                cached=admitted.get(seq, 0),
+            )
+            for seq, n in work
+        ]
+
+    def _record(self, clock: PhaseClock, times, steps: list[Step], forked: list[Forked]) -> None:
+        """The iteration onto the timeline: its phases (the worker's forward and sampling in
+        place of the thread hop around them), its steps, who was preempted or ended."""
+        retired, self._retired = self._retired, []
+        if self.timeline is None:
+            return
+        forward_s, sample_s = times
+        phases = {"schedule": clock.phases["schedule"], "forward": forward_s,
+                  "sample": sample_s, "hand-over": clock.phases["hand-over"]}  # fmt: skip
+        steps += [
+            Step(child.trace_id, "fork", 0, leader.num_tokens - 1) for leader, child, _ in forked
+        ]
+        load = self.load()
+        self.timeline.record(
+            Iteration(
+                self.timeline.next_number(), clock.start, phases, steps,
+                preempted=[s.request.trace_id for s in self.scheduler.preempted],
+                finished=retired, budget=self.scheduler.max_num_batched_tokens,
+                kv_used=self.blocks.num_blocks - self.blocks.num_free,
+                kv_total=self.blocks.num_blocks, waiting=load.waiting, running=load.running,
+            )
+        )  # fmt: skip
+        for rid, how in retired:
+            self.timeline.ended(rid, how)
 
     def _forks_due(self, work: Work) -> dict[Sequence, list[Request]]:
         """n > 1: the leaders whose prompt is all computed after this iteration, and the
@@ -212,6 +283,7 @@ class PagedEngine:
         request = seq.request
         if request.cancelled and not request.finished:
             request.drop_cancelled()
+        self._retired.append((request.trace_id, request.finish_reason or request.status.value))
         log_done(
             request,
             queue_wait_s=round(request.queue_wait_s or 0, 4),
@@ -224,16 +296,19 @@ class PagedEngine:
     @torch.inference_mode()
     def _compute(
         self, work: Work, forks: dict[Sequence, list[Request]]
-    ) -> tuple[list[Sampled_], list[Forked]]:
+    ) -> tuple[list[Sampled_], list[Forked], tuple[float, float]]:
         """The batch's forward pass, then a token for each sequence whose prompt is all in,
         and for each choice that forks from it (from the same logits, with its own sampler)."""
+        start = time.monotonic()
         batch = build_batch(work, self.blocks.block_size, self.runner.device)
         logits = self.runner.forward(batch)  # [sampled sequences, vocab]
+        forward_done = time.monotonic()
         sampled, forked = [], []
         for seq, row in zip(batch.sampled, logits, strict=True):
             sampled.append((seq, _sample(seq.request, row)))
             forked += [(seq, child, _sample(child, row)) for child in forks.get(seq, [])]
-        return sampled, forked
+        times = (forward_done - start, time.monotonic() - forward_done)
+        return sampled, forked, times
 
 
 def _sample(request: Request, logits: torch.Tensor) -> Sampled:
@@ -258,6 +333,34 @@ def cpu_kernels_for(lm: LoadedModel, config: EngineConfig) -> ModuleType | None:
             )
         return cpu_kernels.load(required=True)
     return cpu_kernels.load() if usable else None
+
+
+def stored_weights_for(
+    lm: LoadedModel, config: EngineConfig, kernels: ModuleType | None
+) -> dict[str, StoredWeight] | None:
+    """The GGUF's blocks for the runner (stored_weights.py), where they can be used: the
+    kernels run and the model was converted from a GGUF found in the cache."""
+    if config.weight_format == "float32":
+        return None
+    path = find_gguf(lm.path) if lm.path is not None else None
+    if kernels is None or path is None:
+        if config.weight_format == "blocks":
+            raise RuntimeError(
+                "weight_format=blocks needs the C++ kernels and the GGUF the model was "
+                f"converted from (kernels: {kernels is not None}, GGUF: {path})"
+            )
+        return None
+    started = time.monotonic()
+    c = lm.config
+    stored = stored_weights.load(
+        path, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
+    )
+    log.info(
+        "stored weights: %d matrices, %.0f MB of blocks from %s in %.1f s",
+        len(stored), sum(w.nbytes for w in stored.values()) / 1e6, path.name,
+        time.monotonic() - started,
+    )  # fmt: skip
+    return stored
 
 
 class KVCollector:

@@ -25,6 +25,7 @@ from common.model import LoadedModel
 from step7_real_kv.attention import paged_attention
 from step7_real_kv.batch import Batch
 from step7_real_kv.paged_kv import PagedKVCache
+from step7_real_kv.stored_weights import StoredWeight, differences
 
 
 class Linear:
@@ -34,25 +35,38 @@ class Linear:
     start-up, into the blocked layout its kernels read, as torch.compile's weight freezing and
     vLLM's CPU backend do; F.linear goes to MKL's sgemm, which at this model's shapes took
     about twice as long (the README's profile). For a few rows (decoding at low concurrency)
-    the work is a stream over the weight, and cpu_kernels' small_linear, a plain row-wise dot
-    product, gets closer to memory speed than oneDNN. The sums come out in another order than
-    F.linear's, so the last bits differ. Elsewhere, and with backend "torch", F.linear.
+    the work is a stream over the weight, and its bytes set the speed: cpu_kernels'
+    block_linear reads the weight as the GGUF file stores it (stored_weights.py: Q4_1 blocks,
+    5.6x fewer bytes than float32, the same weights), or, without the blocks, small_linear, a
+    plain row-wise dot product over the float32 weight. Their sums come out in another order
+    than F.linear's, so the last bits differ. Elsewhere, and with backend "torch", F.linear.
     """
 
     SMALL_ROWS = 4  # up to this many rows, small_linear (measured: README)
+    BLOCK_ROWS = 8  # up to this many rows, block_linear (measured: README)
 
     def __init__(
-        self, weight: torch.Tensor, backend: str, batch_hint: int, kernels: ModuleType | None
+        self,
+        weight: torch.Tensor,
+        backend: str,
+        batch_hint: int,
+        kernels: ModuleType | None,
+        stored: StoredWeight | None = None,
     ) -> None:
         self.weight = weight  # [out, in]
         self.packed: torch.Tensor | None = None
         self.small = kernels.small_linear if kernels and weight.shape[1] % 32 == 0 else None
+        self.stored = stored if kernels is not None else None
+        self.block = kernels.block_linear if kernels is not None and stored is not None else None
         on_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
         if backend == "auto" and on_cpu and torch.backends.mkldnn.enabled:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small is not None and x.shape[0] <= self.SMALL_ROWS:
+        rows = x.shape[0]
+        if self.block is not None and self.stored is not None and rows <= self.BLOCK_ROWS:
+            return self.block(x, self.stored.blocks, self.stored.kind)
+        if self.small is not None and rows <= self.SMALL_ROWS:
             return self.small(x, self.weight)
         if self.packed is None:
             return F.linear(x, self.weight)
@@ -77,7 +91,11 @@ class ModelRunner:
         linear_backend: str = "auto",
         kernels: ModuleType | None = None,
         batch_hint: int = 64,
+        stored: dict[str, StoredWeight] | None = None,
+        lossy: bool = False,
     ) -> None:
+        """`stored`: the weights as the GGUF stores them (stored_weights.py), used for a few
+        rows where they are the model's weights bit for bit (or whatever they are, `lossy`)."""
         config = lm.config
         self.kv = kv
         self.device = lm.device
@@ -86,22 +104,41 @@ class ModelRunner:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         params: dict[str, torch.Tensor] = dict(lm.model.named_parameters(remove_duplicate=False))
-        linear = lambda weight: Linear(weight, linear_backend, batch_hint, kernels)  # noqa: E731
+        stored = stored or {}
+        self.lossy: list[str] = []  # the stored weights that are not the model's, bit for bit
+
+        def linear(weight: torch.Tensor, name: str) -> Linear:
+            piece = stored.get(name)
+            if piece is not None and differences({name: piece}, {name: weight}):
+                self.lossy.append(name)
+            return Linear(weight, linear_backend, batch_hint, kernels, piece)
+
         self.embed = params["model.embed_tokens.weight"]  # [vocab, hidden]
         self.norm = params["model.norm.weight"]
-        self.lm_head = linear(params.get("lm_head.weight", self.embed))  # tied in SmolLM2
-        self.layers = [
-            _layer(params, f"model.layers.{i}.", linear) for i in range(config.num_hidden_layers)
-        ]
+        lm_head = params.get("lm_head.weight", self.embed)  # tied in SmolLM2
+        self.lm_head = linear(lm_head, "lm_head")
+        self.layers = [_layer(params, i, linear) for i in range(config.num_hidden_layers)]
+        if self.lossy and not lossy:  # not the model's weights: float32 it is
+            for matrix in self.linears:
+                matrix.stored = matrix.block = None
         inv_freq = lm.model.model.rotary_emb.inv_freq  # the model's own, as its forward uses it
         self.cos, self.sin = rope_tables(inv_freq, config.max_position_embeddings, lm.dtype)
+
+    @property
+    def linears(self) -> list[Linear]:
+        matrices = [(w.qkv, w.o, w.gate_up, w.down) for w in self.layers]
+        return [self.lm_head, *(m for group in matrices for m in group)]
 
     @property
     def backends(self) -> dict[str, str]:
         """What runs the arithmetic, for the start-up log and gateway_engine_info."""
         linear = self.layers[0].qkv
         matmul = "onednn" if linear.packed is not None else "torch"
-        if linear.small is not None:
+        kinds = "/".join(sorted({m.stored.kind for m in self.linears if m.stored}))
+        if kinds:
+            matmul += f"+{kinds}_blocks(<={Linear.BLOCK_ROWS} rows)"
+            matmul += "_lossy" if self.lossy else ""
+        elif linear.small is not None:
             matmul += f"+small_linear(<={Linear.SMALL_ROWS} rows)"
         kernels = "cpp" if self.kernels is not None else "torch"
         return {"kernels": kernels, "linear": matmul, "device": self.device.type}
@@ -154,16 +191,17 @@ class ModelRunner:
         return w.o(out.view(t, heads * self.head_dim))
 
 
-def _layer(params: dict[str, torch.Tensor], prefix: str, linear) -> LayerWeights:
-    p = lambda name: params[prefix + name]  # noqa: E731
+def _layer(params: dict[str, torch.Tensor], i: int, linear) -> LayerWeights:
+    p = lambda name: params[f"model.layers.{i}.{name}"]  # noqa: E731
     return LayerWeights(
         input_norm=p("input_layernorm.weight"),
         qkv=linear(torch.cat([p("self_attn.q_proj.weight"), p("self_attn.k_proj.weight"),
-                              p("self_attn.v_proj.weight")])),
-        o=linear(p("self_attn.o_proj.weight")),
+                              p("self_attn.v_proj.weight")]), f"{i}.qkv"),
+        o=linear(p("self_attn.o_proj.weight"), f"{i}.o"),
         post_norm=p("post_attention_layernorm.weight"),
-        gate_up=linear(torch.cat([p("mlp.gate_proj.weight"), p("mlp.up_proj.weight")])),
-        down=linear(p("mlp.down_proj.weight")),
+        gate_up=linear(torch.cat([p("mlp.gate_proj.weight"), p("mlp.up_proj.weight")]),
+                       f"{i}.gate_up"),
+        down=linear(p("mlp.down_proj.weight"), f"{i}.down"),
     )  # fmt: skip
 
 

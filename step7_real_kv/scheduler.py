@@ -61,6 +61,8 @@ class Scheduler:
         # to prefill the prompt, then start from its blocks (`fork`).
         self.forks: dict[Request, list[Request]] = {}
         self.num_preemptions = 0
+        self.admitted: dict[Sequence, int] = {}  # what the last schedule() let in ...
+        self.preempted: list[Sequence] = []  # ... and preempted
         # The head of `waiting` when it last could not get its blocks, and the free count
         # then: until more blocks are free it is not looked up again (nor counted again).
         self._blocked: tuple[Sequence, int] | None = None
@@ -139,6 +141,8 @@ class Scheduler:
     # ------------------------------------------------------------ each iteration
 
     def schedule(self) -> Work:
+        self.admitted = {}  # let in this iteration: cached prompt tokens
+        self.preempted = []  # preempted this iteration
         budget = self.max_num_batched_tokens
         preemptions_before = self.num_preemptions
         work = self._schedule_running(budget)
@@ -201,6 +205,7 @@ class Scheduler:
         self.waiting.popleft()
         seq.block_table = hit.state + self.blocks.allocate(need)
         seq.num_computed = hit.num_tokens
+        self.admitted[seq] = hit.num_tokens
         self._run(seq)
         return n
 
@@ -229,6 +234,7 @@ class Scheduler:
         self.num_preemptions += 1
         seq.request.status = RequestStatus.WAITING
         self.waiting.appendleft(seq)
+        self.preempted.append(seq)
 
     # ------------------------------------------------------------ after the forward pass
 

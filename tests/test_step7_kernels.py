@@ -12,11 +12,21 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
 from step7_real_kv import cpu_kernels
+from step7_real_kv.model_runner import Linear
 from step7_real_kv.paged_kv import PagedKVCache, slot_numbers
+from step7_real_kv.stored_weights import (
+    BLOCK_BYTES,
+    StoredWeight,
+    dequantize,
+    differences,
+    find_gguf,
+    load,
+)
 from tests.conftest import ROOT
 
 REQUIRED = os.environ.get("GATEWAY_REQUIRE_KERNELS") == "1"
@@ -317,6 +327,9 @@ def long_call(k, name: str) -> Callable[[], object]:
     if name == "add_rms_norm_":
         x, delta, weight = torch.randn(16384, 1024), torch.randn(16384, 1024), torch.randn(1024)
         return lambda: k.add_rms_norm_(x, delta, weight, 1e-5)
+    if name == "block_linear":
+        x, weight = torch.randn(8, 4096), random_blocks("q4_1", 32768, 4096)
+        return lambda: k.block_linear(x, weight.blocks, weight.kind)
     gate_up = torch.randn(8192, 4096)
     return lambda: k.silu_mul(gate_up)
 
@@ -333,8 +346,10 @@ def stall_ratio(call: Callable[[], object], attempts: int = 5) -> float:
 
 
 @pytest.mark.parametrize(
-    "name", ["small_linear", "paged_attention_rows", "rope_and_store_", "add_rms_norm_", "silu_mul"]
-)
+    "name",
+    ["small_linear", "block_linear", "paged_attention_rows", "rope_and_store_", "add_rms_norm_",
+     "silu_mul"],
+)  # fmt: skip
 def test_each_kernel_releases_the_gil(kernels, one_torch_thread, name):
     assert stall_ratio(long_call(kernels, name)) < 0.5
 
@@ -410,3 +425,101 @@ def test_a_build_that_cannot_happen_fails_clearly_when_required(tmp_path):
     ahead = python("from step7_real_kv.cpu_kernels import main; raise SystemExit(main())", **broken)
     assert ahead.returncode == 1
     assert "failed to build or load" in ahead.stderr
+
+
+# ---------------------------------------------------------------- weights as GGUF stores them
+
+
+def random_blocks(kind: str, out: int, inputs: int, seed: int = 0) -> StoredWeight:
+    """Blocks as GGUF lays them out, with random scales (float16) and quants."""
+    rng = np.random.default_rng(seed)
+    size = BLOCK_BYTES[kind]
+    raw = rng.integers(0, 256, size=(out, inputs // 32, size), dtype=np.uint8)
+    scales = rng.normal(0, 0.02, size=(out, inputs // 32, 2)).astype(np.float16)
+    raw[:, :, 0:2] = scales[:, :, :1].view(np.uint8)
+    if kind == "q4_1":
+        raw[:, :, 2:4] = (-8 * np.abs(scales[:, :, 1:])).astype(np.float16).view(np.uint8)
+    return StoredWeight(torch.from_numpy(raw.reshape(out, -1).copy()), kind)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", list(range(1, Linear.BLOCK_ROWS + 2)))  # 1 .. past the switch
+def test_the_block_kernel_equals_the_float32_matmul(kernels, kind, rows):
+    weight = random_blocks(kind, 200, 576, seed=rows)
+    x = torch.randn(rows, 576)
+    expected = torch.nn.functional.linear(x, dequantize(weight))
+    got = kernels.block_linear(x, weight.blocks, kind)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "x, make, message",
+    [
+        (torch.randn(2, 100), lambda: random_blocks("q4_1", 4, 96), "multiple of 32"),
+        (torch.randn(2, 64), lambda: random_blocks("q4_1", 4, 96), "bytes a row"),
+        (torch.randn(2, 64), lambda: random_blocks("q8_0", 4, 64), "q4_1 or q8_0"),
+        (torch.randn(2, 64, dtype=torch.float64), lambda: random_blocks("q4_1", 4, 64),
+         "float32"),
+        (torch.randn(64, 2).t(), lambda: random_blocks("q4_1", 4, 64), "contiguous"),
+    ],
+)  # fmt: skip
+def test_the_block_kernel_refuses_odd_sizes_and_kinds(kernels, x, make, message):
+    weight = make()
+    kind = "q5_k" if message == "q4_1 or q8_0" else weight.kind
+    with pytest.raises(RuntimeError, match=message):
+        kernels.block_linear(x, weight.blocks, kind)
+    with pytest.raises(RuntimeError, match="uint8"):
+        kernels.block_linear(torch.randn(2, 64), torch.zeros(4, 40, dtype=torch.int8), "q4_1")
+
+
+@pytest.fixture(scope="module")
+def gguf_path(real_model_dir):
+    path = find_gguf(real_model_dir)
+    if path is None:
+        pytest.fail(f"no GGUF beside {real_model_dir}: `python -m common.model fetch` keeps it")
+    return path
+
+
+def test_the_real_blocks_are_the_models_weights_bit_for_bit(gguf_path, real_model_dir):
+    from common.config import ServerConfig
+    from common.model import load_model
+
+    lm = load_model(ServerConfig(model=str(real_model_dir)))
+    c = lm.config
+    stored = load(gguf_path, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads)
+    params = dict(lm.model.named_parameters(remove_duplicate=False))
+    p = lambda name: params[f"model.layers.{name}.weight"]  # noqa: E731
+    fused = {"lm_head": params["model.embed_tokens.weight"]}
+    for i in range(c.num_hidden_layers):
+        fused[f"{i}.qkv"] = torch.cat([p(f"{i}.self_attn.{n}_proj") for n in "qkv"])
+        fused[f"{i}.o"] = p(f"{i}.self_attn.o_proj")
+        fused[f"{i}.gate_up"] = torch.cat([p(f"{i}.mlp.gate_proj"), p(f"{i}.mlp.up_proj")])
+        fused[f"{i}.down"] = p(f"{i}.mlp.down_proj")
+    assert set(stored) == set(fused) and len(stored) == 4 * c.num_hidden_layers + 1
+    assert differences(stored, fused) == []
+    total = sum(w.nbytes for w in stored.values())
+    assert 90e6 < total < 100e6  # 96 MB of blocks for 538 MB of float32
+    perturbed = dict(fused)  # one float32 weight off by one bit: the proof must say so
+    changed = fused["3.down"].clone()
+    changed.view(torch.int32)[5, 7] ^= 1
+    perturbed["3.down"] = changed
+    assert differences(stored, perturbed) == ["3.down"]
+
+
+def test_a_runner_refuses_blocks_that_are_not_its_weights(kernels, tiny_model_dir):
+    """The tiny random model against blocks of another model: not lossless, so not used (auto),
+    unless asked for (then said to be lossy)."""
+    from common.config import ServerConfig
+    from common.model import load_model
+    from step7_real_kv.model_runner import ModelRunner
+    from step7_real_kv.paged_kv import PagedKVCache
+
+    lm = load_model(ServerConfig(model=str(tiny_model_dir)))
+    kv = PagedKVCache.for_model(lm, 8, 4)
+    head = lm.model.get_output_embeddings().weight
+    stored = {"lm_head": random_blocks("q8_0", head.shape[0], head.shape[1])}
+    auto = ModelRunner(lm, kv, "auto", kernels, 8, stored)
+    assert auto.lossy == ["lm_head"] and auto.lm_head.stored is None
+    assert "blocks" not in auto.backends["linear"]
+    forced = ModelRunner(lm, kv, "auto", kernels, 8, stored, lossy=True)
+    assert forced.lm_head.stored is not None and forced.backends["linear"].endswith("_lossy")
