@@ -95,6 +95,9 @@ def _step_rows(entry: dict) -> list[str]:
         note = f"**{entry['status']}**: {entry['message']}"
         return [table_row([entry["step"], *["–"] * (len(COLUMNS) - 2), note])]
     rows = [table_row(_level_cells(entry["step"], level)) for level in entry["levels"]]
+    if entry.get("backends"):  # what the server said it runs (step 7: kernels, matmuls)
+        said = " ".join(f"{k}={v}" for k, v in sorted(entry["backends"].items()))
+        rows.append(table_row([entry["step"], *["–"] * (len(COLUMNS) - 2), f"backends: {said}"]))
     if entry.get("note"):  # a peer whose answers differ is timed anyway, with this said
         rows.append(table_row([entry["step"], *["–"] * (len(COLUMNS) - 2), entry["note"]]))
     if entry["status"] != "ok":

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import correctness, peers, report
 from bench.profiles import CONCURRENCY_CAPS, Profile, plan_levels
@@ -167,6 +168,7 @@ def _bench_one(
             return entry
         server = _restart_for_timing(config, server, progress, entry)
         entry["dtype"] = server.dtype
+        entry["backends"] = backends(server.url)
         _warm_up(server.url, workload, model, config.profile, progress)
         _run_levels(config, server, model, entry, progress)
     except NotReady as exc:
@@ -304,6 +306,21 @@ def _run_level(config: RunConfig, server, model: str, level: int, users: int, pr
         result["timeline_file"] = str(timeline.relative_to(config.results_dir))
     progress.say(_level_line(server.step, result))
     return result
+
+
+def backends(url: str) -> dict[str, str] | None:
+    """What the server says it runs (gateway_engine_info, step 7 and later), or None."""
+    try:
+        response = httpx.get(url + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200 or "gateway_engine_info" not in response.text:
+        return None
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "gateway_engine_info":
+                return dict(sample.labels)
+    return None
 
 
 def last_iteration(url: str) -> int | None:

@@ -253,9 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--linear-backend", default="auto", help="as step 7's --linear-backend")
     p.add_argument("--kernels", default="auto", help="as step 7's --kernels")
+    p.add_argument("--weight-format", default="auto", help="as step 7's --weight-format")
     args = p.parse_args(argv)
     lm = load_model(ServerConfig(dtype="float32"))
-    config = EngineConfig(linear_backend=args.linear_backend, kernels=args.kernels)
+    config = EngineConfig(
+        linear_backend=args.linear_backend, kernels=args.kernels, weight_format=args.weight_format
+    )
     results = []
     for users in (int(u) for u in args.users.split(",")):
         result = asyncio.run(profile_level(lm, users, args.iterations, args.ops, config))
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             "threads": torch.get_num_threads(),
             "linear_backend": args.linear_backend,
             "kernels": args.kernels,
+            "weight_format": args.weight_format,
         }
         args.json.write_text(json.dumps({"meta": meta, "levels": results}, indent=2))
 
