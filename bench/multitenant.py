@@ -1,4 +1,4 @@
-"""Step 8's policy comparison: multi-tenant chat over one step 7, then over step 8 in front of
+"""Step 9's policy comparison: multi-tenant chat over one step 7, then over step 9 in front of
 local step 7 replicas with each routing policy, in one run.
 
     python -m bench multitenant                            # step 7 alone, then 3 policies
@@ -12,15 +12,15 @@ Cache-Control: no-cache (the router's answer cache would only measure a dictiona
 closed-loop; new requests start for `run_time` s, those in flight get `stop_timeout` s more.
 
 Each configuration is a fresh server process: `python -m step7_real_kv`, or `python -m
-step8_router --replicas N --policy P` (which starts its own replicas). Its greedy answers to every
+step9_router --replicas N --policy P` (which starts its own replicas). Its greedy answers to every
 tenant's first question are checked against the first configuration's before it is timed. The
 cores are shared evenly: OMP_NUM_THREADS is cores / engines for every engine. Measured: the
 replicas' prefix-cache hit rate over the load (gateway_prefix_cache_hit_tokens_total /
 gateway_prefix_cache_queried_tokens_total, read from each replica's /metrics before and after),
 TTFT p50/p99, output tokens/s, e2e p50, errors, and each replica's share of the requests.
 Writes results.json, table.md and multitenant.png to bench/results/multitenant-<time>/; with
---publish, also the table into step8_router/README.md (between its multitenant markers) and the
-chart to step8_router/policies.png.
+--publish, also the table into step9_router/README.md (between its multitenant markers) and the
+chart to step9_router/policies.png.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from bench.servers import NotReady, ProcessServer, free_port
 from bench.stats import summarise
 
 WORKLOAD = Path(__file__).with_name("multitenant.json")
-STEP8 = Path(__file__).resolve().parent.parent / "step8_router"
+STEP8 = Path(__file__).resolve().parent.parent / "step9_router"
 MARKERS = ("<!-- multitenant:start -->", "<!-- multitenant:end -->")
 POLICIES = ("round_robin", "least_loaded", "cache_aware")
 MODEL = "SmolLM2-135M-Instruct"
@@ -105,7 +105,7 @@ class Settings:
 
 
 def start(name: str, settings: Settings, log_dir: Path) -> ProcessServer:
-    """`step7` alone, or `step8:<policy>` with its replicas, on a free port."""
+    """`step7` alone, or `step9:<policy>` with its replicas, on a free port."""
     port, engines = free_port(), 1 if name == "step7" else settings.replicas
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // engines))}
     if settings.num_kv_blocks:
@@ -116,7 +116,7 @@ def start(name: str, settings: Settings, log_dir: Path) -> ProcessServer:
         argv = [sys.executable, "-m", "step7_real_kv", *flags, "--response-cache", "false"]
     else:
         policy = name.split(":", 1)[1]
-        argv = [sys.executable, "-m", "step8_router", *flags, "--policy", policy]
+        argv = [sys.executable, "-m", "step9_router", *flags, "--policy", policy]
         argv += ["--replicas", str(settings.replicas)]
     log = log_dir / f"{name.replace(':', '-')}.log"
     return ProcessServer(name, argv, log, port, "float32", env=env, model=MODEL)
@@ -380,7 +380,7 @@ def markdown(results: dict) -> str:
     lines = [
         f"Multi-tenant chat, {s['users']} users, {s['run_time_s']:g} s of new requests "
         f"(+ up to {s['stop_timeout_s']:g} s), max_tokens {s['max_tokens']}, greedy, streaming; "
-        f"step 8 over {s['replicas']} local replicas. Workload v{results['workload']['version']}.",
+        f"step 9 over {s['replicas']} local replicas. Workload v{results['workload']['version']}.",
         f"Commit {(meta.get('commit') or 'unknown')[:10]}; {meta['machine'].get('cpu_model')}, "
         f"{meta['machine'].get('cores')} cores.",
         "",
@@ -438,7 +438,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench multitenant", description=__doc__.split("\n")[0]
     )
     p.add_argument(
-        "--policies", default=",".join(POLICIES), help="step 8 policies, comma-separated"
+        "--policies", default=",".join(POLICIES), help="step 9 policies, comma-separated"
     )
     p.add_argument("--no-step7", action="store_true", help="skip the step 7 alone baseline")
     p.add_argument("--users", type=int, default=Settings.users)
@@ -449,7 +449,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-kv-blocks", type=int, help="every engine's KV pool (default: theirs)")
     p.add_argument("--workload", type=Path, default=WORKLOAD)
     p.add_argument("--results", type=Path, help="default: bench/results/multitenant-<time>")
-    p.add_argument("--publish", action="store_true", help="into step8_router/README.md too")
+    p.add_argument("--publish", action="store_true", help="into step9_router/README.md too")
     return p.parse_args(argv)
 
 
@@ -467,7 +467,7 @@ def main(argv: list[str]) -> int:
     unknown = set(policies) - set(POLICIES)
     if unknown:
         raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
-    configs = ([] if args.no_step7 else ["step7"]) + [f"step8:{p}" for p in policies]
+    configs = ([] if args.no_step7 else ["step7"]) + [f"step9:{p}" for p in policies]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = (args.results or RESULTS_ROOT / f"multitenant-{stamp}").resolve()
     results = run(configs, settings, args.workload, out)

@@ -182,7 +182,18 @@ LLAMACPP_Q4 = Peer(
     home_name="llamacpp",
 )
 
-PEERS = {peer.name: peer for peer in (VLLM, TRANSFORMERS, LLAMACPP, LLAMACPP_Q4)}
+# The F32 server with llama.cpp's own prompt-lookup speculation (step 8's counterpart): it looks
+# up the last n tokens (12) and drafts up to m (48) of what followed them.
+LLAMACPP_NGRAM = Peer(
+    name="llamacpp-ngram",
+    title="llamacpp-f32-ngram",
+    install=LLAMACPP.install,
+    command=(*LLAMACPP.command, "--spec-type", "ngram-simple"),
+    ready_timeout_s=120.0,
+    home_name="llamacpp",
+)
+
+PEERS = {peer.name: peer for peer in (VLLM, TRANSFORMERS, LLAMACPP, LLAMACPP_Q4, LLAMACPP_NGRAM)}
 
 
 # ---------------------------------------------------------------- names

@@ -59,6 +59,8 @@ class Constraint:
         self.matcher = matcher
         self.vocab_size = vocab_size
         self._bits = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
+        self.consumed = 0  # tokens taken so far
+        self._complete_at: int | None = None  # ... when the grammar became complete
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: [vocab] -> the same, -inf for every token the grammar does not allow now."""
@@ -72,14 +74,15 @@ class Constraint:
     def accept(self, token_id: int) -> None:
         if not self.matcher.consume_token(token_id):
             raise GrammarError(f"token {token_id} breaks the grammar: {self.matcher.get_error()}")
+        self.consumed += 1
+        if self._complete_at is None and self.matcher.is_stopped():
+            self._complete_at = self.consumed
 
-    def rollback(self, num_tokens: int) -> None:
-        self.matcher.rollback(num_tokens)
-
-    @property
-    def finished(self) -> bool:
-        """The grammar is complete: nothing but the end may follow."""
-        return self.matcher.is_stopped()
+    def complete_after(self, num_tokens: int) -> bool:
+        """The grammar was complete once it had taken the first `num_tokens` tokens: nothing
+        but the end may follow them. (Asked by count, not of the matcher's state now: step 8's
+        grammar takes a whole verified run of tokens before they are appended one by one.)"""
+        return self._complete_at is not None and num_tokens >= self._complete_at
 
 
 class Grammars:

@@ -168,7 +168,8 @@ class Request:
         if hit_stop:
             return self._finish("stop", text)
         grammar = self.sampler.constraint
-        if grammar is not None and grammar.finished:  # the JSON is complete: nothing may follow
+        if grammar is not None and grammar.complete_after(self.num_output_tokens):
+            # The JSON is complete: nothing may follow.
             return self._finish("stop", text + self._drain()[0])
         if self.num_output_tokens >= self.max_tokens:
             rest, hit_stop = self._drain()

@@ -74,13 +74,17 @@ class Sampler:
     def sample(self, logits: torch.Tensor, output_ids: list[int] | None = None) -> int:
         """logits: [vocab] for the last position; output_ids: the tokens generated so far (for
         the penalties). Returns the chosen token id (its logprobs in `last_logprobs`)."""
-        raw = logits
         token = self._choose(self.shape(logits, output_ids))
+        self.took(logits, token)
+        return token
+
+    def took(self, raw: torch.Tensor, token: int) -> None:
+        """`token` is this sequence's next: its logprobs (from `raw`, the row's logits) are
+        kept for append_token, and the grammar consumes it."""
         if self.params.logprobs is not None:
-            self.last_logprobs = _logprobs(raw, token, self.params.logprobs)
+            self.last_logprobs = logprobs_of(raw, token, self.params.logprobs)
         if self.constraint is not None:
             self.constraint.accept(token)
-        return token
 
     def shape(self, logits: torch.Tensor, output_ids: list[int] | None) -> torch.Tensor:
         """The logits after logit_bias, penalties and the grammar's mask."""
@@ -94,9 +98,15 @@ class Sampler:
         return logits
 
     def _choose(self, logits: torch.Tensor) -> int:
-        p = self.params
-        if p.greedy:
+        if self.params.greedy:
             return int(torch.argmax(logits))
+        probs = self.distribution(logits)
+        return int(torch.multinomial(probs, 1, generator=self.generator(probs.device)))
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities a sampled (not greedy) token is drawn from: shaped logits, then
+        temperature, top-k and top-p."""
+        p = self.params
         logits = logits.float() / p.temperature
         if 0 < p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -104,7 +114,11 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         if p.top_p < 1.0:
             probs = _top_p_filter(probs, p.top_p)
-        return int(torch.multinomial(probs, 1, generator=self._generator_for(probs.device)))
+        return probs
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This request's own random stream (seeded), made on first use."""
+        return self._generator_for(device)
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         if self._generator is None:
@@ -140,7 +154,8 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum()
 
 
-def _logprobs(raw: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+def logprobs_of(raw: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    """`token`'s log probability in the model's raw distribution, and the `top` likeliest."""
     logprobs = torch.log_softmax(raw.float(), dim=-1)
     alternatives: list[tuple[int, float]] = []
     if top:

@@ -232,7 +232,7 @@ class PagedEngine:
                     room = min(room, self.blocks.num_free - taken)
                 due[seq] = children[:room]
                 for child in reversed(children[room:]):
-                    self.scheduler.waiting.appendleft(Sequence(child))
+                    self.scheduler.waiting.appendleft(self.scheduler.new_sequence(child))
         return due
 
     def _postprocess(self, work: Work, sampled: list[Sampled_], forked: list[Forked]) -> None:
@@ -284,12 +284,15 @@ class PagedEngine:
         if request.cancelled and not request.finished:
             request.drop_cancelled()
         self._retired.append((request.trace_id, request.finish_reason or request.status.value))
-        log_done(
-            request,
-            queue_wait_s=round(request.queue_wait_s or 0, 4),
-            cached_tokens=request.cached_prompt_tokens,
-            preemptions=seq.num_preemptions,
-        )
+        log_done(request, **self._log_fields(seq))
+
+    def _log_fields(self, seq: Sequence) -> dict[str, object]:
+        """What the request's log line says about its time in this engine."""
+        return {
+            "queue_wait_s": round(seq.request.queue_wait_s or 0, 4),
+            "cached_tokens": seq.request.cached_prompt_tokens,
+            "preemptions": seq.num_preemptions,
+        }
 
     # ------------------------------------------------------------ on the worker thread
 
@@ -305,13 +308,13 @@ class PagedEngine:
         forward_done = time.monotonic()
         sampled, forked = [], []
         for seq, row in zip(batch.sampled, logits, strict=True):
-            sampled.append((seq, _sample(seq.request, row)))
-            forked += [(seq, child, _sample(child, row)) for child in forks.get(seq, [])]
+            sampled.append((seq, sample_or_error(seq.request, row)))
+            forked += [(seq, child, sample_or_error(child, row)) for child in forks.get(seq, [])]
         times = (forward_done - start, time.monotonic() - forward_done)
         return sampled, forked, times
 
 
-def _sample(request: Request, logits: torch.Tensor) -> Sampled:
+def sample_or_error(request: Request, logits: torch.Tensor) -> Sampled:
     try:
         return request.sample(logits)
     except Exception as exc:  # reported on the loop, for this sequence only

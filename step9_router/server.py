@@ -1,12 +1,12 @@
-"""Step 8, the router: the same API in front of many engines, each request sent where its prefix
+"""Step 9, the router: the same API in front of many engines, each request sent where its prefix
 is most likely cached.
 
-New since step 7: this server holds no model. It forwards each request to one of N engines (step
-7 processes it starts itself, or any OpenAI-compatible servers by URL or DNS name), picked by the
+New since step 8: this server holds no model. It forwards each request to one of N engines (step
+8 processes it starts itself, or any OpenAI-compatible servers by URL or DNS name), picked by the
 routing policy (routing.py; cache_aware by default), and streams the answer through. In front,
 once for the fleet: step 4's response cache (shared through Redis), step 5's metrics and logs
 with per-replica series, step 6's body limit, readiness, drain and API key.
-Run: python -m step8_router
+Run: python -m step9_router
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from step5_observability.observability import Observability
 from step5_observability.structured_logs import REQUEST_ID, LogConfig
 from step6_backpressure.admission import AdmissionCollector, AdmissionConfig, BodyLimitMiddleware
 from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_gracefully
-from step8_router.answer_cache import AnswerCache, make_answer_cache
-from step8_router.proxy import Proxy, RequestLog
-from step8_router.replicas import LocalReplicas
-from step8_router.routing import Router, RoutingConfig, prompt_text
-from step8_router.upstreams import UpstreamCollector, UpstreamConfig, UpstreamPool
+from step9_router.answer_cache import AnswerCache, make_answer_cache
+from step9_router.proxy import Proxy, RequestLog
+from step9_router.replicas import LocalReplicas
+from step9_router.routing import Router, RoutingConfig, prompt_text
+from step9_router.upstreams import UpstreamCollector, UpstreamConfig, UpstreamPool
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Config(
     ResponseCacheConfig,
     ServerConfig,
 ):
-    """Step 8: the router's knobs. Model, device, dtype, admission, lifecycle and log settings
+    """Step 9: the router's knobs. Model, device, dtype, admission, lifecycle and log settings
     also configure the local engines it starts (GATEWAY_* env vars reach them too)."""
 
 

@@ -1,4 +1,4 @@
-"""Step 8's Kubernetes manifests, checked offline: every file validates strictly against the
+"""Step 9's Kubernetes manifests, checked offline: every file validates strictly against the
 Kubernetes schemas (kubernetes-validate --strict, which also refuses an unknown field), and the
 pieces fit together: the probes, the headless Service the router resolves, the metric the HPA
 scales on (which the engines must export), and the embedded Prometheus configuration."""
@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from step5_observability.metrics import Metrics
 from tests.conftest import require_binary
 
-DEPLOY = Path(__file__).resolve().parent.parent / "step8_router" / "deploy"
+DEPLOY = Path(__file__).resolve().parent.parent / "step9_router" / "deploy"
 MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
 
 
@@ -56,7 +56,7 @@ def test_the_validator_is_strict_enough_to_fail(tmp_path):
 def test_the_pieces_fit_together():
     r = resources()
     engines = r[("Deployment", "engines")]["spec"]["template"]["spec"]["containers"][0]
-    assert engines["command"][-1] == "step7_real_kv"
+    assert engines["command"][-1] == "step8_speculative"
     assert engines["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert engines["startupProbe"]["failureThreshold"] * engines["startupProbe"]["periodSeconds"]
     service = r[("Service", "engines")]["spec"]

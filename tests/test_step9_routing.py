@@ -1,4 +1,4 @@
-"""Step 8's routing policies, as pure functions: no HTTP, no model.
+"""Step 9's routing policies, as pure functions: no HTTP, no model.
 
 While the fleet is balanced a prefix sticks to the replica that has it; past the imbalance guard
 (exactly at it, and one over) the least loaded replica gets it; a replica that is not a candidate
@@ -17,9 +17,9 @@ import pytest
 
 from common import protocol
 from step6_backpressure.lifecycle import Lifecycle
-from step8_router.proxy import Proxy, StreamEnd, _retry_after_s
-from step8_router.replicas import engine_env
-from step8_router.routing import (
+from step9_router.proxy import Proxy, StreamEnd, _retry_after_s
+from step9_router.replicas import engine_env
+from step9_router.routing import (
     PrefixRecord,
     Router,
     RoutingConfig,
@@ -30,8 +30,8 @@ from step8_router.routing import (
     prompt_text,
     round_robin,
 )
-from step8_router.server import Config
-from step8_router.upstreams import UpstreamConfig, UpstreamPool, resolve
+from step9_router.server import Config
+from step9_router.upstreams import UpstreamConfig, UpstreamPool, resolve
 
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
 SYSTEM = "You are the help desk of a library. " * 20  # ~700 characters: 11 blocks of 64

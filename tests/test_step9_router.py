@@ -1,4 +1,4 @@
-"""Step 8 through HTTP: a router process in front of two real step 7 replicas on the tiny model.
+"""Step 9 through HTTP: a router process in front of two real step 7 replicas on the tiny model.
 
 Greedy answers through the router equal one step 7's; a bad request never reaches a replica;
 the answer cache sits in front, and two routers share it through Redis; a client that hangs up
@@ -58,7 +58,7 @@ def replica(path, model_dir, max_waiting_tokens: int, **env: str) -> ServerProce
 
 def router_for(path, upstreams: list[ServerProcess], **env: str) -> ServerProcess:
     router = ServerProcess(
-        "step8_router",
+        "step9_router",
         path,
         {
             "GATEWAY_UPSTREAMS": ",".join(u.url for u in upstreams),
@@ -81,7 +81,7 @@ def name(server: ServerProcess) -> str:
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory, tiny_model_dir):
-    logs = tmp_path_factory.mktemp("step8-replicas")
+    logs = tmp_path_factory.mktemp("step9-replicas")
     started: list[ServerProcess] = []
     try:
         for label, limit in zip("ab", LIMITS, strict=True):
@@ -94,7 +94,7 @@ def replicas(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def router(replicas, tmp_path_factory):
-    server = router_for(tmp_path_factory.mktemp("step8-router") / "router.log", replicas)
+    server = router_for(tmp_path_factory.mktemp("step9-router") / "router.log", replicas)
     yield server
     server.stop()
 

@@ -34,9 +34,9 @@ class UpstreamConfig(ConfigPart):
     upstreams: str = knob(
         "",
         "engine URLs, comma-separated, or dns://NAME:PORT for every address NAME resolves to; "
-        "empty: start `replicas` local step 7 engines",
+        "empty: start `replicas` local step 8 engines",
     )
-    replicas: int = knob(2, "local step 7 engines to start when `upstreams` is empty")
+    replicas: int = knob(2, "local step 8 engines to start when `upstreams` is empty")
     upstream_api_key: str = knob("", "sent to the engines as `Authorization: Bearer` (vLLM)")
     health_interval_s: float = knob(1.0, "seconds between two readiness polls of every engine")
     health_timeout_s: float = knob(2.0, "a readiness poll slower than this fails")

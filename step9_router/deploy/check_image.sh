@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Builds step 8's image (deploy/Dockerfile) and serves from it, without a Docker engine or a
+# Builds step 9's image (deploy/Dockerfile) and serves from it, without a Docker engine or a
 # registry: buildah builds the Dockerfile and runs the image (chroot isolation, so the
 # containers share the host's network and answer on its loopback), on a Debian bookworm base
-# built here with debootstrap. From the built image it starts a step 7 engine, sends it one chat
+# built here with debootstrap. From the built image it starts a step 8 engine, sends it one chat
 # completion, starts the router in front of it and sends one through that; prints the image's
 # size. Exits non-zero, saying why, on the first failure.
 #
-#   step8_router/deploy/check_image.sh     # as root, or with sudo (it installs buildah and
+#   step9_router/deploy/check_image.sh     # as root, or with sudo (it installs buildah and
 #                                          # debootstrap with apt-get where they are missing)
 #
 # Reruns reuse the base's root filesystem (a tarball under GATEWAY_CACHE_DIR/images) and
@@ -21,7 +21,7 @@ CACHE=${GATEWAY_CACHE_DIR:-$HOME/.cache/llm-gateway}/images
 ROOTFS=$CACHE/bookworm-rootfs.tar
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE_IMAGE=localhost/llm-gateway-base:bookworm
-IMAGE=localhost/llm-gateway:step8
+IMAGE=localhost/llm-gateway:step9
 READY_TIMEOUT_S=300
 export BUILDAH_ISOLATION=chroot
 
@@ -125,7 +125,7 @@ build_image() {
     local started=$SECONDS
     buildah bud --layers --pull=never --build-arg "BASE=$BASE_IMAGE" \
         --build-arg "TORCH_INDEX_URL=${torch_index:-https://pypi.org/simple}" "${PIP_ARGS[@]}" \
-        -f step8_router/deploy/Dockerfile -t "$IMAGE" . || fail "the image did not build"
+        -f step9_router/deploy/Dockerfile -t "$IMAGE" . || fail "the image did not build"
     log "built $IMAGE in $((SECONDS - started)) s; size: $(image_size)"
 }
 
@@ -200,8 +200,8 @@ serve_from_image() {
     buildah rm llm-gateway-check >/dev/null 2>&1 || true  # left by a run that was killed
     CONTAINER=$(buildah from --pull=never --name llm-gateway-check "$IMAGE")
     engine_port=$(free_port)
-    log "starting a step 7 engine from the image on 127.0.0.1:$engine_port"
-    serve "$work/engine.log" GATEWAY_PORT="$engine_port" python -m step7_real_kv
+    log "starting a step 8 engine from the image on 127.0.0.1:$engine_port"
+    serve "$work/engine.log" GATEWAY_PORT="$engine_port" python -m step8_speculative
     wait_ready "the engine" "$engine_port" "$work/engine.log"
     direct=$(chat "$engine_port" "$work/engine.headers")
     [ -n "$direct" ] || fail "the engine answered with no text"
@@ -210,7 +210,7 @@ serve_from_image() {
     router_port=$(free_port)
     log "starting the router from the image on 127.0.0.1:$router_port"
     serve "$work/router.log" GATEWAY_PORT="$router_port" \
-        GATEWAY_UPSTREAMS="http://127.0.0.1:$engine_port" python -m step8_router
+        GATEWAY_UPSTREAMS="http://127.0.0.1:$engine_port" python -m step9_router
     wait_ready "the router" "$router_port" "$work/router.log"
     routed=$(chat "$router_port" "$work/router.headers")
     upstream=$(sed -n 's/^x-upstream: *\([^[:space:]]*\).*/\1/Ip' "$work/router.headers")
@@ -225,7 +225,7 @@ serve_from_image() {
 if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null || fail "run it as root: buildah and debootstrap need root here"
     log "not root: running it again with sudo"
-    exec sudo -E env "PATH=$PATH" "$PWD/step8_router/deploy/check_image.sh" "$@"
+    exec sudo -E env "PATH=$PATH" "$PWD/step9_router/deploy/check_image.sh" "$@"
 fi
 started=$SECONDS
 ensure_tools

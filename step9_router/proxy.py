@@ -40,8 +40,8 @@ from common.errors import APIError
 from step5_observability.metrics import Metrics
 from step5_observability.structured_logs import REQUEST_ID
 from step6_backpressure.admission import Draining
-from step8_router.routing import Router
-from step8_router.upstreams import Upstream, UpstreamPool
+from step9_router.routing import Router
+from step9_router.upstreams import Upstream, UpstreamPool
 
 log = logging.getLogger("gateway.requests")
 

@@ -1,4 +1,4 @@
-"""Which replica gets a request: the lesson of step 8, as pure functions over plain data.
+"""Which replica gets a request: the lesson of step 9, as pure functions over plain data.
 
 - `round_robin`: the next replica in turn. Even, and blind to load and to caches.
 - `least_loaded`: the power of two choices: two replicas drawn at random, the one with fewer

@@ -1,9 +1,9 @@
-"""Local engines for one machine: N step 7 processes on free ports, started and stopped with the
+"""Local engines for one machine: N step 8 processes on free ports, started and stopped with the
 router. (Beyond one machine, Kubernetes places and restarts the engines instead: deploy/.)
 
-Each replica is `python -m step7_real_kv` with the router's environment and the router's own
+Each replica is `python -m step8_speculative` with the router's environment and the router's own
 settings for the engine (model, dtype, admission limits, log format, ...) as GATEWAY_* variables,
-so `GATEWAY_NUM_KV_BLOCKS=512 python -m step8_router --dtype bfloat16` configures both. The
+so `GATEWAY_NUM_KV_BLOCKS=512 python -m step9_router --dtype bfloat16` configures both. The
 response cache stays off in the replicas: the router keeps one in front of all of them. Their
 output goes to the router's own stdout and stderr, one log for the whole server.
 """
@@ -26,11 +26,11 @@ from common.config import ENV_PREFIX, ServerConfig
 from step5_observability.structured_logs import LogConfig
 from step6_backpressure.admission import AdmissionConfig
 from step6_backpressure.lifecycle import LifecycleConfig
-from step8_router.upstreams import UpstreamPool
+from step9_router.upstreams import UpstreamPool
 
 log = logging.getLogger("gateway.upstreams")
 
-ENGINE = "step7_real_kv"
+ENGINE = "step8_speculative"
 # The parts of the router's config that configure its engines too, except what is the router's:
 # its address, and its API key (the engines listen on 127.0.0.1 only).
 ENGINE_PARTS = (ServerConfig, AdmissionConfig, LifecycleConfig, LogConfig)

@@ -1,4 +1,4 @@
-"""The step 8 policy comparison's bench parts that need no server: the multi-tenant workload,
+"""The step 9 policy comparison's bench parts that need no server: the multi-tenant workload,
 the hit-rate arithmetic, the table, publishing into the step's README, the command line."""
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ def test_hit_rate_and_split_are_deltas_over_the_load():
 def fake_results() -> dict:
     record = Record(0, 0, "library-t0", 1000.0, 200, e2e_s=2.0, ttft_s=0.5, output_tokens=10)
     ok = {
-        "config": "step8:cache_aware",
+        "config": "step9:cache_aware",
         "status": "ok",
         "summary": summarise([record]),
         "cache": {"hit_rate": 0.8, "split": [0.5, 0.5]},
         "other_cpu": 0.02,
     }
-    refused = {"config": "step8:round_robin", "status": "refused", "message": "answers differ"}
+    refused = {"config": "step9:round_robin", "status": "refused", "message": "answers differ"}
     return {
         "settings": {
             "users": 8,
@@ -65,7 +65,7 @@ def fake_results() -> dict:
 
 def test_the_table_has_one_row_per_configuration():
     table = multitenant.markdown(fake_results())
-    rows = [line for line in table.splitlines() if line.startswith("| step8")]
+    rows = [line for line in table.splitlines() if line.startswith("| step9")]
     assert len(rows) == 2
     assert "| 80% |" in rows[0] and "| 500 |" in rows[0] and "50% / 50%" in rows[0]
     assert "answers differ" in rows[1]

@@ -1,1 +1,0 @@
-"""Step 8: a prefix-aware router in front of many engines; Kubernetes places the replicas."""

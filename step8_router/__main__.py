@@ -1,3 +1,0 @@
-from step8_router.server import main
-
-main()

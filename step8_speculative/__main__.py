@@ -1,0 +1,3 @@
+from step8_speculative.server import main
+
+main()

@@ -1,0 +1,3 @@
+from step9_router.server import main
+
+main()

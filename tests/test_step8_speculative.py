@@ -1,0 +1,296 @@
+"""Step 8: speculative decoding, exact. Greedy tokens equal step 7's (and transformers') whether
+drafts are all accepted, all rejected, or cut by a stop string, EOS or max_tokens; sampling
+keeps the model's distribution; after rejections the pool and the prefix cache hold what a run
+without speculation holds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import httpx
+import pytest
+import torch
+
+from common.config import ServerConfig
+from common.model import load_model
+from common.request import Request
+from common.sampling import Sampler, SamplingParams
+from step7_real_kv.engine import EngineConfig, PagedEngine
+from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
+from step8_speculative.proposer import PromptLookup, ProposerConfig
+from step8_speculative.verify import verify
+from tests.engine_helpers import drain, make_request
+from tests.test_step6_backpressure import metric
+from tests.test_step7_paged_engine import reference
+
+REPEATING = [11, 12, 13, 14, 15, 16, 17, 18] * 4  # prompt lookup finds long drafts here
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    return load_model(ServerConfig(model=str(tiny_model_dir)))
+
+
+def run(engine, lm, prompts, max_tokens: int, **sampling) -> list[Request]:
+    async def go():
+        requests = [make_request(lm, p, max_tokens, **sampling) for p in prompts]
+        for request in requests:
+            await engine.submit(request)
+        while engine.scheduler.has_work:
+            await engine.step()
+        for request in requests:
+            await drain(request)
+        return requests
+
+    return asyncio.run(go())
+
+
+def spec(lm, **config) -> SpeculativeEngine:
+    settings = {"block_size": 4, "num_kv_blocks": 128, "spec_max_batch": 64, **config}
+    return SpeculativeEngine(lm, SpeculativeConfig(**settings))
+
+
+def plain(lm, **config) -> PagedEngine:
+    return PagedEngine(lm, EngineConfig(**{"block_size": 4, "num_kv_blocks": 128, **config}))
+
+
+# ---------------------------------------------------------------- the proposer
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    lookup = PromptLookup(ProposerConfig(num_speculative_tokens=3, ngram_max=3, ngram_min=1))
+    assert lookup.propose([1, 2, 3, 4, 9, 1, 2, 3]) == [4, 9, 1]  # after "1 2 3"
+    assert lookup.propose([5, 1, 2, 7, 1, 2, 8, 1, 2]) == [8, 1, 2]  # the latest "1 2"
+    assert lookup.propose([1, 2, 3, 4]) == []  # nothing repeats
+    assert lookup.propose([1, 2, 3, 1, 2, 3], k=2) == [1, 2]
+    assert lookup.propose([1, 2, 1, 2, 1, 2]) == [1, 2, 1]  # a run of repeats goes on
+    assert lookup.propose([4, 7, 7, 7], k=4) == [7, 7, 7, 7]
+
+
+# ---------------------------------------------------------------- greedy: exact
+
+
+def test_greedy_tokens_equal_step7_and_transformers_with_long_drafts(tiny_lm):
+    prompts = [REPEATING, REPEATING[3:] + [99, 100], [5, 6, 7]]
+    engine = spec(tiny_lm)
+    got = [r.output_ids for r in run(engine, tiny_lm, prompts, 24)]
+    assert got == [r.output_ids for r in run(plain(tiny_lm), tiny_lm, prompts, 24)]
+    assert got == [reference(tiny_lm, p, 24) for p in prompts]
+    assert engine.stats.verifications > 0 and engine.stats.accepted > 0
+
+
+def test_greedy_tokens_stay_exact_when_every_draft_is_wrong(tiny_lm):
+    engine = spec(tiny_lm)
+    engine.proposer.propose = lambda tokens, k=None: [7] * (k or 5)  # never what comes next
+    prompts = [REPEATING, [5, 6, 7, 8]]
+    got = [r.output_ids for r in run(engine, tiny_lm, prompts, 16)]
+    assert got == [reference(tiny_lm, p, 16) for p in prompts]
+    assert engine.stats.drafted > 0
+
+
+def test_max_tokens_and_eos_inside_an_accepted_run_end_where_they_would(tiny_lm):
+    alone = reference(tiny_lm, REPEATING, 40)
+    for max_tokens in (1, 2, 3, 7):  # cut inside a run of k = 5 drafts
+        (request,) = run(spec(tiny_lm), tiny_lm, [REPEATING], max_tokens)
+        assert request.output_ids == alone[:max_tokens]
+        assert request.finish_reason == "length"
+    eos = alone[5]  # make the 6th token the end of the answer: it is inside a draft
+    engine = spec(tiny_lm)
+
+    async def go():
+        request = make_request(tiny_lm, REPEATING, 40)
+        request.eos_token_ids = {eos}
+        await engine.submit(request)
+        while engine.scheduler.has_work:
+            await engine.step()
+        return request
+
+    request = asyncio.run(go())
+    assert request.output_ids == alone[: alone.index(eos) + 1]
+    assert request.finish_reason == "stop"
+
+
+def test_a_stop_string_inside_an_accepted_run_cuts_the_text_where_step7_does(tiny_lm):
+    alone = run(plain(tiny_lm), tiny_lm, [REPEATING], 30)[0]
+    stop = alone.text[len(alone.text) // 2 : len(alone.text) // 2 + 3]
+    assert stop.strip()
+    with_spec = run(spec(tiny_lm), tiny_lm, [REPEATING], 30, stop=[stop])[0]
+    without = run(plain(tiny_lm), tiny_lm, [REPEATING], 30, stop=[stop])[0]
+    assert with_spec.text == without.text and stop not in with_spec.text
+    assert with_spec.finish_reason == without.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"max_num_batched_tokens": 6, "max_num_seqs": 2},  # the budget cuts drafts
+        {"num_kv_blocks": 14},  # too few blocks: preemptions, drafts kept out of them
+    ],
+)
+def test_greedy_stays_exact_under_a_tight_budget_and_pool(tiny_lm, config):
+    prompts = [REPEATING, REPEATING[2:], [5, 6, 7, 8, 9]]
+    got = [r.output_ids for r in run(spec(tiny_lm, **config), tiny_lm, prompts, 12)]
+    assert got == [reference(tiny_lm, p, 12) for p in prompts]
+
+
+def test_n_greedy_choices_share_the_prompt_and_each_speculates(tiny_lm):
+    """n = 3 greedy choices fork after the shared prefill; each then drafts on its own, and
+    each equals transformers' answer; the prompt's full blocks are held once."""
+    from tests.test_step7_edges import choices_of, run_counting
+
+    config = SpeculativeConfig(block_size=4, num_kv_blocks=128)
+    engine = SpeculativeEngine(tiny_lm, config)
+    three, _, blocks = run_counting(engine, lambda: choices_of(tiny_lm, REPEATING, 3, 20))
+    expected = reference(tiny_lm, REPEATING, 20)
+    assert [r.output_ids for r in three] == [expected] * 3
+    assert engine.stats.verifications >= 3 and engine.stats.accepted > 0
+    assert blocks <= len(REPEATING) // 4 + 3 * 7  # 8 shared blocks, then each choice's own
+    assert engine.blocks.num_free == config.num_kv_blocks
+
+
+def test_a_grammar_complete_inside_an_accepted_run_ends_the_answer_where_step7_does(tiny_lm):
+    """The whole JSON drafted right at once: the grammar takes the verified run before the
+    tokens are appended, and the answer must still end at the token that completes it."""
+    from common.grammar import grammars_for, json_grammar
+    from common.request import DeltaChannel
+
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]}},
+              "required": ["city"], "additionalProperties": False}  # fmt: skip
+    grammar = json_grammar(schema)
+
+    def ask(engine) -> Request:
+        async def go():
+            constraint = grammars_for(tiny_lm.tokenizer).constraint(grammar, "response_format")
+            request = Request([5, 6, 7], SamplingParams(temperature=0.0), 40, tiny_lm.tokenizer,
+                              {tiny_lm.tokenizer.eos_token_id}, channel=DeltaChannel(),
+                              constraint=constraint)  # fmt: skip
+            await engine.submit(request)
+            while engine.scheduler.has_work:
+                await engine.step()
+            await drain(request)
+            return request
+
+        return asyncio.run(go())
+
+    alone = ask(plain(tiny_lm))
+    engine = spec(tiny_lm)
+    answer = alone.output_ids
+    engine.proposer.propose = lambda tokens, k=None: answer[len(tokens) - 3 :][: k or 5] or [7]
+    with_spec = ask(engine)
+    assert json.loads(alone.text)["city"] in ("Paris", "Lyon")
+    assert with_spec.text == alone.text and with_spec.output_ids == answer
+    assert with_spec.finish_reason == alone.finish_reason == "stop"
+    assert engine.stats.accepted >= 3  # the answer came in runs of drafts
+
+
+# ---------------------------------------------------------------- sampling: the distribution
+
+
+def test_the_rejection_rule_keeps_the_models_distribution(tokenizer):
+    """Rows over 4 tokens with known probabilities; a draft of token 2. Over 20,000 seeded
+    draws the first kept token is distributed as the model's row (tolerance: 0.02 per
+    token, about 4 standard errors), however the draft was chosen."""
+    logits = torch.full((2, 16), float("-inf"))
+    logits[:, :4] = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    counts: Counter[int] = Counter()
+    draws = 20_000
+    for seed in range(draws):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        request = Request([1, 2], params, 10, tokenizer, {0})
+        request.sampler = Sampler(params)
+        counts[verify(request, logits, [2])[0][0]] += 1
+    for token, p in enumerate([0.1, 0.2, 0.3, 0.4]):
+        assert abs(counts[token] / draws - p) < 0.02, counts
+
+
+def test_sampled_outputs_match_step7s_in_distribution(tiny_lm):
+    """Tiny model, top_k=4 so each position has 4 candidates: 600 seeds through each engine,
+    the drafts forced to the greedy continuation (right or wrong by chance), and the
+    histograms of the 2nd and of the 3rd token compared: total variation distance under 0.12
+    each (fixed seeds; the expected distance of two such samples is about 0.04-0.08)."""
+    prompt, seeds = [21, 22, 23], 600
+
+    def tokens(engine) -> list[list[int]]:
+        async def go():
+            requests = []
+            for seed in range(seeds):
+                request = make_request(tiny_lm, prompt, 3, temperature=1.0, top_k=4, seed=seed)
+                requests.append(request)
+                await engine.submit(request)
+            while engine.scheduler.has_work:
+                await engine.step()
+            return requests
+
+        return [r.output_ids for r in asyncio.run(go())]
+
+    engine = spec(tiny_lm, max_num_seqs=64, num_kv_blocks=1024)
+    greedy = reference(tiny_lm, prompt, 3)
+    engine.proposer.propose = lambda tokens, k=None: greedy[len(tokens) - 3 :][:2]
+    with_spec, without = tokens(engine), tokens(plain(tiny_lm, num_kv_blocks=1024))
+    assert engine.stats.verifications > 0
+    for position in (1, 2):
+        a = Counter(t[position] for t in with_spec)
+        b = Counter(t[position] for t in without)
+        distance = sum(abs(a[k] - b[k]) for k in set(a) | set(b)) / 2 / seeds
+        assert distance < 0.12, (position, a, b)
+
+
+# ---------------------------------------------------------------- rollback
+
+
+def test_after_rejections_the_pool_and_prefix_cache_hold_what_plain_decoding_holds(tiny_lm):
+    """Drafts half right, half wrong: the blocks named and their keys and values are those
+    of a run without speculation (up to the last float bits of another batch's arithmetic)."""
+    prompt = REPEATING[:13]
+
+    def cache_after(engine):
+        (request,) = run(engine, tiny_lm, [prompt], 20)
+        names = {h: b for h, b in engine.blocks.by_hash.items()}
+        return request.output_ids, names
+
+    base = plain(tiny_lm)
+    base_tokens, base_names = cache_after(base)
+    engine = spec(tiny_lm)
+
+    def half_wrong(tokens, k=5):  # the next two tokens, then three wrong ones
+        done = len(tokens) - len(prompt)
+        right = base_tokens[done : done + 2]
+        wrong = [t + 1 for t in base_tokens[done + 2 : done + 5]]
+        return (right + wrong)[:k]
+
+    engine.proposer.propose = half_wrong
+    tokens, names = cache_after(engine)
+    assert tokens == base_tokens
+    assert 0 < engine.stats.accepted < engine.stats.drafted
+    assert set(names) == set(base_names)  # no rejected token named a block
+    for name, block in names.items():
+        ours = engine.kv.k[:, block * 4 : (block + 1) * 4]
+        theirs = base.kv.k[:, base_names[name] * 4 : (base_names[name] + 1) * 4]
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the server
+
+
+@pytest.mark.integration
+def test_the_server_counts_drafts_and_answers_as_step7(start_server, tiny_model_dir):
+    env = {"GATEWAY_MODEL": str(tiny_model_dir), "GATEWAY_RESPONSE_CACHE": "false"}
+    server = start_server("step8_speculative", **env)
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": REPEATING, "max_tokens": 20,
+            "temperature": 0}  # fmt: skip
+    answer = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True},
+                      timeout=60) as stream:  # fmt: skip
+        streamed = "".join(
+            json.loads(line[6:])["choices"][0]["text"]
+            for line in stream.iter_lines()
+            if line.startswith("data: {") and '"choices": [{' in line
+        )
+    assert streamed == answer["choices"][0]["text"]
+    assert metric(server.url, "gateway_spec_verifications_total") > 0
+    accepted = metric(server.url, "gateway_spec_accepted_tokens_total")
+    assert 0 < accepted <= metric(server.url, "gateway_spec_drafted_tokens_total")
+    assert metric(server.url, "gateway_spec_accepted_by_position_total", position="1") > 0
+    assert "drafted=" in server.log() and "accepted=" in server.log()
