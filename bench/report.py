@@ -130,6 +130,12 @@ def _level_cells(step: str, level: dict) -> list[str]:
 
 def _note(level: dict) -> str:
     notes = [f"partial: {level['partial_reason']}"] if level["partial"] else []
+    spec = level.get("speculation")
+    if spec and spec["drafted"]:  # a speculating step: how its drafts fared
+        notes.append(
+            f"drafts: {spec['accepted'] / spec['drafted']:.0%} of {spec['drafted']:.0f} accepted,"
+            f" {spec['accepted'] / spec['verifications']:.2f} per verification"
+        )
     if level["summary"]["cut_off"]:
         notes.append(f"{level['summary']['cut_off']} cut off at the end")
     if not level["summary"]["completed"]:

@@ -293,6 +293,7 @@ def _run_level(config: RunConfig, server, model: str, level: int, users: int, pr
     )
     records_path.unlink(missing_ok=True)  # the load generator appends: no earlier run's records
     before = last_iteration(server.url)
+    drafts_before = speculation(server.url)
     started = time.monotonic()
     loadgen = _spawn_loadgen(config, server.url, model, users, records_path, tag)
     watch = _watch(loadgen, server, profile.level_timeout_s)
@@ -301,6 +302,9 @@ def _run_level(config: RunConfig, server, model: str, level: int, users: int, pr
     records = read_records(records_path)
     result = _level_result(level, users, records, watch, time.monotonic() - started)
     result["records_file"] = str(records_path.relative_to(config.results_dir))
+    drafts_after = speculation(server.url)
+    if drafts_before is not None and drafts_after is not None:
+        result["speculation"] = {k: drafts_after[k] - drafts_before[k] for k in drafts_after}
     timeline = save_timeline(server.url, before, config.results_dir / "timelines", tag)
     if timeline is not None:
         result["timeline_file"] = str(timeline.relative_to(config.results_dir))
@@ -321,6 +325,29 @@ def backends(url: str) -> dict[str, str] | None:
             if sample.name == "gateway_engine_info":
                 return dict(sample.labels)
     return None
+
+
+SPEC_COUNTERS = {
+    "gateway_spec_verifications_total": "verifications",
+    "gateway_spec_drafted_tokens_total": "drafted",
+    "gateway_spec_accepted_tokens_total": "accepted",
+}
+
+
+def speculation(url: str) -> dict[str, float] | None:
+    """A speculating server's draft counters now (step 8's gateway_spec_*), or None."""
+    try:
+        response = httpx.get(url + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200 or "gateway_spec_drafted_tokens" not in response.text:
+        return None
+    found = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name in SPEC_COUNTERS:
+                found[SPEC_COUNTERS[sample.name]] = sample.value
+    return found if len(found) == len(SPEC_COUNTERS) else None
 
 
 def last_iteration(url: str) -> int | None:

@@ -231,6 +231,41 @@ async def aten_ops(eng: PagedEngine, count: int, iterations: int = 5) -> list[di
     ]
 
 
+def linear_rows(lm: LoadedModel, config: EngineConfig, most: int, repeats: int = 30) -> list[dict]:
+    """Where the stored blocks stop paying: every matmul of one token's forward pass (30
+    layers' q/k/v, o, gate/up and down, and the vocabulary projection), timed at 1 to `most`
+    rows through block_linear over the GGUF blocks and through oneDNN's prepacked float32,
+    the two alternating (this machine's speed drifts). ms per forward pass, median of
+    `repeats`."""
+    runner = PagedEngine(lm, config).runner
+    matrices = [runner.lm_head, *runner.layers[0].__dict__.values()]
+    matrices = [m for m in matrices if isinstance(m, model_runner.Linear)]
+    if runner.kernels is None or any(m.stored is None or m.packed is None for m in matrices):
+        raise SystemExit("--linear-rows needs the C++ kernels, the stored blocks and oneDNN")
+    layers = len(runner.layers)
+    rows_out = []
+    for rows in range(1, most + 1):
+        times: dict[str, list[float]] = {"blocks": [], "onednn": []}
+        xs = [torch.randn(rows, m.weight.shape[1]) for m in matrices]
+        for _ in range(repeats):
+            for path in times:
+                total = 0.0
+                for i, (m, x) in enumerate(zip(matrices, xs, strict=True)):
+                    start = time.perf_counter()
+                    if path == "blocks":
+                        runner.kernels.block_linear(x, m.stored.blocks, m.stored.kind)
+                    else:
+                        torch.ops.mkldnn._linear_pointwise(x, m.packed, None, "none", [], "")
+                    took = time.perf_counter() - start
+                    total += took if i == 0 else took * layers  # lm head once, the rest per layer
+                times[path].append(1000 * total)
+        med = {path: sorted(v)[len(v) // 2] for path, v in times.items()}
+        rows_out.append({"rows": rows, **med})
+        print(f"{rows} rows: blocks {med['blocks']:.2f} ms, onednn {med['onednn']:.2f} ms",
+              flush=True)  # fmt: skip
+    return rows_out
+
+
 def print_table(results: list[dict]) -> None:
     header = "| part | " + " | ".join(f"{r['users']} users" for r in results) + " |"
     print(header)
@@ -254,11 +289,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--linear-backend", default="auto", help="as step 7's --linear-backend")
     p.add_argument("--kernels", default="auto", help="as step 7's --kernels")
     p.add_argument("--weight-format", default="auto", help="as step 7's --weight-format")
+    p.add_argument(
+        "--linear-rows",
+        type=int,
+        default=0,
+        help="instead: time one token's matmuls at 1..N rows, stored blocks against oneDNN",
+    )
     args = p.parse_args(argv)
     lm = load_model(ServerConfig(dtype="float32"))
     config = EngineConfig(
         linear_backend=args.linear_backend, kernels=args.kernels, weight_format=args.weight_format
     )
+    if args.linear_rows:
+        table = linear_rows(lm, config, args.linear_rows)
+        print("| rows | stored blocks (ms) | oneDNN float32 (ms) | faster |")
+        print("| --- | --- | --- | --- |")
+        for r in table:
+            faster = "blocks" if r["blocks"] < r["onednn"] else "oneDNN"
+            print(f"| {r['rows']} | {r['blocks']:.2f} | {r['onednn']:.2f} | {faster} |")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"linear_rows": table}, indent=2))
+        return
     results = []
     for users in (int(u) for u in args.users.split(",")):
         result = asyncio.run(profile_level(lm, users, args.iterations, args.ops, config))

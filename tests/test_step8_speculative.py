@@ -294,3 +294,9 @@ def test_the_server_counts_drafts_and_answers_as_step7(start_server, tiny_model_
     assert 0 < accepted <= metric(server.url, "gateway_spec_drafted_tokens_total")
     assert metric(server.url, "gateway_spec_accepted_by_position_total", position="1") > 0
     assert "drafted=" in server.log() and "accepted=" in server.log()
+    # The bench reads the same counters, to report acceptance per level.
+    from bench.runner import speculation
+
+    counted = speculation(server.url)
+    assert counted is not None and counted["accepted"] == accepted
+    assert counted["drafted"] == metric(server.url, "gateway_spec_drafted_tokens_total")
