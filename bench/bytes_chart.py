@@ -4,9 +4,11 @@
 
 Each server of the runs (step 7 with each weight format it ran with, and the peers) is a point:
 the weights it reads per output token, in MB, against its time per output token (TPOT p50) at
-one user. The floor is what reading those bytes takes at the machine's memory bandwidth,
-measured here with a plain read: a sum over 1 GiB of float32 on every core, best of five
-(`--bandwidth` gives it instead).
+one user. The floor is what reading those bytes takes at the machine's memory bandwidth, which
+the bench measures at the start of every run with a plain read (bench/provenance.py: a sum over
+1 GiB of float32 on every core, best of five) and records in results.json; the first run given
+that has it sets the floor (`--bandwidth` gives it instead; a run without it, from before, is
+measured here, now).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
+
+from bench.provenance import read_bandwidth_gbps
 
 # Bytes of weights one token reads, by how a server stores them (SmolLM2-135M, 134.5 M weights,
 # the embedding tied to the vocabulary projection): float32 everywhere, or GGUF's Q4_1 layers
@@ -28,20 +31,6 @@ ROWS = {  # a row of the bench's table -> how its weights are stored
     "peer:llamacpp-f32": "float32",
     "peer:llamacpp-q4_1": "q4_1",
 }
-
-
-def read_bandwidth_gbps(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """The machine's read bandwidth: torch sums a 1 GiB float32 tensor on all its threads."""
-    import torch
-
-    data = torch.ones(size_bytes // 4)
-    data.sum()  # touch every page once
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return size_bytes / best / 1e9
 
 
 def points(results: list[dict], rename: dict[str, str]) -> list[tuple[str, float, float]]:
@@ -92,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     runs = [json.loads(p.read_text()) for p in args.results]
-    bandwidth = args.bandwidth or read_bandwidth_gbps()
+    recorded = [run["meta"]["machine"].get("read_gbps") for run in runs]
+    bandwidth = args.bandwidth or next(filter(None, recorded), None) or read_bandwidth_gbps()
     found = []
     for i, run in enumerate(runs):
         rename = {"step7_real_kv": "step7_real_kv:float32"} if i == args.float32_run else {}

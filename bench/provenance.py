@@ -41,7 +41,23 @@ def machine_facts() -> dict:
         "os": platform.platform(),
         "load_avg_1m": load_average(),
         "python": platform.python_version(),
+        "read_gbps": read_bandwidth_gbps(),
     }
+
+
+def read_bandwidth_gbps(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """The machine's memory read bandwidth, GB/s: torch sums a 1 GiB float32 tensor on all its
+    threads, best of five (a plain streaming read, as decoding's weight reads are)."""
+    import torch
+
+    data = torch.ones(size_bytes // 4)
+    data.sum()  # touch every page once
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return round(size_bytes / best / 1e9, 1)
 
 
 def load_average() -> float | None:

@@ -61,13 +61,14 @@ def _header(results: dict) -> list[str]:
     meta, config = results["meta"], results["config"]
     profile, machine, versions = config["profile"], meta["machine"], meta["versions"]
     commit = (meta.get("commit") or "unknown")[:10] + (" (dirty)" if meta.get("dirty") else "")
+    read = f" (read at {machine['read_gbps']} GB/s)" if machine.get("read_gbps") else ""
     return [
         f"Profile **{profile['name']}**, dtype **{config['dtype']}**, "
         f"max_tokens {profile['max_tokens']}, temperature 0, streaming; "
         f"each level: {profile['run_time_s']:.0f} s of new requests + up to "
         f"{profile['stop_timeout_s']:.0f} s to finish, at most {profile['max_requests']} requests.",
         f"Commit {commit}; {machine['cpu_model']}, {machine['cores']} cores, "
-        f"{machine['memory_gb']} GB, device {machine['device']}; torch {versions['torch']}, "
+        f"{machine['memory_gb']} GB{read}, device {machine['device']}; torch {versions['torch']}, "
         f"transformers {versions['transformers']}, locust {versions['locust']}.",
     ]
 

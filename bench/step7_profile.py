@@ -233,31 +233,30 @@ async def aten_ops(eng: PagedEngine, count: int, iterations: int = 5) -> list[di
 
 def linear_rows(lm: LoadedModel, config: EngineConfig, most: int, repeats: int = 30) -> list[dict]:
     """Where the stored blocks stop paying: every matmul of one token's forward pass (30
-    layers' q/k/v, o, gate/up and down, and the vocabulary projection), timed at 1 to `most`
-    rows through block_linear over the GGUF blocks and through oneDNN's prepacked float32,
-    the two alternating (this machine's speed drifts). ms per forward pass, median of
-    `repeats`."""
+    layers' q/k/v, o, gate/up and down, and the vocabulary projection, in the forward's order,
+    so that each weight comes from memory as in a decode step, not from a warm cache), timed
+    at 1 to `most` rows through block_linear over the GGUF blocks and through oneDNN's
+    prepacked float32, the two alternating (this machine's speed drifts). ms per forward
+    pass, median of `repeats`."""
     runner = PagedEngine(lm, config).runner
-    matrices = [runner.lm_head, *runner.layers[0].__dict__.values()]
-    matrices = [m for m in matrices if isinstance(m, model_runner.Linear)]
+    matrices = [*runner.linears[1:], runner.lm_head]  # the layers', then the vocabulary's
     if runner.kernels is None or any(m.stored is None or m.packed is None for m in matrices):
         raise SystemExit("--linear-rows needs the C++ kernels, the stored blocks and oneDNN")
-    layers = len(runner.layers)
+    ways = [(m.weight.shape[1], m.stored, m.packed) for m in matrices]
     rows_out = []
     for rows in range(1, most + 1):
         times: dict[str, list[float]] = {"blocks": [], "onednn": []}
-        xs = [torch.randn(rows, m.weight.shape[1]) for m in matrices]
+        xs = [torch.randn(rows, inputs) for inputs, _, _ in ways]
         for _ in range(repeats):
             for path in times:
                 total = 0.0
-                for i, (m, x) in enumerate(zip(matrices, xs, strict=True)):
+                for (_, stored, packed), x in zip(ways, xs, strict=True):
                     start = time.perf_counter()
-                    if path == "blocks":
-                        runner.kernels.block_linear(x, m.stored.blocks, m.stored.kind)
+                    if path == "blocks" and stored is not None:
+                        runner.kernels.block_linear(x, stored.blocks, stored.kind)
                     else:
-                        torch.ops.mkldnn._linear_pointwise(x, m.packed, None, "none", [], "")
-                    took = time.perf_counter() - start
-                    total += took if i == 0 else took * layers  # lm head once, the rest per layer
+                        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+                    total += time.perf_counter() - start
                 times[path].append(1000 * total)
         med = {path: sorted(v)[len(v) // 2] for path, v in times.items()}
         rows_out.append({"rows": rows, **med})

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import floors, history
+from bench import bytes_chart, floors, history
 from bench.profiles import plan_levels
 from bench.publish import publish
 from bench.records import Record, backoff_delay, parse_stream, retry_after_seconds
@@ -230,6 +230,7 @@ def test_a_real_run_writes_json_table_and_charts(step1_run):
     meta = results["meta"]
     assert len(meta["commit"]) == 40 and isinstance(meta["dirty"], bool)
     assert meta["machine"]["cores"] >= 1 and meta["versions"]["locust"]
+    assert meta["machine"]["read_gbps"] > 0.5  # any machine this runs on reads faster
     assert results["config"]["profile"]["levels"] == [1, 2]
     (step,) = results["steps"]
     assert step["status"] == "ok" and step["check"]["is_reference"]
@@ -245,6 +246,7 @@ def test_a_real_run_writes_json_table_and_charts(step1_run):
         lines = (step1_run / level["records_file"]).read_text().splitlines()
         assert len(lines) >= s["completed"]
     table = (step1_run / "table.md").read_text()
+    assert f"(read at {meta['machine']['read_gbps']} GB/s)" in table
     assert "| step | concurrency | req/s |" in table
     assert table.count("| step1_central_loader |") == 2
     for name in ("throughput.png", "latency.png", "ttft.png", "curves.png"):
@@ -332,3 +334,30 @@ def kill_child(parent_pid: int, name: str) -> None:
     children = psutil.Process(parent_pid).children(recursive=True)
     (server,) = [p for p in children if name in " ".join(p.cmdline())]
     server.kill()
+
+
+def test_the_bytes_chart_draws_each_server_over_the_recorded_floor(tmp_path, capsys):
+    def run(steps: dict[str, float], read_gbps: float | None) -> Path:
+        machine = {"read_gbps": read_gbps} if read_gbps else {}
+        levels = lambda tpot: [{"concurrency": 1, "summary": {"tpot_p50_s": tpot}}]  # noqa: E731
+        results = {
+            "meta": {"machine": machine},
+            "steps": [{"step": name, "levels": levels(t)} for name, t in steps.items()],
+        }
+        path = tmp_path / f"run{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(results))
+        return path
+
+    blocks = run({"step7_real_kv": 0.0175, "peer:llamacpp-f32": 0.0186, "step3_batching": 1}, None)
+    float32 = run({"step7_real_kv": 0.0292}, 38.3)
+    out = tmp_path / "bytes.png"
+    argv = [str(blocks), str(float32), "--out", str(out), "--float32-run", "1"]
+    assert bytes_chart.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["bandwidth_gbps"] == 38.3  # the second run's, measured when it ran
+    assert printed["points"] == [
+        ["step7_real_kv", 96.4, 17.5],
+        ["peer:llamacpp-f32", 537.9, 18.6],
+        ["step7_real_kv:float32", 537.9, 29.2],
+    ]  # step 3 has no known weight format: not drawn
+    assert out.read_bytes().startswith(PNG_MAGIC)
