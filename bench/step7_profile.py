@@ -70,6 +70,7 @@ class Timer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.matmuls: dict[str, int] = defaultdict(int)  # calls by the path that ran them
         self.on = False
 
     def wrap(self, label: str, fn: Callable) -> Callable:
@@ -104,6 +105,15 @@ def _linear_label(lm: LoadedModel) -> Callable[[torch.Tensor], str]:
     return label
 
 
+def matmul_path(linear: model_runner.Linear, rows: int) -> str:
+    """Which of Linear's paths a call of `rows` rows takes (Linear.__call__'s own choice)."""
+    if linear.block is not None and rows <= linear.BLOCK_ROWS:
+        return f"{linear.stored.kind if linear.stored else ''} blocks"
+    if linear.small is not None and rows <= linear.SMALL_ROWS:
+        return "small_linear"
+    return "oneDNN float32" if linear.packed is not None else "F.linear"
+
+
 @contextmanager
 def instrumented(lm: LoadedModel, eng: PagedEngine, timer: Timer) -> Iterator[None]:
     """Wrap the engine's parts in timers; put everything back afterwards."""
@@ -111,6 +121,8 @@ def instrumented(lm: LoadedModel, eng: PagedEngine, timer: Timer) -> Iterator[No
     call = model_runner.Linear.__call__
 
     def linear(self: model_runner.Linear, x: torch.Tensor) -> torch.Tensor:
+        if timer.on:
+            timer.matmuls[matmul_path(self, x.shape[0])] += 1
         return timer.wrap(label(self.weight), call)(self, x)
 
     fake_f = SimpleNamespace(**{name: getattr(F, name) for name in dir(F) if name[0] != "_"})
@@ -215,6 +227,8 @@ async def profile_level(
         "iteration_ms": 1000 * wall / iterations,
         "tokens_per_s": users * iterations / wall,
         "parts_ms": per_iteration,
+        "matmuls": {path: n / iterations for path, n in sorted(timer.matmuls.items())},
+        "backends": eng.runner.backends,
         "top_aten_ops": top_ops,
     }
 
@@ -314,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     for users in (int(u) for u in args.users.split(",")):
         result = asyncio.run(profile_level(lm, users, args.iterations, args.ops, config))
         results.append(result)
-        print(f"{users} users: {result['iteration_ms']:.1f} ms per iteration", flush=True)
+        paths = ", ".join(f"{n:g} {path}" for path, n in result["matmuls"].items())
+        print(f"{users} users: {result['iteration_ms']:.1f} ms per iteration; matmuls per "
+              f"iteration: {paths}", flush=True)  # fmt: skip
     print_table(results)
     for result in results:
         if result["top_aten_ops"]:
