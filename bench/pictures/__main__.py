@@ -1,0 +1,107 @@
+"""`python -m bench.pictures [--out DIR]`: draw the engine pictures the READMEs show.
+
+Runs step 7's and step 8's engines in-process on the real model (float32, from the local cache)
+with the bench's chat prompts, stops them at chosen moments and draws what their state says:
+
+    pool.png          the KV pool and four sequences' block tables (step 7)
+    iteration.png     one iteration's rows against the token budget (step 8: drafts, a chunk)
+    preemption.png    a pool too small for three growing sequences (step 7)
+    verification.png  two verifications: a draft cut short, and one kept whole (step 8)
+    request-path.png  a request's way through steps 6-8 (read from step 6's pipeline())
+    topology.png      step 9's Kubernetes objects and their links (read from deploy/*.yaml)
+
+Greedy decoding makes the engine's moves the same on every run with the same model and code;
+the pictures' captions name the commit that drew them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from bench.pictures import capture, draw, draw_topology, topology
+from common.config import ServerConfig
+from common.model import LoadedModel, load_model
+from common.timeline import Iteration
+from step7_real_kv.engine import EngineConfig, PagedEngine
+from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "charts" / "pictures"
+POOL_BLOCKS = 64  # a pool small enough to see each block: 8 x 8
+TIGHT_BLOCKS = 26  # three prompts of 252, 72 and 37 tokens fill all but 2 blocks
+
+
+def engine_pictures(lm: LoadedModel, out: Path, config: dict | None = None) -> dict[str, object]:
+    """Run the three scenes and draw them; returns what was drawn, for tests."""
+    config = config or {}
+    pool = asyncio.run(
+        capture.pool_scene(PagedEngine(lm, EngineConfig(num_kv_blocks=POOL_BLOCKS, **config)), lm)
+    )
+    view = pool.pools["decoding"]
+    draw.draw_pool(view, "step 7: the KV pool while four chats decode", out / "pool.png")
+    spec = SpeculativeEngine(lm, SpeculativeConfig(num_kv_blocks=256, **config))
+    batch = asyncio.run(capture.batch_scene(spec, lm))
+    mixed = richest(batch.iterations)
+    draw.draw_iteration(mixed, f"step 8: iteration #{mixed.number}, rows against the token "
+                        "budget", out / "iteration.png")  # fmt: skip
+    tight = PagedEngine(lm, EngineConfig(num_kv_blocks=TIGHT_BLOCKS, **config))
+    preempt = asyncio.run(capture.preempt_scene(tight, lm))
+    window = around_preemption(preempt.iterations)
+    draw.draw_preemption(window, f"step 7: {TIGHT_BLOCKS} KV blocks for three growing "
+                         "sequences", out / "preemption.png")  # fmt: skip
+    chosen = pick_verifications(batch.verifications)
+    title = "step 8: speculative verification"
+    decode = lambda t: str(lm.tokenizer.decode([t]))  # noqa: E731
+    draw.draw_verifications(chosen, decode, title, out / "verification.png")
+    return {"pool": view, "iteration": mixed, "preemption": window, "verifications": chosen}
+
+
+def richest(iterations: list[Iteration]) -> Iteration:
+    """The first iteration with the most kinds of rows (decode, verify, prefill), then the
+    most rows."""
+    return max(iterations, key=lambda it: (len({s.kind for s in it.steps}), it.num_tokens))
+
+
+def around_preemption(iterations: list[Iteration], before: int = 3) -> list[Iteration]:
+    """The first two iterations (the prompts going in), then from a few before the first
+    preemption to the end."""
+    first = next(i for i, it in enumerate(iterations) if it.preempted)
+    return iterations[:2] + iterations[max(2, first - before) :]
+
+
+def pick_verifications(found: list[capture.Verification]) -> list[capture.Verification]:
+    """A draft cut short after some were kept, one whose rejection rolls a block back, and
+    one kept whole (those of them that happened)."""
+    partial = [v for v in found if 0 < v.accepted < len(v.draft)]
+    rolled = [v for v in found if v.rolled_back_blocks()]
+    whole = [v for v in found if v.accepted == len(v.draft)]
+    chosen: list[capture.Verification] = []
+    for group in (partial, rolled, whole):
+        if group and not any(group[0] is v for v in chosen):
+            chosen.append(group[0])
+    return chosen
+
+
+def code_pictures(out: Path) -> None:
+    miss, hit = topology.request_path(hit=False), topology.request_path(hit=True)
+    draw_topology.draw_request_path(miss, hit, topology.steps_using_pipeline(),
+                                    out / "request-path.png")  # fmt: skip
+    draw_topology.draw_topology(topology.topology(), out / "topology.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.pictures", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNG files")
+    p.add_argument("--only-code", action="store_true",
+                   help="only the pictures read from the code (no model needed)")  # fmt: skip
+    args = p.parse_args(argv)
+    code_pictures(args.out)
+    if not args.only_code:
+        engine_pictures(load_model(ServerConfig(dtype="float32")), args.out)
+    print(f"pictures in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
