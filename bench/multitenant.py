@@ -381,7 +381,8 @@ def markdown(results: dict) -> str:
         f"Multi-tenant chat, {s['users']} users, {s['run_time_s']:g} s of new requests "
         f"(+ up to {s['stop_timeout_s']:g} s), max_tokens {s['max_tokens']}, greedy, streaming; "
         f"step 9 over {s['replicas']} local replicas. Workload v{results['workload']['version']}.",
-        f"Commit {(meta.get('commit') or 'unknown')[:10]}; {meta['machine'].get('cpu_model')}, "
+        f"Machine class **{report.machine_label(meta['machine'])}**; commit "
+        f"{(meta.get('commit') or 'unknown')[:10]}; {meta['machine'].get('cpu_model')}, "
         f"{meta['machine'].get('cores')} cores.",
         "",
         report.table_row(COLUMNS),

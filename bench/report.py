@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.machine import UNKNOWN
 from bench.peers import is_peer_row
 from bench.profiles import CONCURRENCY_CAPS
 
@@ -67,10 +68,20 @@ def _header(results: dict) -> list[str]:
         f"max_tokens {profile['max_tokens']}, temperature 0, streaming; "
         f"each level: {profile['run_time_s']:.0f} s of new requests + up to "
         f"{profile['stop_timeout_s']:.0f} s to finish, at most {profile['max_requests']} requests.",
-        f"Commit {commit}; {machine['cpu_model']}, {machine['cores']} cores, "
-        f"{machine['memory_gb']} GB{read}, device {machine['device']}; torch {versions['torch']}, "
-        f"transformers {versions['transformers']}, locust {versions['locust']}.",
+        f"Machine class **{machine_label(machine)}**; commit {commit}; {machine['cpu_model']}, "
+        f"{machine['cores']} cores, {machine['memory_gb']} GB{read}, device {machine['device']}; "
+        f"torch {versions['torch']}, transformers {versions['transformers']}, "
+        f"locust {versions['locust']}.",
     ]
+
+
+def machine_label(machine: dict) -> str:
+    """The class, with the AVX-512 parts and AMX it has: `amd-zen4-avx512-2c (avx512_bf16, ...)`.
+
+    Runs recorded before the class was have none: `unknown`."""
+    isa = [f for f in machine.get("isa", ()) if f.startswith(("avx512_", "amx_"))]
+    cls = machine.get("machine_class") or UNKNOWN
+    return f"{cls} ({', '.join(isa)})" if isa else cls
 
 
 BUSY_SHARE = 0.15  # of all cores, used by processes other than the bench and the server

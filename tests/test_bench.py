@@ -202,6 +202,20 @@ def test_history_appends_a_line_and_charts_it(tmp_path):
     assert png.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_the_history_chart_draws_one_machine_class(tmp_path, monkeypatch):
+    lines = [
+        {"profile": "quick", "machine_class": cls, "commit": c, "dirty": False, "steps": {}}
+        for cls, c in (("amd-zen3-avx2-2c", "a" * 7), ("amd-zen5-avx512-2c", "b" * 7))
+    ]
+    drawn: list[list[dict]] = []
+    monkeypatch.setattr(history, "_series", lambda runs, step: drawn.append(runs) or ([], []))
+    lines[0]["steps"] = lines[1]["steps"] = {"step1_x": {"levels": {}}}
+    history.chart(lines, tmp_path / "history.png")
+    assert drawn == [[lines[1]]]  # the newest line's class only
+    history.chart(lines, tmp_path / "history.png", machine_class="amd-zen3-avx2-2c")
+    assert drawn[-1] == [lines[0]]
+
+
 # ---------------------------------------------------------------- real runs
 
 
