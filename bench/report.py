@@ -146,13 +146,19 @@ def _note(level: dict) -> str:
     if spec and spec["drafted"]:  # a speculating step: how its drafts fared
         notes.append(
             f"drafts: {spec['accepted'] / spec['drafted']:.0%} of {spec['drafted']:.0f} accepted,"
-            f" {spec['accepted'] / spec['verifications']:.2f} per verification"
+            f" {tokens_per_verification(spec):.2f} tokens per verification"
         )
     if level["summary"]["cut_off"]:
         notes.append(f"{level['summary']['cut_off']} cut off at the end")
     if not level["summary"]["completed"]:
         notes.append("no request completed")
     return "; ".join(notes)
+
+
+def tokens_per_verification(spec: dict) -> float:
+    """Tokens one verification appends: the drafted tokens it kept, plus the model's own token
+    that every verification yields (the correction, or the next token after a full accept)."""
+    return spec["accepted"] / spec["verifications"] + 1
 
 
 def _footnotes(results: dict) -> list[str]:
@@ -171,6 +177,11 @@ def _footnotes(results: dict) -> list[str]:
     reference = results.get("reference")
     check = f"checked against {reference['source']}" if reference else "not checked"
     notes.append(f"Greedy answers (float32) {check} before timing; refused steps are not timed.")
+    if any(lv.get("speculation") for entry in results["steps"] for lv in entry["levels"]):
+        notes.append(
+            "Tokens per verification: the drafted tokens one verification kept plus the model's "
+            "own token that every verification yields (accepted / verifications + 1)."
+        )
     if any(is_peer_row(entry["step"]) for entry in results["steps"]):
         notes.append(
             "peer:* rows are reference servers (bench/peers.py) serving the same weights in "

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import bytes_chart, floors, history
+from bench import bytes_chart, floors, history, report
 from bench.profiles import plan_levels
 from bench.publish import publish
 from bench.records import Record, backoff_delay, parse_stream, retry_after_seconds
@@ -200,6 +200,16 @@ def test_history_appends_a_line_and_charts_it(tmp_path):
     assert [r["steps"]["step1_x"]["levels"]["8"]["output_tok_s"] for r in runs] == [10.0, 12.0]
     png = history.chart(runs, tmp_path / "history.png")
     assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_tokens_per_verification_counts_the_models_own_token():
+    """One meaning everywhere: drafted tokens kept per verification, plus the one token every
+    verification yields (step 8's README reads the same figure)."""
+    spec = {"drafted": 100.0, "accepted": 62.0, "verifications": 20.0}
+    level = {"partial": False, "summary": {"cut_off": 0, "completed": 5}, "speculation": spec}
+    assert report._note(level) == "drafts: 62% of 100 accepted, 4.10 tokens per verification"
+    notes = report._footnotes({"steps": [{"step": "step8_x", "levels": [level]}]})
+    assert any("accepted / verifications + 1" in note for note in notes)
 
 
 def test_the_history_chart_draws_one_machine_class(tmp_path, monkeypatch):
