@@ -4,7 +4,7 @@ local step 7 replicas with each routing policy, in one run.
     python -m bench multitenant                            # step 7 alone, then 3 policies
     python -m bench multitenant --policies cache_aware --users 8 --run-time 60
 
-The workload (multitenant.json): tenants, each with its own long system prompt (~250 tokens) and
+The workload (multitenant.json): tenants, each with its own long system prompt (239-258 tokens) and
 questions. Every user holds conversations: user u's conversation c belongs to tenant
 (u + c) % tenants and asks `turns` of its questions in a row, each turn sending the whole history
 (system prompt, earlier questions, the answers received), streamed and greedy, with

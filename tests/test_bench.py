@@ -385,3 +385,16 @@ def test_the_bytes_chart_draws_each_server_over_the_recorded_floor(tmp_path, cap
         ["step7_real_kv:float32", 537.9, 29.2],
     ]  # step 3 has no known weight format: not drawn
     assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_readmes_give_the_shared_system_prompt_its_measured_length(tokenizer):
+    """Step 4's and step 7's READMEs and the bench's quote the prompt's length in tokens."""
+    prompt = json.loads((ROOT / "bench" / "workload.json").read_text())["system_prompt"]
+    tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    quoted = {
+        "step4_mock_kv/README.md": f"one long system prompt ({tokens} tokens)",
+        "step7_real_kv/README.md": f"the {tokens}-token system prompt",
+        "bench/README.md": f"one long system prompt ({tokens} tokens of SmolLM2's tokenizer)",
+    }
+    for readme, phrase in quoted.items():
+        assert phrase in " ".join((ROOT / readme).read_text().split()), readme
