@@ -134,6 +134,8 @@ def test_steps_are_discovered_in_order_and_selected_by_number_or_name():
     assert steps[:2] == ["step0_bruteforce", "step1_central_loader"]
     assert select_steps(steps, "1,0") == ["step0_bruteforce", "step1_central_loader"]
     assert select_steps(steps, "step1_central_loader") == ["step1_central_loader"]
+    # the row label is the folder: the router's rows read step9_router, as its README names it
+    assert select_steps(steps, "9") == ["step9_router"]
     with pytest.raises(SystemExit):
         select_steps(steps, "99")
 
