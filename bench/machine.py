@@ -122,6 +122,11 @@ def machine_class(cpu: Cpu, cores: int | None) -> str:
     return f"{cpu.vendor}-{cpu.generation}-{cpu.isa_tier}-{cores}c"
 
 
+def this_machine() -> str:
+    """The class of the machine this process runs on."""
+    return machine_class(read_cpu(), usable_cores())
+
+
 def usable_cores() -> int | None:
     """The CPUs this process may run on: its affinity where the OS has one, else the count."""
     if hasattr(os, "sched_getaffinity"):

@@ -387,6 +387,11 @@ def test_the_bytes_chart_draws_each_server_over_the_recorded_floor(tmp_path, cap
         ["step7_real_kv:float32", 537.9, 29.2],
     ]  # step 3 has no known weight format: not drawn
     assert out.read_bytes().startswith(PNG_MAGIC)
+    other = json.loads(float32.read_text())
+    other["meta"]["machine"]["machine_class"] = "amd-zen3-avx2-2c"
+    float32.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="2 classes"):
+        bytes_chart.main(argv)
 
 
 def test_the_readmes_give_the_shared_system_prompt_its_measured_length(tokenizer):
