@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import bytes_chart, floors, history, report
+from bench import bytes_chart, floors, history, machine, report
 from bench.profiles import plan_levels
 from bench.publish import publish
 from bench.records import Record, backoff_delay, parse_stream, retry_after_seconds
@@ -257,6 +257,7 @@ def test_a_real_run_writes_json_table_and_charts(step1_run):
     assert len(meta["commit"]) == 40 and isinstance(meta["dirty"], bool)
     assert meta["machine"]["cores"] >= 1 and meta["versions"]["locust"]
     assert meta["machine"]["read_gbps"] > 0.5  # any machine this runs on reads faster
+    assert meta["machine"]["machine_class"] == machine.this_machine()
     assert results["config"]["profile"]["levels"] == [1, 2]
     (step,) = results["steps"]
     assert step["status"] == "ok" and step["check"]["is_reference"]
@@ -273,6 +274,7 @@ def test_a_real_run_writes_json_table_and_charts(step1_run):
         assert len(lines) >= s["completed"]
     table = (step1_run / "table.md").read_text()
     assert f"(read at {meta['machine']['read_gbps']} GB/s)" in table
+    assert f"Machine class **{meta['machine']['machine_class']}" in table
     assert "| step | concurrency | req/s |" in table
     assert table.count("| step1_central_loader |") == 2
     for name in ("throughput.png", "latency.png", "ttft.png", "curves.png"):
