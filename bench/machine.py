@@ -16,9 +16,9 @@ that; the class names it in one short string, for example `amd-zen5-avx512-2c`:
 - cores: the CPUs this process may run on (its affinity), which a container may cap below the
   machine's count.
 
-The measured read bandwidth is recorded beside the class, not in it: it moves by several percent
-from run to run on one machine (35.8 and 38.3 GB/s, two runs on the same EPYC), so a class that
-contained it would split one machine into several.
+The measured read bandwidth is recorded beside the class, not in it: it moves from run to run
+(two published runs of one commit recorded 35.8 and 38.3 GB/s) and falls far lower while other
+processes use the cores, so a class that contained it would split one machine into several.
 """
 
 from __future__ import annotations
