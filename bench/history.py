@@ -83,6 +83,11 @@ def chart(
     import matplotlib.pyplot as plt
 
     machine_class = machine_class or latest_class(entries, profile)
+    if machine_class == UNKNOWN:  # such lines may come from any machine: no chart joins them
+        raise SystemExit(
+            f"the newest {profile} run is of unknown machine class (recorded before the class "
+            "was); append a new run, or pass a machine class"
+        )
     runs = [
         e
         for e in entries

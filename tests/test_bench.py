@@ -158,7 +158,7 @@ def fake_results(step_values: dict[str, float | None], status: dict | None = Non
             "dirty": False,
             "finished_at": "now",
             "workload": {"sha256": "x"},
-            "machine": {"cpu_model": "cpu", "cores": 2},
+            "machine": {"machine_class": "amd-zen5-avx512-2c", "cpu_model": "cpu", "cores": 2},
         },
         "config": {"profile": {"name": "quick"}, "dtype": "float32"},
         "steps": [entry(step, value) for step, value in step_values.items()],
@@ -226,6 +226,9 @@ def test_the_history_chart_draws_one_machine_class(tmp_path, monkeypatch):
     assert drawn == [[lines[1]]]  # the newest line's class only
     history.chart(lines, tmp_path / "history.png", machine_class="amd-zen3-avx2-2c")
     assert drawn[-1] == [lines[0]]
+    lines[1]["machine_class"] = "unknown"  # lines of unknown class are never drawn together
+    with pytest.raises(SystemExit, match="unknown machine class"):
+        history.chart(lines, tmp_path / "history.png")
 
 
 # ---------------------------------------------------------------- real runs
