@@ -8,7 +8,7 @@ one user. The floor is what reading those bytes takes at the machine's memory ba
 the bench measures at the start of every run with a plain read (bench/provenance.py: a sum over
 1 GiB of float32 on every core, best of five) and records in results.json; the first run given
 that has it sets the floor (`--bandwidth` gives it instead; a run without it, from before, is
-measured here, now).
+measured here, now). The runs must share one machine class (bench/machine.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench.machine import UNKNOWN
 from bench.provenance import read_bandwidth_gbps
 
 # Bytes of weights one token reads, by how a server stores them (SmolLM2-135M, 134.5 M weights,
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     runs = [json.loads(p.read_text()) for p in args.results]
+    classes = {run["meta"]["machine"].get("machine_class", UNKNOWN) for run in runs}
+    if len(classes) > 1:  # one chart, one machine: times per token do not compare across them
+        raise SystemExit(f"these runs come from machines of {len(classes)} classes: {classes}")
     recorded = [run["meta"]["machine"].get("read_gbps") for run in runs]
     bandwidth = args.bandwidth or next(filter(None, recorded), None) or read_bandwidth_gbps()
     found = []

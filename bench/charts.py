@@ -42,7 +42,9 @@ def write_charts(results: dict, results_dir: Path) -> list[Path]:
 def _title(results: dict) -> str:
     config, meta = results["config"], results["meta"]
     commit = (meta.get("commit") or "unknown")[:7]
-    return f"{config['profile']['name']} profile, {config['dtype']}, commit {commit}"
+    machine_class = meta.get("machine", {}).get("machine_class", "unknown machine class")
+    profile = config["profile"]["name"]
+    return f"{profile} profile, {config['dtype']}, commit {commit}, {machine_class}"
 
 
 def _bars(timed: list[dict], title: str, path: Path, metrics: list[tuple[str, str]]) -> Path:

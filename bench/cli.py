@@ -1,6 +1,6 @@
 """`python -m bench [run] ...`, `python -m bench check ...`, `python -m bench history ...`,
 `python -m bench publish RESULTS_DIR`, `python -m bench regression ...`,
-`python -m bench multitenant ...` (step 8's routing policies, bench/multitenant.py)."""
+`python -m bench multitenant ...` (step 9's routing policies, bench/multitenant.py)."""
 
 from __future__ import annotations
 
@@ -126,16 +126,22 @@ def _history(argv: list[str]) -> int:
     p.add_argument("--file", type=Path, default=history.HISTORY_FILE)
     p.add_argument("--out", type=Path, default=RESULTS_ROOT / "history.png")
     p.add_argument("--profile", default="quick", help="chart only runs of this profile")
+    p.add_argument(
+        "--machine-class",
+        help="chart only runs of this machine class (default: the newest run's; see "
+        "bench/machine.py)",
+    )
     args = p.parse_args(argv)
     if args.append:
         line = history.append(args.append, args.file)
-        print(f"appended {(line['commit'] or '?')[:10]} ({line['profile']}) to {args.file}")
+        what = f"{line['profile']}, {line['machine_class']}"
+        print(f"appended {(line['commit'] or '?')[:10]} ({what}) to {args.file}")
         return 0
     entries = history.read(args.file)
     if not entries:
         print(f"no runs in {args.file}; add one with --append RESULTS_DIR")
         return 1
-    print(f"wrote {history.chart(entries, args.out, args.profile)}")
+    print(f"wrote {history.chart(entries, args.out, args.profile, args.machine_class)}")
     return 0
 
 

@@ -3,6 +3,8 @@
 python -m bench history --append bench/results/latest   add a run (then commit the file)
 python -m bench history                                  chart it to bench/results/history.png
 
+Every line names its machine class (bench/machine.py); a chart draws the lines of one class.
+
 Its quick-profile lines are also CI's history: `python -m bench regression` (regression.py)
 compares each CI run with the lines measured like it and takes its noise band from their spread.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from bench.machine import UNKNOWN
 
 HISTORY_FILE = Path(__file__).resolve().parent / "history.jsonl"
 KEPT = ("req_per_s", "output_tok_s", "ttft_p50_s", "tpot_p50_s", "e2e_p50_s", "e2e_p99_s")
@@ -25,10 +29,16 @@ def summary_line(results: dict) -> dict:
         "profile": config["profile"]["name"],
         "dtype": config["dtype"],
         "workload_sha256": meta["workload"]["sha256"],
+        "machine_class": run_class(results),
         "cpu_model": meta["machine"]["cpu_model"],
         "cores": meta["machine"]["cores"],
         "steps": {entry["step"]: _step_summary(entry) for entry in results["steps"]},
     }
+
+
+def run_class(results: dict) -> str:
+    """The run's machine class (bench/machine.py); `unknown` for runs recorded before it was."""
+    return results["meta"]["machine"].get("machine_class") or UNKNOWN
 
 
 def _step_summary(entry: dict) -> dict:
@@ -56,14 +66,33 @@ def read(history: Path = HISTORY_FILE) -> list[dict]:
     return [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
 
 
-def chart(entries: list[dict], out: Path, profile: str = "quick") -> Path:
-    """Throughput and median latency at each step's highest concurrency, run after run."""
+def latest_class(entries: list[dict], profile: str) -> str:
+    """The machine class of the newest line of this profile: what `chart` draws by default."""
+    runs = [e for e in entries if e["profile"] == profile]
+    return runs[-1].get("machine_class", UNKNOWN) if runs else UNKNOWN
+
+
+def chart(
+    entries: list[dict], out: Path, profile: str = "quick", machine_class: str | None = None
+) -> Path:
+    """Throughput and median latency at each step's highest concurrency, run after run, of one
+    machine class only (default: the newest run's): numbers from two classes do not compare."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [e for e in entries if e["profile"] == profile]
+    machine_class = machine_class or latest_class(entries, profile)
+    if machine_class == UNKNOWN:  # such lines may come from any machine: no chart joins them
+        raise SystemExit(
+            f"the newest {profile} run is of unknown machine class (recorded before the class "
+            "was); append a new run, or pass a machine class"
+        )
+    runs = [
+        e
+        for e in entries
+        if e["profile"] == profile and e.get("machine_class", UNKNOWN) == machine_class
+    ]
     fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for step in sorted({s for e in runs for s in e["steps"]}, key=_step_key):
         xs, series = _series(runs, step)
@@ -73,7 +102,10 @@ def chart(entries: list[dict], out: Path, profile: str = "quick") -> Path:
     axes[1].set_xticks(range(len(runs)), labels, rotation=45, fontsize=8)
     axes[0].set_ylabel("output tokens/s")
     axes[1].set_ylabel("e2e p50 (s)")
-    axes[0].set_title(f"{profile} profile, each step at its highest concurrency (* = dirty tree)")
+    axes[0].set_title(
+        f"{profile} profile, machine class {machine_class}, each step at its highest "
+        "concurrency (* = dirty tree)"
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

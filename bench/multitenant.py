@@ -1,17 +1,19 @@
-"""Step 9's policy comparison: multi-tenant chat over one step 7, then over step 9 in front of
-local step 7 replicas with each routing policy, in one run.
+"""Step 9's policy comparison: multi-tenant chat over one engine alone, then over step 9 in front
+of local replicas of that same engine (step 8, step9_router/replicas.py) with each routing
+policy, in one run. Baseline and replicas run the same engine, so the comparison changes one
+thing: the router and the number of engines.
 
-    python -m bench multitenant                            # step 7 alone, then 3 policies
+    python -m bench multitenant                            # step 8 alone, then 3 policies
     python -m bench multitenant --policies cache_aware --users 8 --run-time 60
 
-The workload (multitenant.json): tenants, each with its own long system prompt (~250 tokens) and
+The workload (multitenant.json): tenants, each with its own long system prompt (239-258 tokens) and
 questions. Every user holds conversations: user u's conversation c belongs to tenant
 (u + c) % tenants and asks `turns` of its questions in a row, each turn sending the whole history
 (system prompt, earlier questions, the answers received), streamed and greedy, with
 Cache-Control: no-cache (the router's answer cache would only measure a dictionary). Users are
 closed-loop; new requests start for `run_time` s, those in flight get `stop_timeout` s more.
 
-Each configuration is a fresh server process: `python -m step7_real_kv`, or `python -m
+Each configuration is a fresh server process: `python -m step8_speculative`, or `python -m
 step9_router --replicas N --policy P` (which starts its own replicas). Its greedy answers to every
 tenant's first question are checked against the first configuration's before it is timed. The
 cores are shared evenly: OMP_NUM_THREADS is cores / engines for every engine. Measured: the
@@ -49,7 +51,9 @@ from bench.servers import NotReady, ProcessServer, free_port
 from bench.stats import summarise
 
 WORKLOAD = Path(__file__).with_name("multitenant.json")
-STEP8 = Path(__file__).resolve().parent.parent / "step9_router"
+STEP9 = Path(__file__).resolve().parent.parent / "step9_router"
+ENGINE = "step8_speculative"  # what step 9's local replicas run (step9_router/replicas.py)
+BASELINE = "step8"  # the configuration that runs one ENGINE alone
 MARKERS = ("<!-- multitenant:start -->", "<!-- multitenant:end -->")
 POLICIES = ("round_robin", "least_loaded", "cache_aware")
 MODEL = "SmolLM2-135M-Instruct"
@@ -105,15 +109,15 @@ class Settings:
 
 
 def start(name: str, settings: Settings, log_dir: Path) -> ProcessServer:
-    """`step7` alone, or `step9:<policy>` with its replicas, on a free port."""
-    port, engines = free_port(), 1 if name == "step7" else settings.replicas
+    """The engine alone (BASELINE), or `step9:<policy>` with its replicas, on a free port."""
+    port, engines = free_port(), 1 if name == BASELINE else settings.replicas
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // engines))}
     if settings.num_kv_blocks:
         env["GATEWAY_NUM_KV_BLOCKS"] = str(settings.num_kv_blocks)
     flags = ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
     flags += ["--log-level", "warning"]
-    if name == "step7":
-        argv = [sys.executable, "-m", "step7_real_kv", *flags, "--response-cache", "false"]
+    if name == BASELINE:  # the replicas' response cache is off too: the router keeps one
+        argv = [sys.executable, "-m", ENGINE, *flags, "--response-cache", "false"]
     else:
         policy = name.split(":", 1)[1]
         argv = [sys.executable, "-m", "step9_router", *flags, "--policy", policy]
@@ -124,7 +128,7 @@ def start(name: str, settings: Settings, log_dir: Path) -> ProcessServer:
 
 def engine_urls(server: ProcessServer) -> list[str]:
     """The engines whose caches count: the server itself, or the router's replicas."""
-    if server.step == "step7":
+    if server.step == BASELINE:
         return [server.url]
     upstreams = httpx.get(server.url + "/health", timeout=10).json()["upstreams"]
     return [f"http://{name}" for name in sorted(upstreams)]
@@ -320,6 +324,7 @@ def run(configs: list[str], settings: Settings, workload_path: Path, out: Path) 
         "schema": 1,
         "meta": {**git_facts(), "machine": machine_facts(), "versions": library_versions()},
         "workload": {"version": workload.version, "sha256": workload.sha256},
+        "engine": ENGINE,  # the baseline's and every replica's
         "settings": asdict(settings),
         "configs": [],
     }
@@ -375,13 +380,22 @@ def _line(entry: dict) -> str:
     return " | ".join(_cells(entry)[1:]) if entry["status"] == "ok" else (entry["message"] or "")
 
 
+def _configurations(results: dict) -> str:
+    """What was compared: one engine alone and step 9 over replicas of the same engine."""
+    replicas, engine = results["settings"]["replicas"], results.get("engine")
+    if engine is None:  # a run recorded before the engine was
+        return f"step 9 over {replicas} local replicas."
+    return f"`{engine}` alone ({BASELINE}), then step 9 over {replicas} local `{engine}` replicas."
+
+
 def markdown(results: dict) -> str:
     s, meta = results["settings"], results["meta"]
     lines = [
         f"Multi-tenant chat, {s['users']} users, {s['run_time_s']:g} s of new requests "
         f"(+ up to {s['stop_timeout_s']:g} s), max_tokens {s['max_tokens']}, greedy, streaming; "
-        f"step 9 over {s['replicas']} local replicas. Workload v{results['workload']['version']}.",
-        f"Commit {(meta.get('commit') or 'unknown')[:10]}; {meta['machine'].get('cpu_model')}, "
+        f"{_configurations(results)} Workload v{results['workload']['version']}.",
+        f"Machine class **{report.machine_label(meta['machine'])}**; commit "
+        f"{(meta.get('commit') or 'unknown')[:10]}; {meta['machine'].get('cpu_model')}, "
         f"{meta['machine'].get('cores')} cores.",
         "",
         report.table_row(COLUMNS),
@@ -415,7 +429,7 @@ def chart(results: dict, path: Path) -> Path | None:
     return path
 
 
-def publish(out: Path, folder: Path = STEP8) -> Path:
+def publish(out: Path, folder: Path = STEP9) -> Path:
     """The run's table into the step's README, between its markers; the chart beside it."""
     readme = folder / "README.md"
     if (out / "multitenant.png").exists():
@@ -440,7 +454,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--policies", default=",".join(POLICIES), help="step 9 policies, comma-separated"
     )
-    p.add_argument("--no-step7", action="store_true", help="skip the step 7 alone baseline")
+    p.add_argument(
+        "--no-baseline", action="store_true", help=f"skip the baseline: one {ENGINE} alone"
+    )
     p.add_argument("--users", type=int, default=Settings.users)
     p.add_argument("--run-time", type=float, default=Settings.run_time_s, help="s of new requests")
     p.add_argument("--stop-timeout", type=float, default=Settings.stop_timeout_s)
@@ -467,7 +483,7 @@ def main(argv: list[str]) -> int:
     unknown = set(policies) - set(POLICIES)
     if unknown:
         raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
-    configs = ([] if args.no_step7 else ["step7"]) + [f"step9:{p}" for p in policies]
+    configs = ([] if args.no_baseline else [BASELINE]) + [f"step9:{p}" for p in policies]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = (args.results or RESULTS_ROOT / f"multitenant-{stamp}").resolve()
     results = run(configs, settings, args.workload, out)

@@ -384,6 +384,9 @@ def main(argv: list[str]) -> int:
 
 
 def listing(root: Path | None = None) -> str:
+    """One line per peer, its columns as wide as their longest entry."""
+    name_width = max(len(peer.name) for peer in PEERS.values())
+    row_width = max(len(peer.row) for peer in PEERS.values())
     lines = []
     for peer in PEERS.values():
         home = home_of(peer, root)
@@ -394,5 +397,5 @@ def listing(root: Path | None = None) -> str:
             if stamp
             else "not installed"
         )
-        lines.append(f"{peer.name:13} {peer.row:24} {state}  ({home})")
+        lines.append(f"{peer.name:{name_width}}  {peer.row:{row_width}}  {state}  ({home})")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""What every number is recorded with: the commit, whether the tree was dirty, the machine and
-the library versions. A number without these cannot be compared with anything."""
+"""What every number is recorded with: the commit, whether the tree was dirty, the machine (its
+class, bench/machine.py, and its measured read bandwidth) and the library versions. A number
+without these cannot be compared with anything."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import psutil
 
+from bench import machine
 from bench.servers import ROOT
 
 
@@ -33,9 +35,17 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def machine_facts() -> dict:
+    """The machine a run was measured on; `machine_class` says which runs it compares with."""
+    cpu, cores = machine.read_cpu(), machine.usable_cores()
     return {
-        "cpu_model": _cpu_model(),
-        "cores": os.cpu_count(),
+        "machine_class": machine.machine_class(cpu, cores),
+        "cpu_model": _cpu_model(cpu),
+        "cpu_vendor": cpu.vendor,
+        "cpu_family": cpu.family,
+        "cpu_model_number": cpu.model,
+        "isa": list(cpu.isa),
+        "cores": cores,  # the CPUs the bench may use (its affinity)
+        "logical_cpus": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "device": _device(),
         "os": platform.platform(),
@@ -94,14 +104,10 @@ class ForeignCpu:
         return round(max(0.0, (busy - ours) / (wall * (os.cpu_count() or 1))), 3)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def _cpu_model(cpu: machine.Cpu) -> str:
+    if cpu.model_name != machine.UNKNOWN:
+        return cpu.model_name
+    return platform.processor() or machine.UNKNOWN
 
 
 def _device() -> str:

@@ -2,8 +2,9 @@
 
 The floors (floors.py) gate CI on ratios inside one run. This answers the other question a
 maintainer asks of a CI run: did anything move since the last recorded run? From the lines of
-bench/history.jsonl measured like this run (same profile, dtype, workload, CPU model and core
-count: absolute numbers mean nothing across machines) plus this run, it writes to the out folder:
+bench/history.jsonl measured like this run (same profile, dtype, workload and machine class,
+bench/machine.py: absolute numbers mean nothing across machines) plus this run, it writes to the
+out folder:
 
 - `<step>.png`: the step's output tok/s and TTFT p50 per concurrency, run after run;
 - `floors.png`: each floor's ratio run after run, the floor as a horizontal line;
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import floors, history
+from bench.machine import UNKNOWN
 from bench.report import BUSY_SHARE
 
 # Facts of a run that change the absolute numbers: only lines that share all of them compare.
-MATCH = ("profile", "dtype", "workload_sha256", "cpu_model", "cores")
+MATCH = ("profile", "dtype", "workload_sha256", "machine_class")
 WINDOW = 10  # the band forgets older runs: they may predate a real change in the code
 MIN_RUNS = 3  # fewest values with both a spread and a middle that no single run decides
 CHART_RUNS = 40  # history points per chart: beyond this the commit labels are unreadable
@@ -84,7 +86,13 @@ class Change:
 
 
 def comparable(entries: list[dict], current: dict) -> list[dict]:
-    """The history lines measured like this run, in file order (the order they were appended)."""
+    """The history lines measured like this run, in file order (the order they were appended).
+
+    A line of unknown class (recorded before the class was) compares with nothing, not even
+    another unknown one: it may have come from any machine.
+    """
+    if current.get("machine_class", UNKNOWN) == UNKNOWN:
+        return []
     return [e for e in entries if all(e.get(k) == current.get(k) for k in MATCH)]
 
 
@@ -232,7 +240,10 @@ def _axes(lines: list[dict], rows: int, title: str):
             ax.axvline(len(lines) - 1.5, color="grey", linestyle=":", linewidth=1)
         else:
             ax.text(0.5, 0.5, "no comparable history yet", transform=ax.transAxes, ha="center")
-    axes[0, 0].set_title(title + "\n(* = dirty tree; star = this run)", fontsize=10)
+    machine_class = lines[-1].get("machine_class", UNKNOWN)  # every line shares it
+    axes[0, 0].set_title(
+        f"{title}\nmachine class {machine_class} (* = dirty tree; star = this run)", fontsize=10
+    )
     return fig, axes[:, 0]
 
 
@@ -343,8 +354,8 @@ def _headline(past: list[dict], changes: list[Change], set_aside: int, source: s
     if not past:
         return [
             f"No comparable runs in `{source}` ({_plural(set_aside, 'line')} set aside: another "
-            "profile, "
-            "dtype, workload, CPU model or core count). Nothing to compare with: the noise band is "
+            "profile, dtype, workload or machine class, or a line of unknown class). "
+            "Nothing to compare with: the noise band is "
             "unknown and nothing is flagged. Add trusted runs of this machine class with "
             "`python -m bench history --append RESULTS_DIR` and commit the file."
         ]
@@ -372,7 +383,8 @@ def summary(
     changes = compare(past, current)
     this = (
         f"This run: `{_label(current)}`, profile {current['profile']}, {current['dtype']}, "
-        f"{current['cpu_model']}, {current['cores']} cores."
+        f"machine class {current.get('machine_class', UNKNOWN)} ({current['cpu_model']}, "
+        f"{current['cores']} cores)."
     )
     rule = (
         f"Noise band: per step, level and metric, (max - min) / median of the last {WINDOW} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.machine import UNKNOWN
 from bench.peers import is_peer_row
 from bench.profiles import CONCURRENCY_CAPS
 
@@ -67,10 +68,20 @@ def _header(results: dict) -> list[str]:
         f"max_tokens {profile['max_tokens']}, temperature 0, streaming; "
         f"each level: {profile['run_time_s']:.0f} s of new requests + up to "
         f"{profile['stop_timeout_s']:.0f} s to finish, at most {profile['max_requests']} requests.",
-        f"Commit {commit}; {machine['cpu_model']}, {machine['cores']} cores, "
-        f"{machine['memory_gb']} GB{read}, device {machine['device']}; torch {versions['torch']}, "
-        f"transformers {versions['transformers']}, locust {versions['locust']}.",
+        f"Machine class **{machine_label(machine)}**; commit {commit}; {machine['cpu_model']}, "
+        f"{machine['cores']} cores, {machine['memory_gb']} GB{read}, device {machine['device']}; "
+        f"torch {versions['torch']}, transformers {versions['transformers']}, "
+        f"locust {versions['locust']}.",
     ]
+
+
+def machine_label(machine: dict) -> str:
+    """The class, with the AVX-512 parts and AMX it has: `amd-zen4-avx512-2c (avx512_bf16, ...)`.
+
+    Runs recorded before the class was have none: `unknown`."""
+    isa = [f for f in machine.get("isa", ()) if f.startswith(("avx512_", "amx_"))]
+    cls = machine.get("machine_class") or UNKNOWN
+    return f"{cls} ({', '.join(isa)})" if isa else cls
 
 
 BUSY_SHARE = 0.15  # of all cores, used by processes other than the bench and the server
@@ -135,13 +146,19 @@ def _note(level: dict) -> str:
     if spec and spec["drafted"]:  # a speculating step: how its drafts fared
         notes.append(
             f"drafts: {spec['accepted'] / spec['drafted']:.0%} of {spec['drafted']:.0f} accepted,"
-            f" {spec['accepted'] / spec['verifications']:.2f} per verification"
+            f" {tokens_per_verification(spec):.2f} tokens per verification"
         )
     if level["summary"]["cut_off"]:
         notes.append(f"{level['summary']['cut_off']} cut off at the end")
     if not level["summary"]["completed"]:
         notes.append("no request completed")
     return "; ".join(notes)
+
+
+def tokens_per_verification(spec: dict) -> float:
+    """Tokens one verification appends: the drafted tokens it kept, plus the model's own token
+    that every verification yields (the correction, or the next token after a full accept)."""
+    return spec["accepted"] / spec["verifications"] + 1
 
 
 def _footnotes(results: dict) -> list[str]:
@@ -160,6 +177,11 @@ def _footnotes(results: dict) -> list[str]:
     reference = results.get("reference")
     check = f"checked against {reference['source']}" if reference else "not checked"
     notes.append(f"Greedy answers (float32) {check} before timing; refused steps are not timed.")
+    if any(lv.get("speculation") for entry in results["steps"] for lv in entry["levels"]):
+        notes.append(
+            "Tokens per verification: the drafted tokens one verification kept plus the model's "
+            "own token that every verification yields (accepted / verifications + 1)."
+        )
     if any(is_peer_row(entry["step"]) for entry in results["steps"]):
         notes.append(
             "peer:* rows are reference servers (bench/peers.py) serving the same weights in "

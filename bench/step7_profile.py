@@ -32,6 +32,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from bench import machine
 from bench.workload import load_workload
 from common.config import ServerConfig
 from common.model import LoadedModel, load_model
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {
+            "machine_class": machine.this_machine(),  # compare only files of one class
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "linear_backend": args.linear_backend,

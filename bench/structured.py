@@ -7,7 +7,8 @@ chat prompts, greedy, 64 output tokens. Each level runs twice: plain, then with 
 `response_format` JSON schema whose one string field lets the answer run as long as a plain
 one (`{"answer": string}`), so that both runs produce about the same tokens. Reported per run:
 output tokens/s, time per output token (p50, ms), and the overhead of the schema run on each;
-written to RESULTS/structured.json and drawn to RESULTS/structured.png.
+written to RESULTS/structured.json (with the commit and the machine, its class included) and
+drawn to RESULTS/structured.png.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.provenance import git_facts, machine_facts
 from bench.servers import StepServer, discover_steps, select_steps
 from bench.workload import load_workload
 
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         cost = 1 - schema["tokens_per_s"] / plain["tokens_per_s"]
         tpots = f"TPOT p50 {plain['tpot_p50_ms']} -> {schema['tpot_p50_ms']} ms"
         print(f"[structured] {plain['users']} users: the schema costs {100 * cost:.1f}% ({tpots})")
-    (results / "structured.json").write_text(json.dumps(rows, indent=2))
+    meta = {**git_facts(), "machine": machine_facts()}  # compare only runs of one class
+    (results / "structured.json").write_text(json.dumps({"meta": meta, "levels": rows}, indent=2))
     draw(rows, results / "structured.png")
     return 0
 

@@ -586,7 +586,7 @@ async def until_disconnect(
     http: HTTPRequest, work: Awaitable[T], on_disconnect: Callable[[], None] | None = None
 ) -> T | None:
     """Await `work`; if the client hangs up first, call `on_disconnect`, cancel `work` and
-    return None. (Step 8's router awaits a replica's answer the same way.)"""
+    return None. (Step 9's router awaits a replica's answer the same way.)"""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(http.receive))
     try:

@@ -115,6 +115,10 @@ def serve(
     build_app: Callable[[Any], Starlette], config_class: type[ServerConfig] = ServerConfig
 ) -> None:
     """Read config from GATEWAY_* env vars and flags, build the step's app, run uvicorn."""
-    config = config_class.load(sys.argv[1:], prog=program_name(build_app))
+    prog = program_name(build_app)
+    try:
+        config = config_class.load(sys.argv[1:], prog=prog)
+    except ValueError as exc:  # a bad flag or env var: one line saying which, not a traceback
+        raise SystemExit(f"{prog}: error: {exc}") from None
     setup_logging(config.log_level)
     uvicorn.run(build_app(config), host=config.host, port=config.port, log_level=config.log_level)

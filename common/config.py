@@ -52,11 +52,11 @@ class ConfigPart:
         for name, f in fields.items():
             raw = os.environ.get(ENV_PREFIX + name.upper())
             if raw is not None:
-                values[name] = _coerce(raw, _field_type(f))
+                values[name] = _coerce(raw, _field_type(f), ENV_PREFIX + name.upper())
         args = cls.argument_parser(prog).parse_args(argv if argv is not None else [])
         for name, raw in vars(args).items():
             if raw is not None:
-                values[name] = _coerce(raw, _field_type(fields[name]))
+                values[name] = _coerce(raw, _field_type(fields[name]), _flag(name))
         values.update(overrides)
         return cls(**values)
 
@@ -71,7 +71,7 @@ class ConfigPart:
         for f in dataclasses.fields(cls):
             kind = _field_type(f)
             parser.add_argument(
-                "--" + f.name.replace("_", "-"),
+                _flag(f.name),
                 dest=f.name,
                 default=None,
                 metavar=kind.__name__.upper(),
@@ -115,7 +115,26 @@ def _field_type(field: dataclasses.Field) -> type:
     return {"int": int, "float": float, "bool": bool}.get(name, str)
 
 
-def _coerce(raw: str, kind: type) -> Any:
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(raw: str, kind: type, source: str) -> Any:
+    """The raw text as the field's type; a word that is neither is an error naming its source,
+    so a guess like `--response-cache redis` stops the start instead of meaning false."""
     if kind is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return kind(raw)
+        word = raw.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ValueError(
+            f"{source}: {raw!r} is not a boolean; use one of {', '.join(TRUE_WORDS)} "
+            f"or {', '.join(FALSE_WORDS)}"
+        )
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{source}: {raw!r} is not a valid {kind.__name__}") from None

@@ -213,7 +213,8 @@ def _verify(request: Request, rows: torch.Tensor, draft: list[int]) -> Verified:
 
 class SpecCollector:
     """gateway_spec_* counters, read at scrape time: drafted and accepted tokens, verifications,
-    and acceptance by draft position. Mean accepted length = accepted / verifications."""
+    and acceptance by draft position. Tokens per verification = accepted / verifications + 1
+    (the model's own token, which every verification yields)."""
 
     def __init__(self, engine: SpeculativeEngine) -> None:
         self.engine = engine

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import bytes_chart, floors, history
+from bench import bytes_chart, floors, history, machine, report
 from bench.profiles import plan_levels
 from bench.publish import publish
 from bench.records import Record, backoff_delay, parse_stream, retry_after_seconds
@@ -134,6 +134,8 @@ def test_steps_are_discovered_in_order_and_selected_by_number_or_name():
     assert steps[:2] == ["step0_bruteforce", "step1_central_loader"]
     assert select_steps(steps, "1,0") == ["step0_bruteforce", "step1_central_loader"]
     assert select_steps(steps, "step1_central_loader") == ["step1_central_loader"]
+    # the row label is the folder: the router's rows read step9_router, as its README names it
+    assert select_steps(steps, "9") == ["step9_router"]
     with pytest.raises(SystemExit):
         select_steps(steps, "99")
 
@@ -156,7 +158,7 @@ def fake_results(step_values: dict[str, float | None], status: dict | None = Non
             "dirty": False,
             "finished_at": "now",
             "workload": {"sha256": "x"},
-            "machine": {"cpu_model": "cpu", "cores": 2},
+            "machine": {"machine_class": "amd-zen5-avx512-2c", "cpu_model": "cpu", "cores": 2},
         },
         "config": {"profile": {"name": "quick"}, "dtype": "float32"},
         "steps": [entry(step, value) for step, value in step_values.items()],
@@ -202,6 +204,33 @@ def test_history_appends_a_line_and_charts_it(tmp_path):
     assert png.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_tokens_per_verification_counts_the_models_own_token():
+    """One meaning everywhere: drafted tokens kept per verification, plus the one token every
+    verification yields (step 8's README reads the same figure)."""
+    spec = {"drafted": 100.0, "accepted": 62.0, "verifications": 20.0}
+    level = {"partial": False, "summary": {"cut_off": 0, "completed": 5}, "speculation": spec}
+    assert report._note(level) == "drafts: 62% of 100 accepted, 4.10 tokens per verification"
+    notes = report._footnotes({"steps": [{"step": "step8_x", "levels": [level]}]})
+    assert any("accepted / verifications + 1" in note for note in notes)
+
+
+def test_the_history_chart_draws_one_machine_class(tmp_path, monkeypatch):
+    lines = [
+        {"profile": "quick", "machine_class": cls, "commit": c, "dirty": False, "steps": {}}
+        for cls, c in (("amd-zen3-avx2-2c", "a" * 7), ("amd-zen5-avx512-2c", "b" * 7))
+    ]
+    drawn: list[list[dict]] = []
+    monkeypatch.setattr(history, "_series", lambda runs, step: drawn.append(runs) or ([], []))
+    lines[0]["steps"] = lines[1]["steps"] = {"step1_x": {"levels": {}}}
+    history.chart(lines, tmp_path / "history.png")
+    assert drawn == [[lines[1]]]  # the newest line's class only
+    history.chart(lines, tmp_path / "history.png", machine_class="amd-zen3-avx2-2c")
+    assert drawn[-1] == [lines[0]]
+    lines[1]["machine_class"] = "unknown"  # lines of unknown class are never drawn together
+    with pytest.raises(SystemExit, match="unknown machine class"):
+        history.chart(lines, tmp_path / "history.png")
+
+
 # ---------------------------------------------------------------- real runs
 
 
@@ -231,6 +260,7 @@ def test_a_real_run_writes_json_table_and_charts(step1_run):
     assert len(meta["commit"]) == 40 and isinstance(meta["dirty"], bool)
     assert meta["machine"]["cores"] >= 1 and meta["versions"]["locust"]
     assert meta["machine"]["read_gbps"] > 0.5  # any machine this runs on reads faster
+    assert meta["machine"]["machine_class"] == machine.this_machine()
     assert results["config"]["profile"]["levels"] == [1, 2]
     (step,) = results["steps"]
     assert step["status"] == "ok" and step["check"]["is_reference"]
@@ -247,6 +277,7 @@ def test_a_real_run_writes_json_table_and_charts(step1_run):
         assert len(lines) >= s["completed"]
     table = (step1_run / "table.md").read_text()
     assert f"(read at {meta['machine']['read_gbps']} GB/s)" in table
+    assert f"Machine class **{meta['machine']['machine_class']}" in table
     assert "| step | concurrency | req/s |" in table
     assert table.count("| step1_central_loader |") == 2
     for name in ("throughput.png", "latency.png", "ttft.png", "curves.png"):
@@ -361,3 +392,21 @@ def test_the_bytes_chart_draws_each_server_over_the_recorded_floor(tmp_path, cap
         ["step7_real_kv:float32", 537.9, 29.2],
     ]  # step 3 has no known weight format: not drawn
     assert out.read_bytes().startswith(PNG_MAGIC)
+    other = json.loads(float32.read_text())
+    other["meta"]["machine"]["machine_class"] = "amd-zen3-avx2-2c"
+    float32.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="2 classes"):
+        bytes_chart.main(argv)
+
+
+def test_the_readmes_give_the_shared_system_prompt_its_measured_length(tokenizer):
+    """Step 4's and step 7's READMEs and the bench's quote the prompt's length in tokens."""
+    prompt = json.loads((ROOT / "bench" / "workload.json").read_text())["system_prompt"]
+    tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    quoted = {
+        "step4_mock_kv/README.md": f"one long system prompt ({tokens} tokens)",
+        "step7_real_kv/README.md": f"the {tokens}-token system prompt",
+        "bench/README.md": f"one long system prompt ({tokens} tokens of SmolLM2's tokenizer)",
+    }
+    for readme, phrase in quoted.items():
+        assert phrase in " ".join((ROOT / readme).read_text().split()), readme

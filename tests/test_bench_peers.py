@@ -344,3 +344,10 @@ def test_peers_get_their_own_rows_and_notes_in_the_table():
 def test_a_run_without_peers_says_nothing_about_them():
     table = report.markdown(results_with(timed_entry("step7_x")))
     assert "peer" not in table
+
+
+def test_peers_list_lines_up_its_columns(tmp_path):
+    lines = peers.listing(tmp_path).splitlines()
+    assert len(lines) == len(peers.PEERS)
+    for column in ("peer:", "not installed"):
+        assert len({line.index(column) for line in lines}) == 1, lines

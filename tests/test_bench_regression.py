@@ -14,7 +14,7 @@ from bench import floors, history, regression
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-MACHINE = {"cpu_model": "AMD EPYC", "cores": 2}
+MACHINE = {"machine_class": "amd-zen5-avx512-2c", "cpu_model": "AMD EPYC", "cores": 2}
 # Run-to-run jitter of a 15 s level, as the quick runs show it: within about +-7% of the middle.
 JITTER = (1.00, 0.93, 1.06, 0.97, 1.04, 0.95)
 BASE = {  # step -> (output tok/s, TTFT p50 s) at concurrency 8
@@ -113,11 +113,23 @@ def test_a_faster_run_beyond_the_band_is_an_improvement():
 
 
 def test_runs_of_another_machine_class_are_set_aside():
+    """The same "AMD EPYC" with 2 cores, once with AVX2 only: not comparable."""
     past = jittered_history()
-    other = json.loads(json.dumps(past[0]))
-    other["cores"] = 4
+    avx2 = json.loads(json.dumps(past[0]))
+    avx2["machine_class"] = "amd-zen3-avx2-2c"
+    assert avx2["cpu_model"] == past[0]["cpu_model"] and avx2["cores"] == past[0]["cores"]
     current = history.summary_line(results(BASE, "d" * 10))
-    assert regression.comparable([*past, other], current) == past
+    assert regression.comparable([*past, avx2], current) == past
+
+
+def test_a_line_of_unknown_class_compares_with_nothing():
+    past = jittered_history()
+    old = json.loads(json.dumps(past[0]))
+    old["machine_class"] = "unknown"  # recorded before the class was
+    current = history.summary_line(results(BASE, "d" * 10))
+    assert regression.comparable([old, *past], current) == past
+    unknown_now = {**current, "machine_class": "unknown"}
+    assert regression.comparable([old, *past], unknown_now) == []
 
 
 # ---------------------------------------------------------------- floors over history

@@ -35,6 +35,27 @@ def test_config_rejects_bad_values():
         ServerConfig(device="tpu")
 
 
+def test_boolean_knobs_take_known_words_only(monkeypatch):
+    from step4_mock_kv.server import Config
+
+    assert Config.load(["--response-cache", "off"]).response_cache is False
+    assert Config.load(["--response-cache", "Yes"]).response_cache is True
+    # The cache's backend is Redis, so "redis" is a natural guess: it must not mean false.
+    with pytest.raises(ValueError, match=r"--response-cache: 'redis' is not a boolean"):
+        Config.load(["--response-cache", "redis"])
+    monkeypatch.setenv("GATEWAY_RESPONSE_CACHE", "enabled")
+    with pytest.raises(ValueError, match="GATEWAY_RESPONSE_CACHE: 'enabled'"):
+        Config.load([])
+
+
+def test_a_bad_flag_stops_the_start_with_one_line(monkeypatch):
+    from common import app
+
+    monkeypatch.setattr("sys.argv", ["step", "--port", "eighty"])
+    with pytest.raises(SystemExit, match=r"error: --port: 'eighty' is not a valid int"):
+        app.serve(lambda config: pytest.fail("the app was built from a bad config"))
+
+
 @pytest.mark.parametrize("step", STEPS)
 def test_every_knob_of_every_step_has_help_text(step, capsys):
     config_class = getattr(importlib.import_module(f"{step}.server"), "Config", ServerConfig)

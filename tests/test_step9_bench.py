@@ -71,6 +71,23 @@ def test_the_table_has_one_row_per_configuration():
     assert "answers differ" in rows[1]
 
 
+def test_the_baseline_runs_the_engine_the_replicas_run(tmp_path, monkeypatch):
+    """One change at a time: the engine alone against the router over replicas of it."""
+    from step9_router import replicas
+
+    assert multitenant.ENGINE == replicas.ENGINE
+    monkeypatch.setattr(multitenant, "ProcessServer", lambda *args, **kw: args)
+    settings = multitenant.Settings()
+    baseline = multitenant.start(multitenant.BASELINE, settings, tmp_path)
+    assert baseline[1][1:3] == ["-m", replicas.ENGINE]
+    routed = multitenant.start("step9:cache_aware", settings, tmp_path)
+    assert routed[1][1:3] == ["-m", "step9_router"]
+    assert multitenant.parse_args([]).no_baseline is False
+    results = {**fake_results(), "engine": replicas.ENGINE}
+    header = multitenant.markdown(results).splitlines()[0]
+    assert f"`{replicas.ENGINE}` alone (step8), then step 9 over 2 local" in header
+
+
 def test_publish_fills_the_readme_between_its_markers(tmp_path):
     out, folder = tmp_path / "run", tmp_path / "step"
     out.mkdir()
