@@ -115,7 +115,7 @@ def test_prometheus_labels_each_series_with_the_pod_the_adapter_maps_it_to():
         assert template["annotations"]["prometheus.io/scrape"] == "true"
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*MANIFESTS, *GATEWAY_MANIFESTS], ids=lambda p: p.name)
 def test_every_resource_is_in_the_namespace_or_cluster_wide(path):
     cluster_wide = {"Namespace", "ClusterRole", "ClusterRoleBinding", "APIService"}
     for doc in yaml.safe_load_all(path.read_text()):
