@@ -34,7 +34,7 @@ from step5_observability.metrics import CacheCollector, Metrics, watch_load
 from step5_observability.observability import Observability
 from step5_observability.structured_logs import REQUEST_ID, LogConfig
 from step6_backpressure.admission import AdmissionCollector, AdmissionConfig, BodyLimitMiddleware
-from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_gracefully
+from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, readiness, serve_gracefully
 from step9_router.answer_cache import AnswerCache, make_answer_cache
 from step9_router.proxy import Proxy, RequestLog
 from step9_router.replicas import LocalReplicas
@@ -103,10 +103,11 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/health/ready", fleet_readiness(lifecycle, config), methods=["GET"]),
         Route("/tokenize", tokenizer_route, methods=["POST"]),
         Route("/detokenize", tokenizer_route, methods=["POST"]),
         *observability.routes,
-        *lifecycle.routes,
+        *(r for r in lifecycle.routes if r.path != "/health/ready"),  # (the fleet's, above)
     ]
     middleware = [
         *observability.middleware,
@@ -224,6 +225,22 @@ async def health(http: HTTPRequest) -> Response:
     ready = any(u["ready"] for u in upstreams.values())
     status = {"status": "ok" if ready else "no replica ready", "upstreams": upstreams}
     return JSONResponse(status, status_code=200 if ready else 503)
+
+
+def fleet_readiness(lifecycle: Lifecycle, config: Config):
+    """GET /health/ready: ready means the router can serve: step 6's answer (started, not
+    draining) and at least one replica ready. A router with none answers every request 503, so
+    a load balancer (the Kubernetes Service) should send its clients elsewhere."""
+    process_ready = readiness(lifecycle, config.ready_when_saturated)
+
+    async def ready(http: HTTPRequest) -> JSONResponse:
+        state = getattr(http.app.state, "fleet", None)
+        if state is not None and not state.proxy.pool.ready():
+            reason = {"status": "not ready", "reason": "no replica ready"}
+            return JSONResponse(reason, status_code=503)
+        return await process_ready(http)
+
+    return ready
 
 
 def main() -> None:

@@ -196,6 +196,30 @@ def test_the_routers_own_metrics_count_its_requests(replicas, tmp_path):
         router.stop()
 
 
+def test_the_router_is_ready_only_while_a_replica_is(tmp_path, tiny_model_dir):
+    """Ready means it can serve (Kubernetes' readiness probe asks /health/ready): with its only
+    replica gone the router would answer every request 503, and its readiness says so."""
+    engine = replica(tmp_path / "engine.log", tiny_model_dir, 1000)
+    router = router_for(tmp_path / "router.log", [engine])
+    try:
+        assert httpx.get(router.url + "/health/ready", timeout=5).status_code == 200
+        engine.proc.kill()
+        engine.proc.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until a poll (every 0.2 s) finds it gone
+            ready = httpx.get(router.url + "/health/ready", timeout=5)
+            if ready.status_code != 200:
+                break
+            time.sleep(0.1)
+        assert ready.status_code == 503 and ready.json()["reason"] == "no replica ready"
+        assert httpx.get(router.url + "/health/live", timeout=5).status_code == 200
+        refused = httpx.post(router.url + "/v1/completions", json=completion("hi"), timeout=10)
+        assert refused.status_code == 503
+    finally:
+        router.stop()
+        engine.stop()
+
+
 def test_two_routers_share_one_answer_cache_in_redis(replicas, redis_server, tmp_path):
     """Step 4's Redis backend in front of the fleet: what router A stored, router B serves."""
     routers = [
