@@ -294,7 +294,7 @@ class Scheduler:
             room = len(children)
             if (seq.num_computed + n) % self.blocks.block_size:
                 room = min(room, free)
-                free -= room
+                free -= room  # each copy takes one
             due[seq] = children[:room]
             self._start_alone(children[room:])
         return due
