@@ -42,7 +42,7 @@ from common.model import LoadedModel
 from common.request import Request, log_done
 from common.timeline import Iteration, PhaseClock, Step, Timeline, TimelineConfig
 from step7_real_kv import cpu_kernels, stored_weights
-from step7_real_kv.batch import build_batch
+from step7_real_kv.batch import Batch, build_batch
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.model_runner import ModelRunner
 from step7_real_kv.paged_kv import PagedKVCache
@@ -166,7 +166,7 @@ class PagedEngine:
             return
         for hook in self.batch_size_hooks:
             hook(len(work))
-        forks = self._forks_due(work)
+        forks = self.scheduler.forks_due(work)  # n > 1: choices sampled from their leader's row
         steps = self._steps(work) if self.timeline is not None else []
         clock.lap("schedule")
         try:
@@ -218,23 +218,6 @@ class PagedEngine:
         for rid, how in retired:
             self.timeline.ended(rid, how)
 
-    def _forks_due(self, work: Work) -> dict[Sequence, list[Request]]:
-        """n > 1: the leaders whose prompt is all computed after this iteration, and the
-        choices that will start from it (as many as there are blocks for; the others start
-        on their own)."""
-        due: dict[Sequence, list[Request]] = {}
-        for seq, n in work:
-            if seq.request in self.scheduler.forks and seq.num_computed + n == seq.num_tokens:
-                children = self.scheduler.take_forks(seq.request)
-                room = len(children)
-                if (seq.num_computed + n) % self.blocks.block_size:  # a partial block each
-                    taken = sum(len(children) for children in due.values())
-                    room = min(room, self.blocks.num_free - taken)
-                due[seq] = children[:room]
-                for child in reversed(children[room:]):
-                    self.scheduler.waiting.appendleft(self.scheduler.new_sequence(child))
-        return due
-
     def _postprocess(self, work: Work, sampled: list[Sampled_], forked: list[Forked]) -> None:
         """The one place an iteration's results land: computed counts and block names, the
         choices that start from their leader's prompt, then each new token handed to its
@@ -263,14 +246,11 @@ class PagedEngine:
             return True
 
     def _retire_cancelled(self) -> None:
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            if seq.request.cancelled:
-                self._retire(seq)
-        for children in self.scheduler.forks.values():
-            for child in [c for c in children if c.cancelled]:
-                children.remove(child)
-                child.drop_cancelled()
-                log_done(child, dropped="queued")
+        for seq in self.scheduler.cancelled():
+            self._retire(seq)
+        for child in self.scheduler.drop_cancelled_forks():
+            child.drop_cancelled()
+            log_done(child, dropped="queued")
 
     def _fail_all(self, work: Work, error: BaseException) -> None:
         for seq, _ in work:
@@ -300,18 +280,31 @@ class PagedEngine:
     def _compute(
         self, work: Work, forks: dict[Sequence, list[Request]]
     ) -> tuple[list[Sampled_], list[Forked], tuple[float, float]]:
-        """The batch's forward pass, then a token for each sequence whose prompt is all in,
-        and for each choice that forks from it (from the same logits, with its own sampler)."""
+        """The batch's forward pass, then the tokens sampled from its logits; and the time
+        each took, in seconds."""
         start = time.monotonic()
-        batch = build_batch(work, self.blocks.block_size, self.runner.device)
-        logits = self.runner.forward(batch)  # [sampled sequences, vocab]
+        batch = self._batch(work)
+        logits = self.runner.forward(batch)  # [rows to sample, vocab]
         forward_done = time.monotonic()
-        sampled, forked = [], []
-        for seq, row in zip(batch.sampled, logits, strict=True):
+        sampled, forked = self._sample(batch.sampled, logits, forks)
+        return sampled, forked, (forward_done - start, time.monotonic() - forward_done)
+
+    def _batch(self, work: Work) -> Batch:
+        """The iteration's flat batch: one row per new token, the last row of each sequence
+        whose prompt is all in sampled."""
+        return build_batch(work, self.blocks.block_size, self.runner.device)
+
+    def _sample(
+        self, seqs: list[Sequence], logits: torch.Tensor, forks: dict[Sequence, list[Request]]
+    ) -> tuple[list[Sampled_], list[Forked]]:
+        """logits: [len(seqs), vocab]. A token for each sequence, and for each choice that
+        forks from it (from the same row, with its own sampler)."""
+        sampled: list[Sampled_] = []
+        forked: list[Forked] = []
+        for seq, row in zip(seqs, logits, strict=True):
             sampled.append((seq, sample_or_error(seq.request, row)))
             forked += [(seq, child, sample_or_error(child, row)) for child in forks.get(seq, [])]
-        times = (forward_done - start, time.monotonic() - forward_done)
-        return sampled, forked, times
+        return sampled, forked
 
 
 def sample_or_error(request: Request, logits: torch.Tensor) -> Sampled:

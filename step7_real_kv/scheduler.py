@@ -14,10 +14,12 @@ Step 3 fixed a batch when it started. Here the batch is rebuilt every iteration:
   Its tokens (prompt and output so far) are kept, so later it is prefilled again, mostly from
   the prefix cache, and carries on; nothing already streamed is streamed again.
 
-The scheduler is the one owner of where a step 7 request is: `waiting` and `running`. It writes
-their status, and everything else asks it: `load()` for the counts (metrics, step 6's door,
-readiness, the drain), `kv_demand()` for the door's block count, `expire()` for a deadline. A
-finished or cancelled sequence leaves at once and its blocks go back to the pool.
+The scheduler is the one owner of where a step 7 request is: `waiting`, `running`, and `forks`
+(the choices of an n > 1 request waiting for their leader's prompt). Only its methods change them
+and their status; everything else asks it: `load()` for the counts (metrics, step 6's door,
+readiness, the drain), `kv_demand()` for the door's block count, `expire()` for a deadline,
+`forks_due()` and `fork()` for the choices, `cancelled()` and `finish()` for the ones leaving.
+A finished or cancelled sequence leaves at once and its blocks go back to the pool.
 """
 
 from __future__ import annotations
@@ -278,18 +280,47 @@ class Scheduler:
         child.cached_prompt_tokens = leader.request.cached_prompt_tokens
         return seq, copy
 
-    def can_fork(self, leader: Sequence) -> bool:
-        """A partly filled last block needs a free block per child."""
-        return leader.num_computed % self.blocks.block_size == 0 or self.blocks.num_free > 0
-
-    def take_forks(self, leader: Request) -> list[Request]:
-        """The choices waiting to fork from `leader` (its prompt is computed now)."""
-        return [c for c in self.forks.pop(leader, []) if not c.cancelled]
+    def forks_due(self, work: Work) -> dict[Sequence, list[Request]]:
+        """The leaders whose prompt is all computed once `work` has run, each with the choices
+        that will `fork` from it then. A leader whose prompt ends inside a block needs a free
+        block per choice (for its copy of that block): the choices there is no block for start
+        on their own, first in line."""
+        due: dict[Sequence, list[Request]] = {}
+        free = self.blocks.num_free
+        for seq, n in work:
+            if seq.request not in self.forks or seq.num_computed + n < seq.num_tokens:
+                continue
+            children = [c for c in self.forks.pop(seq.request) if not c.cancelled]
+            room = len(children)
+            if (seq.num_computed + n) % self.blocks.block_size:
+                room = min(room, free)
+                free -= room  # each copy takes one
+            due[seq] = children[:room]
+            self._start_alone(children[room:])
+        return due
 
     def release_forks(self, leader: Request) -> None:
         """A leader that ends before its prompt was computed: its choices start on their own."""
-        for child in reversed(self.forks.pop(leader, [])):
+        self._start_alone(self.forks.pop(leader, []))
+
+    def _start_alone(self, choices: list[Request]) -> None:
+        """Choices that will not fork go to the front of `waiting`, in their order."""
+        for child in reversed(choices):
             self.waiting.appendleft(self.new_sequence(child))
+
+    # ------------------------------------------------------------ leaving
+
+    def cancelled(self) -> list[Sequence]:
+        """The running and waiting sequences whose client has left (to be `finish`ed)."""
+        return [s for s in [*self.running, *self.waiting] if s.request.cancelled]
+
+    def drop_cancelled_forks(self) -> list[Request]:
+        """Take out the choices waiting to fork whose client has left; they are returned."""
+        dropped = []
+        for children in self.forks.values():
+            dropped += [c for c in children if c.cancelled]
+            children[:] = [c for c in children if not c.cancelled]
+        return dropped
 
     def finish(self, seq: Sequence) -> None:
         """Take a finished or cancelled sequence out, wherever it is, and free its blocks."""

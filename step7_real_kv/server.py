@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
@@ -37,14 +38,26 @@ class Config(
     """Step 7: the paged engine's knobs, and those of the parts kept from steps 4 to 6."""
 
 
-def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
-    lifecycle = lifecycle or Lifecycle(config)
-    observability = Observability(config)
+class Server:
+    """Step 7's composition: the engine, and around it the parts kept from steps 4 to 6. The
+    engine's class and its own counters are named once, as attributes of the composition."""
+
+    engine_class: type[PagedEngine] = PagedEngine
+
+    def __init__(self, config: Config, lifecycle: Lifecycle | None = None) -> None:
+        self.config = config
+        self.lifecycle = lifecycle or Lifecycle(config)
+        self.observability = Observability(config)
+
+    def collectors(self, engine: PagedEngine) -> list[Collector]:
+        """The engine's counters, read at scrape time."""
+        return [KVCollector(engine)]
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(self, app: Starlette):
+        config, lifecycle, observability = self.config, self.lifecycle, self.observability
         lm = observability.load_model(config)
-        engine = PagedEngine(lm, config)  # KV pool, block manager, scheduler, model runner
+        engine = self.engine_class(lm, config)  # KV pool, block manager, scheduler, model runner
         engine.batch_size_hooks.append(observability.metrics.batch_size.observe)
         response_cache = make_response_cache(config, config.served_model_name)
         admission = KVAdmission(config, engine, lifecycle)
@@ -52,7 +65,7 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         observability.watch(
             CacheCollector(engine.blocks, response_cache),  # the block manager is the prefix cache
             AdmissionCollector(admission),
-            KVCollector(engine),
+            *self.collectors(engine),
         )
         engine.start()
         app.state.serving = PoolServing(
@@ -70,13 +83,19 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
             await response_cache.flush()
         await engine.stop()
 
-    routes = [*observability.routes, *lifecycle.routes]
-    middleware = [
-        *observability.middleware,
-        Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),
-        *lifecycle.middleware,
-    ]
-    return create_app(lifespan, routes, middleware)
+    def app(self) -> Starlette:
+        config, lifecycle, observability = self.config, self.lifecycle, self.observability
+        routes = [*observability.routes, *lifecycle.routes]
+        middleware = [
+            *observability.middleware,
+            Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),
+            *lifecycle.middleware,
+        ]
+        return create_app(self.lifespan, routes, middleware)
+
+
+def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
+    return Server(config, lifecycle).app()
 
 
 def main() -> None:

@@ -10,19 +10,21 @@ model agrees with and one token of the model's own. What changes here, against s
 
 - `_propose`, before the scheduler runs: drafts, only while speculation can pay (at most
   `spec_max_batch` running sequences: with many, the batch's rows are real work already) and
-  only into KV blocks that are free (a draft never makes the scheduler preempt anyone);
-- `_compute`: a drafted sequence is sampled at every one of its rows, and verified;
-- `_postprocess`: the kept tokens are appended one by one (stop strings, EOS and max_tokens
-  end a request inside a kept run exactly where they would without speculation), and only the
-  tokens kept count as computed: the KV slots of rejected ones are simply written over by the
-  next iteration, and since a block is named only once its tokens are computed, a block holding
-  a rejected token is never offered to the prefix cache.
+  only into KV blocks that are free (a draft never makes the scheduler preempt anyone); the
+  scheduler writes each draft into its sequence;
+- `_batch` and `_sample`, two steps of step 7's `_compute`: a drafted sequence is sampled at
+  every one of its rows, and verified; the others are sampled as in step 7;
+- `_postprocess`: step 7's for the sequences without a draft; a drafted one's kept tokens are
+  appended one by one (stop strings, EOS and max_tokens end a request inside a kept run exactly
+  where they would without speculation), and only the tokens kept count as computed: the KV
+  slots of rejected ones are simply written over by the next iteration, and since a block is
+  named only once its tokens are computed, a block holding a rejected token is never offered to
+  the prefix cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import cast
 
@@ -33,8 +35,8 @@ from common.config import knob
 from common.model import LoadedModel
 from common.request import Request
 from common.timeline import Step
-from step7_real_kv.batch import build_batch
-from step7_real_kv.engine import EngineConfig, Forked, PagedEngine, Sampled, sample_or_error
+from step7_real_kv.batch import Batch
+from step7_real_kv.engine import EngineConfig, Forked, PagedEngine
 from step7_real_kv.scheduler import Work
 from step7_real_kv.sequence import Sequence
 from step8_speculative.proposer import PromptLookup, ProposerConfig
@@ -66,6 +68,8 @@ class SpecStats:
 
 
 class SpeculativeEngine(PagedEngine):
+    scheduler: SpecScheduler
+
     def __init__(self, lm: LoadedModel, config: SpeculativeConfig) -> None:
         super().__init__(lm, config)
         self.scheduler = SpecScheduler(self.blocks, config)  # its sequences carry drafts
@@ -82,21 +86,21 @@ class SpeculativeEngine(PagedEngine):
 
     def _propose(self) -> None:
         """A draft for each decoding sequence, while speculation pays and blocks are free."""
-        running = self.scheduler.running
-        if self.proposer.k == 0 or len(running) > self.spec_max_batch:
+        running = cast(list[DraftSequence], self.scheduler.running)
+        if self.proposer.k == 0 or not self._speculation_pays(len(running)):
             return
-        if self.blocks.num_free < 2 * len(running) + 1:  # the pool is tight: no extra slots
-            return
-        size = self.blocks.block_size
-        for seq in cast(list[DraftSequence], running):
+        for seq in running:
             request = seq.request
             if seq.num_pending != 1 or request.cancelled:  # prefilling, or leaving
                 continue
             room = request.max_tokens - request.num_output_tokens - 1
             draft = self.proposer.propose(request.token_ids, min(self.proposer.k, room))
-            # Slots in the blocks the sequence has, and in at most one more.
-            have = len(seq.block_table) * size - seq.num_computed - 1
-            seq.draft = draft[: max(0, have + size)]
+            self.scheduler.draft(seq, draft)
+
+    def _speculation_pays(self, running: int) -> bool:
+        """Few sequences run (with many, the batch's rows are real work already), and the pool
+        has room for each one's next block and a draft's block, and one over."""
+        return running <= self.spec_max_batch and self.blocks.num_free >= 2 * running + 1
 
     def _steps(self, work: Work) -> list[Step]:
         steps = super()._steps(work)
@@ -117,26 +121,19 @@ class SpeculativeEngine(PagedEngine):
         super()._record(clock, times, steps, forked)
 
     def _postprocess(self, work: Work, sampled: list, forked: list[Forked]) -> None:
-        """As step 7's, with a drafted sequence's kept tokens appended before its computed
-        count moves on, by the tokens kept only."""
-        drafted = {seq for seq, _ in work if cast(DraftSequence, seq).draft}
-        for seq, n in work:
-            if seq not in drafted:
-                self.scheduler.advance(seq, n)
-        for leader, child, token in forked:  # before the leader may end and free its blocks
-            child_seq, copy = self.scheduler.fork(leader, child)
-            if copy is not None:
-                self.kv.copy_block(*copy)
-            sampled.append((child_seq, token))
-        for seq, result in sampled:
-            if seq in drafted:
-                self._take_verified(cast(DraftSequence, seq), result)
-            elif seq.request.cancelled or self._take_token(seq, result):
-                self._retire(seq)
+        """Step 7's for the sequences without a draft; a drafted one's kept tokens are
+        appended, and then its computed count moves on, by the tokens kept only."""
+        verified = {seq: result for seq, result in sampled if cast(DraftSequence, seq).draft}
+        super()._postprocess(
+            [(seq, n) for seq, n in work if seq not in verified],
+            [(seq, result) for seq, result in sampled if seq not in verified],
+            forked,
+        )
+        for seq, result in verified.items():
+            self._take_verified(cast(DraftSequence, seq), result)
 
     def _take_verified(self, seq: DraftSequence, result: Verified) -> None:
-        proposed = len(seq.draft)
-        seq.draft = []
+        proposed = len(self.scheduler.end_draft(seq))
         if seq.request.cancelled:
             return self._retire(seq)
         if isinstance(result, Exception):
@@ -167,41 +164,37 @@ class SpeculativeEngine(PagedEngine):
 
     # ------------------------------------------------------------ on the worker thread
 
-    @torch.inference_mode()
-    def _compute(self, work: Work, forks: dict[Sequence, list[Request]]):
-        """Step 7's forward pass, with every row of a drafted sequence sampled and verified."""
-        start = time.monotonic()
-        batch = build_batch(work, self.blocks.block_size, self.runner.device)
-        groups = _row_groups(batch.sampled, batch.sample_rows)
-        if groups:  # (an iteration of prefill chunks only samples nothing)
-            batch = dataclasses.replace(batch, sample_rows=torch.cat([r for _, r in groups]))
-        logits = self.runner.forward(batch)  # [all sampled rows, vocab]
-        forward_done = time.monotonic()
-        sampled: list[tuple[Sequence, Sampled | Verified]] = []
-        forked: list[Forked] = []
-        row = 0
-        for seq, rows in groups:
-            mine = logits[row : row + len(rows)]
-            row += len(rows)
+    def _batch(self, work: Work) -> Batch:
+        """Step 7's batch, with every row of a drafted sequence sampled: one per draft token,
+        then its last (a drafted sequence's rows are consecutive: the batch puts a short
+        chunk's rows together)."""
+        batch = super()._batch(work)
+        rows = [
+            torch.arange(last - len(cast(DraftSequence, seq).draft), last + 1)
+            for seq, last in zip(batch.sampled, batch.sample_rows.tolist(), strict=True)
+        ]
+        if not rows:  # (an iteration of prefill chunks only samples nothing)
+            return batch
+        return dataclasses.replace(batch, sample_rows=torch.cat(rows).to(batch.sample_rows))
+
+    def _sample(
+        self, seqs: list[Sequence], logits: torch.Tensor, forks: dict[Sequence, list[Request]]
+    ) -> tuple[list, list[Forked]]:
+        """logits: a row per draft token and one more for each sequence. A drafted sequence's
+        rows are verified; the others are sampled as step 7 samples them."""
+        verified: list[tuple[Sequence, Verified]] = []
+        plain, plain_rows, row = [], [], 0
+        for seq in seqs:
             draft = cast(DraftSequence, seq).draft
             if draft:
-                sampled.append((seq, _verify(seq.request, mine, draft)))
+                rows = logits[row : row + len(draft) + 1]
+                verified.append((seq, _verify(seq.request, rows, draft)))
             else:
-                sampled.append((seq, sample_or_error(seq.request, mine[0])))
-                forked += [
-                    (seq, child, sample_or_error(child, mine[0])) for child in forks.get(seq, [])
-                ]
-        return sampled, forked, (forward_done - start, time.monotonic() - forward_done)
-
-
-def _row_groups(sampled: list[Sequence], last_rows: torch.Tensor):
-    """Each sampled sequence's rows to sample: its last row, and before it one per draft token
-    (a drafted sequence's rows are consecutive: the batch puts a short chunk's rows together)."""
-    groups = []
-    for seq, last in zip(sampled, last_rows.tolist(), strict=True):
-        k = len(cast(DraftSequence, seq).draft)
-        groups.append((seq, torch.arange(last - k, last + 1, device=last_rows.device)))
-    return groups
+                plain.append(seq)
+                plain_rows.append(row)
+            row += len(draft) + 1
+        sampled, forked = super()._sample(plain, logits[plain_rows], forks)
+        return [*verified, *sampled], forked
 
 
 def _verify(request: Request, rows: torch.Tensor, draft: list[int]) -> Verified:

@@ -4,7 +4,7 @@ The draft sits after the request's own tokens, so to the scheduler and the batch
 sequence with a draft of k tokens simply has 1 + k tokens pending: the last sampled token and
 the k guesses, scheduled, budgeted and given KV slots like a short prefill chunk. The request
 never sees a draft: only what verification accepts is appended to it (engine.py). After a
-preemption, or once verified, the draft is gone.
+preemption, or once verified, the draft is gone. The scheduler is the one that writes it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from step7_real_kv.sequence import Sequence
 class DraftSequence(Sequence):
     def __init__(self, request: Request) -> None:
         super().__init__(request)
-        self.draft: list[int] = []  # proposed tokens, not yet verified
+        self.draft: list[int] = []  # proposed tokens, not yet verified (SpecScheduler's)
         self.drafted = 0  # tokens proposed for this sequence so far ...
         self.accepted = 0  # ... and accepted
 

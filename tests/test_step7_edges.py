@@ -4,7 +4,8 @@
 - The prefix cache's counters do not move while a blocked request waits.
 - A block's name has one record (the block manager); two sequences that computed the same
   prefix keep naming their blocks correctly after it.
-- Deadlines, counts and cancellation go through the scheduler, which owns the queues.
+- Deadlines, counts, cancellation and the choices that fork go through the scheduler, which
+  owns the queues; a choice forks only with a free block for its copy of a partial block.
 """
 
 from __future__ import annotations
@@ -282,3 +283,33 @@ def test_a_choice_whose_sampling_fails_fails_alone(tiny_lm):
     assert requests[0].output_ids == requests[1].output_ids == expected
     assert requests[2].finished and requests[2].output_ids == []
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize(
+    ("prompt_length", "free", "forked"), [(6, 2, 2), (6, 1, 1), (6, 0, 0), (8, 0, 2)]
+)
+def test_choices_fork_while_a_block_is_free_for_each_copy_and_the_rest_start_alone(
+    tiny_lm, prompt_length, free, forked
+):
+    """n = 3. A 6-token prompt ends inside the leader's second block of 4: each choice that
+    forks needs a free block for its copy of it, and those there is none for start on their
+    own, first in line, in their order. An 8-token prompt ends on a block's edge: the choices
+    only share the leader's blocks, and need none free."""
+    from step7_real_kv.block_manager import BlockManager
+    from step7_real_kv.scheduler import Scheduler, SchedulerConfig
+
+    async def go():
+        requests = choices_of(tiny_lm, list(range(5, 5 + prompt_length)), 3, 4)
+        scheduler = Scheduler(BlockManager(2 + free, 4), SchedulerConfig())
+        for request in requests:
+            scheduler.add(request)
+        work = scheduler.schedule()  # the leader's whole prompt, in its 2 blocks
+        assert [(s.request, n) for s, n in work] == [(requests[0], prompt_length)]
+        return requests, scheduler, scheduler.forks_due(work)
+
+    requests, scheduler, due = asyncio.run(go())
+    assert [(s.request, children) for s, children in due.items()] == [
+        (requests[0], requests[1 : 1 + forked])
+    ]
+    assert [s.request for s in scheduler.waiting] == requests[1 + forked :]
+    assert scheduler.forks == {}

@@ -185,24 +185,107 @@ def test_a_grammar_complete_inside_an_accepted_run_ends_the_answer_where_step7_d
     assert engine.stats.accepted >= 3  # the answer came in runs of drafts
 
 
+# ---------------------------------------------------------------- where speculation stops
+
+
+def verified_at_first_decode(lm, running: int, **config) -> int:
+    """`running` 8-token prompts prefilled in one iteration, then one decode iteration with a
+    proposer that always proposes: how many sequences were verified in it (0: none drafted)."""
+    engine = spec(lm, **config)
+    engine.proposer.propose = lambda tokens, k=None: [7] * (k or 5)
+
+    async def go():
+        for i in range(running):
+            await engine.submit(make_request(lm, [5 + i, 6, 7, 8, 9, 10, 11, 12], 8))
+        await engine.step()  # every prompt in, a first token each: now all decode
+        assert [s.num_pending for s in engine.scheduler.running] == [1] * running
+        await engine.step()
+        return engine.stats.verifications
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("spec_max_batch", "running", "verified"),
+    [(0, 1, 0), (1, 1, 1), (2, 2, 2), (2, 3, 0), (3, 3, 3)],
+)
+def test_speculation_runs_up_to_spec_max_batch_sequences_and_not_one_more(
+    tiny_lm, spec_max_batch, running, verified
+):
+    got = verified_at_first_decode(tiny_lm, running, spec_max_batch=spec_max_batch)
+    assert got == verified
+
+
+@pytest.mark.parametrize(
+    ("running", "num_kv_blocks", "verified"), [(1, 5, 1), (1, 4, 0), (2, 9, 2), (2, 8, 0)]
+)
+def test_no_draft_while_the_pool_is_tight(tiny_lm, running, num_kv_blocks, verified):
+    """Each 8-token prompt holds 2 blocks of 4; drafts need 2 free blocks per running sequence
+    (its next block and its draft's) and one over: 3 free for one, 5 for two."""
+    got = verified_at_first_decode(tiny_lm, running, num_kv_blocks=num_kv_blocks)
+    assert got == verified
+
+
 # ---------------------------------------------------------------- sampling: the distribution
 
 
-def test_the_rejection_rule_keeps_the_models_distribution(tokenizer):
-    """Rows over 4 tokens with known probabilities; a draft of token 2. Over 20,000 seeded
-    draws the first kept token is distributed as the model's row (tolerance: 0.02 per
-    token, about 4 standard errors), however the draft was chosen."""
-    logits = torch.full((2, 16), float("-inf"))
-    logits[:, :4] = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    counts: Counter[int] = Counter()
-    draws = 20_000
+ROWS = torch.tensor(
+    [[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]
+)  # the model's p at each row of a 2-token draft (4 live tokens of 16)
+
+
+def verify_many(tokenizer, draft: list[int], draws: int) -> list[list[int]]:
+    """The tokens `verify` keeps for the draft over ROWS, once per seed 0..draws-1."""
+    logits = torch.full((len(draft) + 1, 16), float("-inf"))
+    logits[:, :4] = torch.log(ROWS[: len(draft) + 1])
+    kept = []
     for seed in range(draws):
         params = SamplingParams(temperature=1.0, seed=seed)
         request = Request([1, 2], params, 10, tokenizer, {0})
         request.sampler = Sampler(params)
-        counts[verify(request, logits, [2])[0][0]] += 1
-    for token, p in enumerate([0.1, 0.2, 0.3, 0.4]):
-        assert abs(counts[token] / draws - p) < 0.02, counts
+        kept.append([token for token, _ in verify(request, logits, draft)])
+    return kept
+
+
+def assert_frequency(count: int, draws: int, p: float, what: str) -> None:
+    """Within 5 standard errors of p (the draws are seeded: the outcome is fixed)."""
+    assert abs(count / draws - p) <= 5 * (p * (1 - p) / draws) ** 0.5 + 1e-9, (what, count, p)
+
+
+def test_the_rejection_rule_accepts_with_min_1_p_over_q_and_keeps_the_distribution(tokenizer):
+    """Draft [2, 0] over rows p0, p1, p2, 12,000 seeded draws. The draft is a lookup, one-hot
+    (q = 1), so token x is accepted with min(1, p/q) = p(x): the first with p0[2] = 0.3, the
+    second, once the first is, with p1[0] = 0.4. A rejected draft token is never the one kept
+    in its place: that token is drawn from p without it. So every kept token is distributed as
+    its row's p, and a run ends at each position as often as the rule says."""
+    draws = 12_000
+    kept = verify_many(tokenizer, [2, 0], draws)
+    lengths = Counter(len(k) for k in kept)
+    assert_frequency(lengths[1], draws, 1 - 0.3, "first draft token rejected")
+    assert_frequency(lengths[2], draws, 0.3 * (1 - 0.4), "second rejected")
+    assert_frequency(lengths[3], draws, 0.3 * 0.4, "both accepted")
+    first = Counter(k[0] for k in kept)
+    for token, p in enumerate(ROWS[0].tolist()):
+        assert_frequency(first[token], draws, p, f"first token {token}")
+    rejected_first = Counter(k[0] for k in kept if len(k) == 1)
+    assert rejected_first[2] == 0  # the rejected token is not drawn again
+    after = [k[1] for k in kept if len(k) > 1]  # the first accepted: the second row decides
+    for token, p in enumerate(ROWS[1].tolist()):
+        assert_frequency(Counter(after)[token], len(after), p, f"second token {token}")
+    third = [k[2] for k in kept if len(k) == 3]  # both accepted: the model's own from p2
+    for token, p in enumerate(ROWS[2].tolist()):
+        assert_frequency(Counter(third)[token], len(third), p, f"third token {token}")
+
+
+@pytest.mark.parametrize(("token", "p"), [(3, 0.4), (0, 0.1), (5, 0.0)])
+def test_a_draft_token_is_accepted_as_often_as_the_model_gives_it(tokenizer, token, p):
+    """Acceptance rate = min(1, p/q) = p for each draft token, 0 for one the model rules out
+    (token 5's logit is -inf)."""
+    draws = 4_000
+    kept = verify_many(tokenizer, [token], draws)
+    accepted = sum(1 for k in kept if len(k) == 2)
+    assert_frequency(accepted, draws, p, f"draft {token} accepted")
+    assert all(k[0] == token for k in kept if len(k) == 2)
 
 
 def test_sampled_outputs_match_step7s_in_distribution(tiny_lm):
