@@ -26,6 +26,7 @@ from step5_observability.structured_logs import LogConfig
 from step6_backpressure.admission import AdmissionCollector, AdmissionConfig, BodyLimitMiddleware
 from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_gracefully
 from step6_backpressure.server import pipeline
+from step7_real_kv import live
 from step7_real_kv.engine import EngineConfig, KVCollector, PagedEngine
 from step7_real_kv.kv_admission import KVAdmission, PoolServing
 
@@ -70,7 +71,7 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
             await response_cache.flush()
         await engine.stop()
 
-    routes = [*observability.routes, *lifecycle.routes]
+    routes = [*observability.routes, *lifecycle.routes, *live.routes()]  # GET /debug/engine
     middleware = [
         *observability.middleware,
         Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),

@@ -27,6 +27,7 @@ from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_grace
 from step6_backpressure.server import pipeline
 from step7_real_kv.engine import KVCollector
 from step7_real_kv.kv_admission import KVAdmission, PoolServing
+from step8_speculative import live
 from step8_speculative.engine import SpecCollector, SpeculativeConfig, SpeculativeEngine
 
 
@@ -76,7 +77,7 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
             await response_cache.flush()
         await engine.stop()
 
-    routes = [*observability.routes, *lifecycle.routes]
+    routes = [*observability.routes, *lifecycle.routes, *live.routes()]  # GET /debug/engine
     middleware = [
         *observability.middleware,
         Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),

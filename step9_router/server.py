@@ -35,6 +35,7 @@ from step5_observability.observability import Observability
 from step5_observability.structured_logs import REQUEST_ID, LogConfig
 from step6_backpressure.admission import AdmissionCollector, AdmissionConfig, BodyLimitMiddleware
 from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_gracefully
+from step9_router import live
 from step9_router.answer_cache import AnswerCache, make_answer_cache
 from step9_router.proxy import Proxy, RequestLog
 from step9_router.replicas import LocalReplicas
@@ -107,6 +108,7 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         Route("/detokenize", tokenizer_route, methods=["POST"]),
         *observability.routes,
         *lifecycle.routes,
+        *live.routes(fleet),  # GET /debug/engine: the replicas' pages side by side
     ]
     middleware = [
         *observability.middleware,
