@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of one round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each kind, alternated")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds of load first")
     args = parser.parse_args(argv)
     server, url = None, args.url.rstrip("/")
     if not url:
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     rows = []
     try:
+        warmup = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
+        asyncio.run(one_round(url, headers, warmup, watched=False))  # not counted
         for i in range(2 * args.rounds):
             row = asyncio.run(one_round(url, headers, args, watched=i % 2 == 1))
             print(f"[live_cost] {row}", flush=True)

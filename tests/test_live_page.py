@@ -152,7 +152,6 @@ def test_page_and_feed_are_behind_the_api_key(tiny_model_dir):
 
 # ---------------------------------------------------------------- in a real browser
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 KEY = "live-page-key"
 SYSTEM = (
     "You are a careful assistant for a small bakery. Answer in one short paragraph, "
@@ -160,13 +159,24 @@ SYSTEM = (
 ) * 3
 
 
+def browser_binaries() -> tuple[str | None, str | None]:
+    """(browser, its driver): GATEWAY_CHROMIUM and GATEWAY_CHROMEDRIVER when set, else the
+    distribution's chromium and chromedriver on the PATH."""
+    return (
+        os.environ.get("GATEWAY_CHROMIUM") or shutil.which("chromium"),
+        os.environ.get("GATEWAY_CHROMEDRIVER") or shutil.which("chromedriver"),
+    )
+
+
 @pytest.fixture
 def browser(tmp_path):
     """Debian's chromium, headless, driven by selenium through Debian's chromedriver (nothing
     downloaded). Missing: skipped here, a failure in CI (GATEWAY_REQUIRE_SERVICES=1)."""
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
-    if missing:
-        message = f"{missing} not installed (apt-get install chromium chromium-driver)"
+    chromium, chromedriver = browser_binaries()
+    if chromium is None or chromedriver is None:
+        message = (
+            "chromium or chromedriver not installed (apt-get install chromium chromium-driver)"
+        )
         if os.environ.get("GATEWAY_REQUIRE_SERVICES") == "1":
             pytest.fail(message)
         pytest.skip(message)
@@ -174,13 +184,13 @@ def browser(tmp_path):
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
+    options.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--window-size=1400,1300",
                  f"--user-data-dir={tmp_path / 'chromium'}"):  # fmt: skip
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
     yield driver
     driver.quit()
 
