@@ -44,11 +44,14 @@ from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.sequence import Sequence
 
 PAGE = Path(__file__).with_name("live_page.html")
-INTERVAL_S = 0.2  # 5 snapshots a second: the strip moves smoothly, the engine does not notice
+INTERVAL_S = 0.2  # 5 snapshots a second: the strip moves smoothly; ~1.5 ms each (README)
 MAX_WATCHERS = 8  # open event streams per server
 SHOWN_SEQUENCES = 64  # rows of each table (running, waiting); the counts are always whole
 SHOWN_ITERATIONS = 32  # the strip's newest columns in each snapshot (the page keeps more)
 STEP_KINDS = {"prefill": "p", "decode": "d", "verify": "v", "fork": "f", "padding": "x"}
+# BLOCK_CODES[reference count, 10 for more than 9][named]: a table, not a call per block (a
+# snapshot reads every block of the pool, 2048 by default).
+BLOCK_CODES = [(".", "c"), ("u", "n"), *((str(k), str(k)) for k in range(2, 10)), ("+", "+")]
 
 Snapshot = Callable[[Any], dict[str, Any]]  # engine -> what the page draws
 
@@ -85,17 +88,9 @@ def pool_map(blocks: BlockManager) -> str:
     findable (cached), 'u' in use by one sequence, 'n' in use and named (full, findable by the
     next prompt with that prefix), '2'-'9' shared by that many, '+' by more."""
     return "".join(
-        _block_char(count, name is not None)
+        BLOCK_CODES[min(count, 10)][name is not None]
         for count, name in zip(blocks.ref_counts, blocks.block_hash, strict=True)
     )
-
-
-def _block_char(count: int, named: bool) -> str:
-    if count == 0:
-        return "c" if named else "."
-    if count == 1:
-        return "n" if named else "u"
-    return str(count) if count < 10 else "+"
 
 
 def sequence_view(seq: Sequence) -> dict[str, Any]:
