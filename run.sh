@@ -42,6 +42,9 @@ ensure_services() {
     local missing=()
     command -v redis-server >/dev/null || missing+=(redis-server)
     command -v prometheus >/dev/null || missing+=(prometheus)
+    # The live page's test drives Debian's Chromium through its chromedriver (nothing downloaded).
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "[setup] installing ${missing[*]} with apt-get"

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 import uvicorn
 from starlette.applications import Starlette
@@ -160,7 +161,8 @@ PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/debug/")
 class ApiKeyMiddleware:
     """Bearer-token check on the API (/v1/*, /tokenize, /detokenize) and /debug/*; health and
     metrics stay open for probes and scrapers. The scheme is case-insensitive (RFC 9110:
-    `bearer`, `Bearer` and `BEARER` are the same)."""
+    `bearer`, `Bearer` and `BEARER` are the same). GET /debug/ also takes the key as
+    `?access_token=` (RFC 6750), for pages opened in a browser."""
 
     def __init__(self, app, api_key: str) -> None:
         self.app, self.expected = app, api_key.encode()
@@ -169,10 +171,21 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith(PROTECTED):
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
+            if not scheme:  # a browser opening a debug page cannot send a header
+                scheme, token = b"bearer", _query_token(scope)
             if not (scheme.lower() == b"bearer" and hmac.compare_digest(token, self.expected)):
                 error = APIError("invalid or missing API key", 401, code="invalid_api_key")
                 return await error_response(error)(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def _query_token(scope) -> bytes:
+    """RFC 6750's `access_token` query parameter, taken on GET /debug/ only (a page such as
+    /debug/engine, opened in a browser); the API proper wants the header."""
+    if scope["method"] != "GET" or not scope["path"].startswith("/debug/"):
+        return b""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return query.get("access_token", [""])[-1].encode()
 
 
 def serve_gracefully(build_app: Callable[[Any, Lifecycle], Starlette], config_class: Any) -> None:

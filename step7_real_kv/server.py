@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.routing import Route
 
 from common.api import Observers
 from common.app import create_app
@@ -27,6 +28,7 @@ from step5_observability.structured_logs import LogConfig
 from step6_backpressure.admission import AdmissionCollector, AdmissionConfig, BodyLimitMiddleware
 from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, serve_gracefully
 from step6_backpressure.server import pipeline
+from step7_real_kv import live
 from step7_real_kv.engine import EngineConfig, KVCollector, PagedEngine
 from step7_real_kv.kv_admission import KVAdmission, PoolServing
 
@@ -83,9 +85,12 @@ class Server:
             await response_cache.flush()
         await engine.stop()
 
+    def live_routes(self) -> list[Route]:
+        return live.routes()  # GET /debug/engine
+
     def app(self) -> Starlette:
         config, lifecycle, observability = self.config, self.lifecycle, self.observability
-        routes = [*observability.routes, *lifecycle.routes]
+        routes = [*observability.routes, *lifecycle.routes, *self.live_routes()]
         middleware = [
             *observability.middleware,
             Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),

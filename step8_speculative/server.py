@@ -14,10 +14,12 @@ from typing import cast
 
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
+from starlette.routing import Route
 
 from step6_backpressure.lifecycle import Lifecycle, serve_gracefully
 from step7_real_kv import server as step7
 from step7_real_kv.engine import PagedEngine
+from step8_speculative import live
 from step8_speculative.engine import SpecCollector, SpeculativeConfig, SpeculativeEngine
 
 
@@ -33,6 +35,9 @@ class Server(step7.Server):
 
     def collectors(self, engine: PagedEngine) -> list[Collector]:
         return [*super().collectors(engine), SpecCollector(cast(SpeculativeEngine, engine))]
+
+    def live_routes(self) -> list[Route]:
+        return live.routes()  # step 7's page, with the drafts and their acceptance
 
 
 def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:

@@ -35,6 +35,7 @@ from step5_observability.observability import Observability
 from step5_observability.structured_logs import REQUEST_ID, LogConfig
 from step6_backpressure.admission import AdmissionCollector, AdmissionConfig, BodyLimitMiddleware
 from step6_backpressure.lifecycle import Lifecycle, LifecycleConfig, readiness, serve_gracefully
+from step9_router import live
 from step9_router.answer_cache import AnswerCache, make_answer_cache
 from step9_router.proxy import Proxy, RequestLog
 from step9_router.replicas import LocalReplicas
@@ -108,6 +109,7 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         Route("/detokenize", tokenizer_route, methods=["POST"]),
         *observability.routes,
         *(r for r in lifecycle.routes if r.path != "/health/ready"),  # (the fleet's, above)
+        *live.routes(fleet),  # GET /debug/engine: the replicas' pages side by side
     ]
     middleware = [
         *observability.middleware,
