@@ -1,7 +1,7 @@
-"""Step 7's C++ kernels (cpu_kernels.cpp) as guests with manners: each equals the torch code it
-replaces, refuses bad input with its own message before it reads or writes anything, releases
-the GIL while it runs, and is built once: a later load finds the build and compiles nothing,
-and a build that cannot happen fails clearly where the kernels were required."""
+"""Step 7's C++ kernels (speed/cpu_kernels.cpp) as guests with manners: each equals the torch
+code it replaces, refuses bad input with its own message before it reads or writes anything,
+releases the GIL while it runs, and is built once: a later load finds the build and compiles
+nothing, and a build that cannot happen fails clearly where the kernels were required."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from step7_real_kv import cpu_kernels
-from step7_real_kv.model_runner import Linear
 from step7_real_kv.paged_kv import PagedKVCache, slot_numbers
-from step7_real_kv.stored_weights import (
+from step7_real_kv.speed import cpu_kernels
+from step7_real_kv.speed.linear import FastLinear
+from step7_real_kv.speed.stored_weights import (
     BLOCK_BYTES,
     StoredWeight,
     dequantize,
@@ -375,7 +375,7 @@ def test_a_fresh_process_loads_the_build_and_compiles_nothing(kernels, tmp_path)
     built = library.stat().st_mtime_ns
     code = (
         "import sys, time; started = time.monotonic()\n"
-        "from step7_real_kv import cpu_kernels\n"
+        "from step7_real_kv.speed import cpu_kernels\n"
         "assert cpu_kernels.load(required=True) is not None\n"
         "print(time.monotonic() - started, 'torch.utils.cpp_extension' in sys.modules)"
     )
@@ -412,7 +412,7 @@ def test_a_build_that_cannot_happen_fails_clearly_when_required(tmp_path):
     """No ahead-of-time build in an empty cache, and a compiler that fails."""
     broken = {"CXX": "/bin/false", "GATEWAY_CACHE_DIR": str(tmp_path)}
     code = (
-        "from step7_real_kv import cpu_kernels\n"
+        "from step7_real_kv.speed import cpu_kernels\n"
         "assert cpu_kernels.load() is None\n"
         "cpu_kernels.load(required=True)"
     )
@@ -420,9 +420,10 @@ def test_a_build_that_cannot_happen_fails_clearly_when_required(tmp_path):
     assert done.returncode == 1
     assert "RuntimeError: step 7's C++ kernels are required but could not be" in done.stderr
     assert "install a C++ compiler" in done.stderr
-    assert "python -m step7_real_kv.cpu_kernels" in done.stderr
+    assert "python -m step7_real_kv.speed.cpu_kernels" in done.stderr
     assert "using the torch code" in done.stderr  # the optional load() only warned
-    ahead = python("from step7_real_kv.cpu_kernels import main; raise SystemExit(main())", **broken)
+    build_ahead = "from step7_real_kv.speed.cpu_kernels import main; raise SystemExit(main())"
+    ahead = python(build_ahead, **broken)
     assert ahead.returncode == 1
     assert "failed to build or load" in ahead.stderr
 
@@ -443,7 +444,7 @@ def random_blocks(kind: str, out: int, inputs: int, seed: int = 0) -> StoredWeig
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", list(range(1, Linear.BLOCK_ROWS + 2)))  # 1 .. past the switch
+@pytest.mark.parametrize("rows", list(range(1, FastLinear.BLOCK_ROWS + 2)))  # 1 .. past the switch
 def test_the_block_kernel_equals_the_float32_matmul(kernels, kind, rows):
     weight = random_blocks(kind, 200, 576, seed=rows)
     x = torch.randn(rows, 576)
