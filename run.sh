@@ -28,7 +28,7 @@ setup() {
     "$PY" -m common.model fetch
     # Step 7's C++ CPU kernels: built once (under a minute), then only loaded. A failure falls
     # back to the torch code, unless GATEWAY_REQUIRE_KERNELS=1 (CI), where setup fails.
-    if ! "$PY" -m step7_real_kv.cpu_kernels; then
+    if ! "$PY" -m step7_real_kv.speed.cpu_kernels; then
         if [ "${GATEWAY_REQUIRE_KERNELS:-0}" = 1 ]; then
             echo "[setup] GATEWAY_REQUIRE_KERNELS=1 and step 7's C++ kernels did not build" >&2
             exit 1

@@ -40,6 +40,7 @@ from common.request import Request
 from common.sampling import SamplingParams
 from step7_real_kv import attention, engine, model_runner
 from step7_real_kv.engine import EngineConfig, PagedEngine
+from step7_real_kv.speed.linear import FastLinear
 
 PARTS = (
     "schedule",
@@ -106,44 +107,37 @@ def _linear_label(lm: LoadedModel) -> Callable[[torch.Tensor], str]:
     return label
 
 
-def matmul_path(linear: model_runner.Linear, rows: int) -> str:
-    """Which of Linear's paths a call of `rows` rows takes (Linear.__call__'s own choice)."""
-    if linear.block is not None and rows <= linear.BLOCK_ROWS:
-        return f"{linear.stored.kind if linear.stored else ''} blocks"
-    if linear.small is not None and rows <= linear.SMALL_ROWS:
-        return "small_linear"
-    return "oneDNN float32" if linear.packed is not None else "F.linear"
+def matmul_path(linear: model_runner.Matmul, rows: int) -> str:
+    """Which path a matmul of `rows` rows takes: FastLinear's own choice, or the reference's."""
+    return linear.path(rows) if isinstance(linear, FastLinear) else "F.linear"
 
 
 @contextmanager
 def instrumented(lm: LoadedModel, eng: PagedEngine, timer: Timer) -> Iterator[None]:
     """Wrap the engine's parts in timers; put everything back afterwards."""
     label = _linear_label(lm)
-    call = model_runner.Linear.__call__
 
-    def linear(self: model_runner.Linear, x: torch.Tensor) -> torch.Tensor:
-        if timer.on:
-            timer.matmuls[matmul_path(self, x.shape[0])] += 1
-        return timer.wrap(label(self.weight), call)(self, x)
+    def timed_call(cls: type) -> Callable:
+        call = cls.__call__
+
+        def linear(self: model_runner.Linear | FastLinear, x: torch.Tensor) -> torch.Tensor:
+            if timer.on:
+                timer.matmuls[matmul_path(self, x.shape[0])] += 1
+            return timer.wrap(label(self.weight), call)(self, x)
+
+        return linear
 
     fake_f = SimpleNamespace(**{name: getattr(F, name) for name in dir(F) if name[0] != "_"})
-    fake_f.silu = timer.wrap("mlp: silu * up", F.silu)
     fake_f.embedding = timer.wrap("embedding + rope tables", F.embedding)
-    kernels = eng.runner.kernels
-    timed_kernels = kernels and SimpleNamespace(
-        paged_attention_rows=timer.wrap("attention: C++ kernel", kernels.paged_attention_rows),
-        rope_and_store_=timer.wrap("rotary + kv write", kernels.rope_and_store_),
-        add_rms_norm_=kernels.add_rms_norm_,  # timed with add_norm below
-        silu_mul=timer.wrap("mlp: silu * up", kernels.silu_mul),
-    )
+    ops = eng.runner.ops  # model_runner.TorchOps, or the speed layer's KernelOps
     patches = [
-        (eng.runner, "kernels", timed_kernels),
+        (ops, "rope_and_store", timer.wrap("rotary + kv write", ops.rope_and_store)),
+        (ops, "silu_mul", timer.wrap("mlp: silu * up", ops.silu_mul)),
         (eng.runner, "add_norm", timer.wrap("residual add + rms norm", eng.runner.add_norm)),
-        (model_runner.Linear, "__call__", linear),
+        (model_runner.Linear, "__call__", timed_call(model_runner.Linear)),
+        (FastLinear, "__call__", timed_call(FastLinear)),
         (model_runner, "F", fake_f),
         (model_runner, "rms_norm", timer.wrap("final rms norm", model_runner.rms_norm)),
-        (model_runner, "rotate", timer.wrap("rotary + kv write", model_runner.rotate)),
-        (eng.kv, "write", timer.wrap("rotary + kv write", eng.kv.write)),
         (eng.kv, "gather", timer.wrap("attention: gather", eng.kv.gather)),
         (attention, "decode_attention", timer.wrap("attention: sdpa", attention.decode_attention)),
         (
@@ -159,6 +153,10 @@ def instrumented(lm: LoadedModel, eng: PagedEngine, timer: Timer) -> Iterator[No
             timer.wrap("name full blocks", eng.scheduler.advance),
         ),
     ]
+    if ops.decode_kernel is not None:  # the C++ kernel; the torch code is gather, then sdpa
+        patches.append(
+            (ops, "decode_kernel", timer.wrap("attention: C++ kernel", ops.decode_kernel))
+        )
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, value in patches:
         setattr(obj, name, value)
@@ -254,21 +252,22 @@ def linear_rows(lm: LoadedModel, config: EngineConfig, most: int, repeats: int =
     prepacked float32, the two alternating (this machine's speed drifts). ms per forward
     pass, median of `repeats`."""
     runner = PagedEngine(lm, config).runner
-    matrices = [*runner.linears[1:], runner.lm_head]  # the layers', then the vocabulary's
-    if runner.kernels is None or any(m.stored is None or m.packed is None for m in matrices):
+    linears = [*runner.linears[1:], runner.lm_head]  # the layers', then the vocabulary's
+    matrices = [m for m in linears if isinstance(m, FastLinear)]
+    if len(matrices) < len(linears) or any(m.block is None or m.packed is None for m in matrices):
         raise SystemExit("--linear-rows needs the C++ kernels, the stored blocks and oneDNN")
-    ways = [(m.weight.shape[1], m.stored, m.packed) for m in matrices]
+    ways = [(m.weight.shape[1], m.stored, m.block, m.packed) for m in matrices]
     rows_out = []
     for rows in range(1, most + 1):
         times: dict[str, list[float]] = {"blocks": [], "onednn": []}
-        xs = [torch.randn(rows, inputs) for inputs, _, _ in ways]
+        xs = [torch.randn(rows, inputs) for inputs, _, _, _ in ways]
         for _ in range(repeats):
             for path in times:
                 total = 0.0
-                for (_, stored, packed), x in zip(ways, xs, strict=True):
+                for (_, stored, block, packed), x in zip(ways, xs, strict=True):
                     start = time.perf_counter()
-                    if path == "blocks" and stored is not None:
-                        runner.kernels.block_linear(x, stored.blocks, stored.kind)
+                    if path == "blocks" and stored is not None and block is not None:
+                        block(x, stored.blocks, stored.kind)
                     else:
                         torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
                     total += time.perf_counter() - start

@@ -5,9 +5,10 @@ h // (9 // 3), as transformers' repeat_kv does. Instead of repeating K and V, th
 kv head are stacked: q [.., kv_heads, group, ..] against k [.., kv_heads, ..].
 
 This is the torch path, and the reference: it gathers each sequence's context out of the pool
-into a padded copy, then calls SDPA. On a CPU, the one-query rows (decodes, short chunks)
-instead run cpu_kernels.cpp's paged_attention_rows, which reads the pool in place (the profile
-in the README says why); long prefill chunks, which are matrix work, stay here.
+into a padded copy, then calls SDPA. On a CPU, the speed layer runs the one-query rows (decodes,
+short chunks) instead through speed/cpu_kernels.cpp's paged_attention_rows, which reads the pool
+in place (the profile in the README says why); long prefill chunks, which are matrix work, stay
+here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from step7_real_kv.batch import Batch
 from step7_real_kv.paged_kv import PagedKVCache
 
-DecodeKernel = Callable[..., torch.Tensor]  # cpu_kernels.cpp's paged_attention_rows
+DecodeKernel = Callable[..., torch.Tensor]  # speed/cpu_kernels.cpp's paged_attention_rows
 
 
 def paged_attention(

@@ -41,14 +41,14 @@ from common.errors import APIError
 from common.model import LoadedModel
 from common.request import Request, log_done
 from common.timeline import Iteration, PhaseClock, Step, Timeline, TimelineConfig
-from step7_real_kv import cpu_kernels, stored_weights
 from step7_real_kv.batch import Batch, build_batch
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.model_runner import ModelRunner
 from step7_real_kv.paged_kv import PagedKVCache
 from step7_real_kv.scheduler import Scheduler, SchedulerConfig, Work
 from step7_real_kv.sequence import Sequence
-from step7_real_kv.stored_weights import StoredWeight, find_gguf
+from step7_real_kv.speed import cpu_kernels, stored_weights
+from step7_real_kv.speed.stored_weights import StoredWeight, find_gguf
 
 log = logging.getLogger("gateway")
 

@@ -4,83 +4,116 @@ transformers' model wants a rectangular [batch, length] input and keeps its own 
 batching feeds a ragged batch (decodes and prefill chunks side by side, see batch.py) whose cache
 lives in our block pool, so this file runs the same llama arithmetic itself, on the loaded
 model's own parameters: RMSNorm, rotary embeddings, grouped-query attention (attention.py), the
-gated SiLU MLP. The order and dtype of each operation follow transformers' LlamaModel; on the
-torch path greedy tokens in float32 come out the same, and the faster CPU path (oneDNN
-matmuls, the C++ decode attention) is held to the same exactness tests.
+gated SiLU MLP. The order and dtype of each operation follow transformers' LlamaModel, so
+greedy tokens in float32 come out the same.
 
 Two shortcuts that do not change the arithmetic of a row: q/k/v and gate/up projections are
 each fused into one matrix (one matmul instead of three or two), and the final norm and the
 vocabulary projection run only on the rows that are sampled.
+
+This file is the torch reference: Linear (F.linear) and TorchOps. The speed layer (speed/)
+answers the same two interfaces faster on a CPU: FastLinear (oneDNN, small_linear, the stored
+blocks) and KernelOps (the C++ kernels); the runner takes them where the engine's knobs allow
+and reads the same either way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from common.model import LoadedModel
-from step7_real_kv.attention import paged_attention
+from step7_real_kv.attention import DecodeKernel, paged_attention
 from step7_real_kv.batch import Batch
 from step7_real_kv.paged_kv import PagedKVCache
-from step7_real_kv.stored_weights import StoredWeight, differences
+from step7_real_kv.speed.kernel_ops import KernelOps
+from step7_real_kv.speed.linear import describe, fast_linears
+from step7_real_kv.speed.stored_weights import StoredWeight
+
+Matmul = Callable[[torch.Tensor], torch.Tensor]  # x [T, in] -> x @ weight.T [T, out]
 
 
 class Linear:
-    """x @ weight.T ([T, in] -> [T, out]) by the fastest means where the weight lives.
+    """x @ weight.T ([T, in] -> [T, out]) by F.linear: the reference (speed/linear.py's
+    FastLinear is the faster one)."""
 
-    On a CPU in float32 (backend "auto"), through oneDNN with the weight reordered once, at
-    start-up, into the blocked layout its kernels read, as torch.compile's weight freezing and
-    vLLM's CPU backend do; F.linear goes to MKL's sgemm, which at this model's shapes took
-    about twice as long (the README's profile). For a few rows (decoding at low concurrency)
-    the work is a stream over the weight, and its bytes set the speed: cpu_kernels'
-    block_linear reads the weight as the GGUF file stores it (stored_weights.py: Q4_1 blocks,
-    5.6x fewer bytes than float32, the same weights), or, without the blocks, small_linear, a
-    plain row-wise dot product over the float32 weight. Their sums come out in another order
-    than F.linear's, so the last bits differ. Elsewhere, and with backend "torch", F.linear.
-    """
-
-    SMALL_ROWS = 4  # up to this many rows, small_linear (measured: README)
-    BLOCK_ROWS = 8  # up to this many rows, block_linear (measured: README)
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        backend: str,
-        batch_hint: int,
-        kernels: ModuleType | None,
-        stored: StoredWeight | None = None,
-    ) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight  # [out, in]
-        self.packed: torch.Tensor | None = None
-        self.small = kernels.small_linear if kernels and weight.shape[1] % 32 == 0 else None
-        self.stored = stored if kernels is not None else None
-        self.block = kernels.block_linear if kernels is not None and stored is not None else None
-        on_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
-        if backend == "auto" and on_cpu and torch.backends.mkldnn.enabled:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.block is not None and self.stored is not None and rows <= self.BLOCK_ROWS:
-            return self.block(x, self.stored.blocks, self.stored.kind)
-        if self.small is not None and rows <= self.SMALL_ROWS:
-            return self.small(x, self.weight)
-        if self.packed is None:
-            return F.linear(x, self.weight)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return F.linear(x, self.weight)
+
+
+class Ops(Protocol):
+    """The row-wise ops of a layer: TorchOps below, or the speed layer's KernelOps."""
+
+    decode_kernel: DecodeKernel | None  # attention's one-query rows, or None: gather + SDPA
+
+    def add_norm(
+        self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor: ...
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+    def rope_and_store(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: PagedKVCache,
+        layer: int,
+        slots: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+
+class TorchOps:
+    """Ops in torch: the reference, as transformers computes them."""
+
+    decode_kernel: DecodeKernel | None = None
+
+    def add_norm(
+        self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """x += delta, in place (the residual add); returns RMSNorm(x) * weight."""
+        x += delta
+        return rms_norm(x, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2 * intermediate] -> SiLU(gate) * up, [T, intermediate]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope_and_store(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: PagedKVCache,
+        layer: int,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """qkv [T, heads + 2 * kv_heads, head_dim]: q and k rotated, k and v written to the
+        pool's slots -> q [T, heads, head_dim]."""
+        kv_heads = kv.k.shape[2]
+        heads = qkv.shape[1] - 2 * kv_heads
+        qk = rotate(qkv[:, : heads + kv_heads], cos, sin)  # q and k heads in one go
+        kv.write(layer, slots, qk[:, heads:], qkv[:, heads + kv_heads :])
+        return qk[:, :heads]
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden]
-    o: Linear  # [hidden, heads * head_dim]
+    qkv: Matmul  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    o: Matmul  # [hidden, heads * head_dim]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: Linear  # [2 * intermediate, hidden]
-    down: Linear  # [hidden, intermediate]
+    gate_up: Matmul  # [2 * intermediate, hidden]
+    down: Matmul  # [hidden, intermediate]
 
 
 class ModelRunner:
@@ -94,54 +127,46 @@ class ModelRunner:
         stored: dict[str, StoredWeight] | None = None,
         lossy: bool = False,
     ) -> None:
-        """`stored`: the weights as the GGUF stores them (stored_weights.py), used for a few
+        """The torch reference with `linear_backend="torch"` and no `kernels`; otherwise the
+        speed layer's pieces: `kernels` (cpu_kernels.load()'s module) for the row-wise ops,
+        `linear_backend="auto"` for oneDNN, `stored` (the GGUF's blocks) for matmuls of a few
         rows where they are the model's weights bit for bit (or whatever they are, `lossy`)."""
         config = lm.config
         self.kv = kv
         self.device = lm.device
-        self.kernels = kernels  # cpu_kernels.cpp's, or None: the torch code below
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         params: dict[str, torch.Tensor] = dict(lm.model.named_parameters(remove_duplicate=False))
-        stored = stored or {}
+        weights = fused_weights(params, config.num_hidden_layers)
         self.lossy: list[str] = []  # the stored weights that are not the model's, bit for bit
-
-        def linear(weight: torch.Tensor, name: str) -> Linear:
-            piece = stored.get(name)
-            if piece is not None and differences({name: piece}, {name: weight}):
-                self.lossy.append(name)
-            return Linear(weight, linear_backend, batch_hint, kernels, piece)
-
+        linears: dict[str, Matmul]
+        if linear_backend == "torch" and kernels is None:  # the reference
+            linears, self.linear_paths = {n: Linear(w) for n, w in weights.items()}, "torch"
+        else:  # the speed layer's matmuls
+            fast, self.lossy = fast_linears(
+                weights, linear_backend, batch_hint, kernels, stored, lossy
+            )
+            self.linear_paths = describe(fast["0.qkv"], list(fast.values()), bool(self.lossy))
+            linears = dict(fast)
+        self.ops: Ops = KernelOps(kernels) if kernels is not None else TorchOps()
         self.embed = params["model.embed_tokens.weight"]  # [vocab, hidden]
         self.norm = params["model.norm.weight"]
-        lm_head = params.get("lm_head.weight", self.embed)  # tied in SmolLM2
-        self.lm_head = linear(lm_head, "lm_head")
-        self.layers = [_layer(params, i, linear) for i in range(config.num_hidden_layers)]
-        if self.lossy and not lossy:  # not the model's weights: float32 it is
-            for matrix in self.linears:
-                matrix.stored = matrix.block = None
+        self.lm_head = linears["lm_head"]
+        self.layers = [_layer(params, i, linears) for i in range(config.num_hidden_layers)]
         inv_freq = lm.model.model.rotary_emb.inv_freq  # the model's own, as its forward uses it
         self.cos, self.sin = rope_tables(inv_freq, config.max_position_embeddings, lm.dtype)
 
     @property
-    def linears(self) -> list[Linear]:
+    def linears(self) -> list[Matmul]:
         matrices = [(w.qkv, w.o, w.gate_up, w.down) for w in self.layers]
         return [self.lm_head, *(m for group in matrices for m in group)]
 
     @property
     def backends(self) -> dict[str, str]:
         """What runs the arithmetic, for the start-up log and gateway_engine_info."""
-        linear = self.layers[0].qkv
-        matmul = "onednn" if linear.packed is not None else "torch"
-        kinds = "/".join(sorted({m.stored.kind for m in self.linears if m.stored}))
-        if kinds:
-            matmul += f"+{kinds}_blocks(<={Linear.BLOCK_ROWS} rows)"
-            matmul += "_lossy" if self.lossy else ""
-        elif linear.small is not None:
-            matmul += f"+small_linear(<={Linear.SMALL_ROWS} rows)"
-        kernels = "cpp" if self.kernels is not None else "torch"
-        return {"kernels": kernels, "linear": matmul, "device": self.device.type}
+        kernels = "torch" if isinstance(self.ops, TorchOps) else "cpp"
+        return {"kernels": kernels, "linear": self.linear_paths, "device": self.device.type}
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -160,49 +185,44 @@ class ModelRunner:
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor):
         """x += delta, in place (the residual add); returns RMSNorm(x) * weight."""
-        if self.kernels is not None:
-            return self.kernels.add_rms_norm_(x, delta, weight, self.eps)
-        x += delta
-        return rms_norm(x, weight, self.eps)
+        return self.ops.add_norm(x, delta, weight, self.eps)
 
     def mlp(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         gate_up = w.gate_up(h)  # [T, 2 * intermediate]
-        if self.kernels is not None:
-            return w.down(self.kernels.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)  # [T, intermediate] each
-        return w.down(F.silu(gate) * up)
+        return w.down(self.ops.silu_mul(gate_up))
 
     def _attention(self, i, w: LayerWeights, h, cos, sin, batch: Batch) -> torch.Tensor:
         t, heads = h.shape[0], self.heads
         qkv = w.qkv(h).view(t, heads + 2 * self.kv_heads, self.head_dim)
-        if self.kernels is not None:  # rotate q and k in place, store k and v: one pass
-            rows = (t, self.head_dim)
-            k_pool, v_pool = self.kv.k[i], self.kv.v[i]
-            self.kernels.rope_and_store_(
-                qkv, cos.view(rows), sin.view(rows), k_pool, v_pool, batch.slots
-            )
-            q = qkv[:, :heads]
-        else:
-            qk = rotate(qkv[:, : heads + self.kv_heads], cos, sin)  # q and k heads in one go
-            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + self.kv_heads :]
-            self.kv.write(i, batch.slots, k, v)
-        kernel = self.kernels.paged_attention_rows if self.kernels is not None else None
-        out = paged_attention(q, self.kv, i, batch, kernel)  # [T, heads, head_dim]
+        q = self.ops.rope_and_store(qkv, cos, sin, self.kv, i, batch.slots)  # [T, heads, dim]
+        out = paged_attention(q, self.kv, i, batch, self.ops.decode_kernel)
         return w.o(out.view(t, heads * self.head_dim))
 
 
-def _layer(params: dict[str, torch.Tensor], i: int, linear) -> LayerWeights:
-    p = lambda name: params[f"model.layers.{i}.{name}"]  # noqa: E731
+def fused_weights(params: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """The runner's matrices by name: "lm_head" and each layer's "i.qkv", "i.o", "i.gate_up",
+    "i.down", q/k/v and gate/up joined along the output rows."""
+    weights = {"lm_head": params.get("lm_head.weight", params["model.embed_tokens.weight"])}
+    for i in range(num_layers):  # (the vocabulary projection above is tied in SmolLM2)
+        layer = f"model.layers.{i}"
+        attn = [params[f"{layer}.self_attn.{n}_proj.weight"] for n in "qkv"]
+        mlp = [params[f"{layer}.mlp.{n}_proj.weight"] for n in ("gate", "up")]
+        weights[f"{i}.qkv"] = torch.cat(attn)
+        weights[f"{i}.o"] = params[f"{layer}.self_attn.o_proj.weight"]
+        weights[f"{i}.gate_up"] = torch.cat(mlp)
+        weights[f"{i}.down"] = params[f"{layer}.mlp.down_proj.weight"]
+    return weights
+
+
+def _layer(params: dict[str, torch.Tensor], i: int, linears: dict[str, Matmul]) -> LayerWeights:
     return LayerWeights(
-        input_norm=p("input_layernorm.weight"),
-        qkv=linear(torch.cat([p("self_attn.q_proj.weight"), p("self_attn.k_proj.weight"),
-                              p("self_attn.v_proj.weight")]), f"{i}.qkv"),
-        o=linear(p("self_attn.o_proj.weight"), f"{i}.o"),
-        post_norm=p("post_attention_layernorm.weight"),
-        gate_up=linear(torch.cat([p("mlp.gate_proj.weight"), p("mlp.up_proj.weight")]),
-                       f"{i}.gate_up"),
-        down=linear(p("mlp.down_proj.weight"), f"{i}.down"),
-    )  # fmt: skip
+        input_norm=params[f"model.layers.{i}.input_layernorm.weight"],
+        qkv=linears[f"{i}.qkv"],
+        o=linears[f"{i}.o"],
+        post_norm=params[f"model.layers.{i}.post_attention_layernorm.weight"],
+        gate_up=linears[f"{i}.gate_up"],
+        down=linears[f"{i}.down"],
+    )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

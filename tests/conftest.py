@@ -130,7 +130,7 @@ def start_server(tmp_path) -> Iterator:
 def kernels():
     """Step 7's C++ kernels; where they cannot load the test is skipped, except in CI
     (GATEWAY_REQUIRE_KERNELS=1), where it fails."""
-    from step7_real_kv import cpu_kernels
+    from step7_real_kv.speed import cpu_kernels
 
     try:
         return cpu_kernels.load(required=True)

@@ -1,12 +1,12 @@
 """Builds cpu_kernels.cpp, a torch C++ extension, once, ahead of time; loads it without building.
 
-`python -m step7_real_kv.cpu_kernels` compiles it (half a minute to a minute; `./run.sh setup`
-and the Docker image do it) into a folder of the gateway's cache named by a hash of everything the
-binary depends on: the .cpp's bytes, the compile flags, torch's version and install path, and
-the Python build. `load()` then imports that .so directly, in well under a second, and never
-runs the compiler or ninja again: not for another command line or working directory, nor for
-another clone of the same source on the same torch. Changing the source, the flags, torch or
-Python names a new folder, so a stale binary is never loaded.
+`python -m step7_real_kv.speed.cpu_kernels` compiles it (half a minute to a minute; `./run.sh
+setup` and the Docker image do it) into a folder of the gateway's cache named by a hash of
+everything the binary depends on: the .cpp's bytes, the compile flags, torch's version and
+install path, and the Python build. `load()` then imports that .so directly, in well under a
+second, and never runs the compiler or ninja again: not for another command line or working
+directory, nor for another clone of the same source on the same torch. Changing the source, the
+flags, torch or Python names a new folder, so a stale binary is never loaded.
 
     <GATEWAY_CACHE_DIR, default ~/.cache/llm-gateway>/kernels/<key>/cpu_kernels_<key>.so
 
@@ -48,7 +48,7 @@ MARCH_ENV = f"{ENV_PREFIX}KERNELS_MARCH"
 DEFAULT_MARCH = "native"
 HOW_TO_FIX = (
     f"install a C++ compiler (g++) and ninja (and check {ENV_PREFIX}KERNELS_MARCH, if set), "
-    "then build the kernels ahead of time with `python -m step7_real_kv.cpu_kernels` "
+    "then build the kernels ahead of time with `python -m step7_real_kv.speed.cpu_kernels` "
     "(./run.sh setup does)"
 )
 
