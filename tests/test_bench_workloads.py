@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import floors, generate, report
+from bench import floors, generate, publish, report
 from bench.records import Record, parse_stream
 from bench.stats import summarise, summarise_classes
 from bench.workload import (
@@ -329,3 +329,28 @@ def test_a_mixed_level_runs_both_classes_with_their_own_lengths(stub_server, tmp
     records = [Record.from_dict(json.loads(line)) for line in records_file.read_text().splitlines()]
     assert {r.request_class for r in records} == {"long", "stream"}
     assert all(r.ok and r.prompt_tokens > 0 and r.finish_reason == "length" for r in records)
+
+
+def test_a_workload_run_is_published_beside_the_default_one(tmp_path):
+    records = level_records()
+    level = {"concurrency": 4, "users": 4, "extra_users": 2, "partial": False, "peak_rss_mb": 1,
+             "foreign_cpu": 0.0, "summary": summarise(records),
+             "classes": summarise_classes(records)}  # fmt: skip
+    results = results_with(level, {"name": "mixed", "version": 1, "classes": []})
+    run = tmp_path / "run"
+    run.mkdir()
+    report.write_json(results, run)
+    (run / "table.md").write_text(report.markdown(results))
+    root = tmp_path / "repo"
+    (root / "step7_real_kv").mkdir(parents=True)
+    (root / "README.md").write_text("# Project\n\n<!-- bench:quick:start -->\nkept\n"
+                                    "<!-- bench:quick:end -->\n")  # fmt: skip
+    (root / "step7_real_kv" / "README.md").write_text("# Step 7\n")
+    assert publish.published_name(results) == "quick-mixed"
+    publish.publish(run, root=root)
+    assert (root / "bench" / "charts" / "quick-mixed" / "table.md").exists()
+    top = (root / "README.md").read_text()
+    assert "kept" in top and top.count("<!-- bench:quick-mixed:start -->") == 1
+    step = (root / "step7_real_kv" / "README.md").read_text()
+    assert "## Bench (quick profile, mixed workload)" in step
+    assert "(../bench/charts/quick-mixed/throughput.png)" in step
