@@ -13,7 +13,7 @@ from bench import floors, history, peers
 from bench.profiles import PROFILES
 from bench.runner import RESULTS_ROOT, RunConfig, run_bench
 from bench.servers import discover_steps, select_steps
-from bench.workload import DEFAULT_WORKLOAD
+from bench.workload import DEFAULT_WORKLOAD, resolve_workload
 
 DEFAULT_FLOORS = Path(__file__).resolve().parent / "floors.json"
 
@@ -40,6 +40,13 @@ def _csv_ints(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part.strip())
 
 
+def _workload(text: str) -> Path:
+    try:
+        return resolve_workload(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the steps.")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
@@ -59,7 +66,13 @@ def _run_parser() -> argparse.ArgumentParser:
         help="dtype of the timed runs (answers are always checked in float32)",
     )
     p.add_argument("--results", type=Path, help="results folder (default: bench/results/<time>)")
-    p.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD)
+    p.add_argument(
+        "--workload",
+        type=_workload,
+        default=DEFAULT_WORKLOAD,
+        help="a workload file, or a name: default, grounded, decode (unique prompts, 128-token "
+        "answers), long (1,000-2,000-token prompts), mixed (long prompts among long streams)",
+    )
     p.add_argument(
         "--reference",
         type=Path,

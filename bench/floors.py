@@ -9,6 +9,9 @@ Keys in bench/floors.json read
 
 and pass when A's metric divided by B's is at least the floor. For a latency, where lower is
 better, put the slower step first. Ratios naming a step absent from the run are skipped.
+A key may end with "on <workload>" (a name of bench/cli.py's --workload: grounded, decode, ...):
+it is checked only on runs of that workload and skipped on others, so one floors file serves
+CI's runs of different workloads. A key without it is checked on every run.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.workload import workload_name
+
 _KEY = re.compile(
-    r"^(?P<a>\S+)/(?P<b>\S+) (?P<metric>\w+) at (max concurrency|concurrency (?P<n>\d+))$"
+    r"^(?P<a>\S+)/(?P<b>\S+) (?P<metric>\w+) at (max concurrency|concurrency (?P<n>\d+))"
+    r"( on (?P<workload>\S+))?$"
 )
 
 
@@ -32,13 +38,23 @@ class Verdict:
 
 def check_floors(results: dict, floors: dict[str, float]) -> list[Verdict]:
     steps = {entry["step"]: entry for entry in results["steps"]}
-    return [_judge(key, float(floor), steps) for key, floor in floors.items()]
+    measured = run_workload(results)
+    return [_judge(key, float(floor), steps, measured) for key, floor in floors.items()]
 
 
-def _judge(key: str, floor: float, steps: dict[str, dict]) -> Verdict:
+def run_workload(results: dict) -> str:
+    """The name of the workload a run measured (runs from before names were kept: default)."""
+    named = (results.get("meta", {}).get("workload") or {}).get("name")
+    path = results.get("config", {}).get("workload_path")
+    return named or (workload_name(path) if path else "default")
+
+
+def _judge(key: str, floor: float, steps: dict[str, dict], measured: str) -> Verdict:
     match = _KEY.match(key)
     if match is None:
         return Verdict(key, "fail", "cannot parse this key (see bench/floors.py)")
+    if match["workload"] and match["workload"] != measured:
+        return Verdict(key, "skip", f"skipped: this run measured the {measured} workload")
     a, b, metric = match["a"], match["b"], match["metric"]
     absent = [s for s in (a, b) if s not in steps]
     if absent:

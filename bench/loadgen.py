@@ -31,13 +31,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-requests", type=int, default=0)
     parser.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD)
     parser.add_argument("--records", type=Path, required=True)
+    parser.add_argument("--salt", default="0", help="makes generated prompts this level's own")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    state = configure(
-        LoadSettings(args.workload, args.model, args.max_tokens, args.max_requests, args.records)
+    settings = LoadSettings(
+        args.workload, args.model, args.max_tokens, args.max_requests, args.records, salt=args.salt
     )
+    state = configure(settings)
     env = Environment(user_classes=[ChatUser], host=args.host, stop_timeout=args.stop_timeout)
     runner = env.create_local_runner()
     runner.start(args.users, spawn_rate=args.users)

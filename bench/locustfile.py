@@ -21,7 +21,7 @@ from locust import HttpUser, constant, task
 from locust.exception import StopUser
 
 from bench.records import Record, StreamParser, backoff_delay, retry_after_seconds
-from bench.workload import DEFAULT_WORKLOAD, Workload, chat_body, load_workload
+from bench.workload import DEFAULT_WORKLOAD, RequestClass, Workload, chat_body, load_workload
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class LoadSettings:
     records_path: Path | None = None  # JSONL, one line per attempt
     max_attempts: int = 4  # first try plus up to three retries after 429/503
     read_timeout_s: float = 300.0  # longest silence tolerated inside a stream
+    salt: str = "0"  # makes a generated workload's prompts this level's own (bench/generate.py)
 
     @classmethod
     def from_env(cls) -> LoadSettings:
@@ -44,6 +45,7 @@ class LoadSettings:
             max_tokens=int(env("BENCH_MAX_TOKENS", cls.max_tokens)),
             max_requests=int(env("BENCH_MAX_REQUESTS", cls.max_requests)),
             records_path=Path(records) if records else None,
+            salt=env("BENCH_SALT", cls.salt),
         )
 
 
@@ -54,6 +56,7 @@ class _Shared:
         self.settings = settings
         self.workload: Workload = load_workload(settings.workload_path)
         self.ids = itertools.count()
+        self.users = itertools.count()  # each user's number, which picks its request class
         self.finished = 0
         self.out: IO[str] | None = None
         if settings.records_path is not None:
@@ -85,6 +88,10 @@ def shared() -> _Shared:
 
 class ChatUser(HttpUser):
     wait_time = constant(0)  # closed loop: the next request leaves when the previous one ends
+    request_class: RequestClass | None = None
+
+    def on_start(self) -> None:
+        self.request_class = shared().workload.class_of_user(next(shared().users))
 
     @task
     def chat(self) -> None:
@@ -92,17 +99,18 @@ class ChatUser(HttpUser):
         request_id = next(state.ids)
         if state.settings.max_requests and request_id >= state.settings.max_requests:
             raise StopUser()
-        prompts = state.workload.prompts
-        prompt = prompts[request_id % len(prompts)]
-        body = chat_body(
-            state.workload, prompt, state.settings.model, state.settings.max_tokens, stream=True
-        )
+        settings, pinned = state.settings, self.request_class
+        prompt = state.workload.prompt_for(pinned, request_id, settings.salt)
+        max_tokens = (pinned.max_tokens if pinned else None) or settings.max_tokens
+        body = chat_body(state.workload, prompt, settings.model, max_tokens, stream=True)
         self._send_with_retries(state, request_id, prompt.id, body)
         state.finished += 1
 
     def _send_with_retries(self, state: _Shared, request_id: int, prompt_id: str, body) -> None:
+        kind = self.request_class.name if self.request_class else ""
         for attempt in range(state.settings.max_attempts):
-            record = self._attempt(Record(request_id, attempt, prompt_id, time.time(), 0), body)
+            record = Record(request_id, attempt, prompt_id, time.time(), 0, request_class=kind)
+            record = self._attempt(record, body)
             state.write(record)
             if not record.rejected or record.retry_after_s is None:
                 return

@@ -1,9 +1,11 @@
 """`python -m bench publish RESULTS_DIR`: put a run's table and charts where readers look.
 
-Copies table.md, results.json and the PNG charts into bench/charts/<profile>/, then rewrites the
-part of each README between `<!-- bench:<profile>:start -->` and `<!-- bench:<profile>:end -->`
-(appending the section if it has none): the top README gets the whole table and the charts; each
-step's README gets its own rows next to the previous step's, so the step's gain is on its page.
+Copies table.md, results.json and the PNG charts into bench/charts/<name>/, where the name is
+the profile (`full`), or the profile and the workload for a workload other than the default
+(`full-decode`), then rewrites the part of each README between `<!-- bench:<name>:start -->` and
+`<!-- bench:<name>:end -->` (appending the section if it has none): the top README gets the
+whole table and the charts; each step's README gets its own rows next to the previous step's,
+so the step's gain is on its page.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ CHARTS = ("throughput.png", "latency.png", "ttft.png", "curves.png")
 def publish(results_dir: Path, root: Path = ROOT) -> list[Path]:
     """Returns the READMEs it rewrote."""
     results = json.loads((results_dir / "results.json").read_text())
-    profile = results["config"]["profile"]["name"]
+    profile = published_name(results)
     dest = root / "bench" / "charts" / profile
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("table.md", "results.json", *CHARTS):
@@ -45,6 +47,14 @@ def publish(results_dir: Path, root: Path = ROOT) -> list[Path]:
         _rewrite(readme, profile, _step_section(header, mine, f"../{link}", profile, shown))
         written.append(readme)
     return written
+
+
+def published_name(results: dict) -> str:
+    """The profile, and the workload unless it is the default: `full`, `full-decode`. A run of
+    each workload has its own folder under bench/charts and its own README sections."""
+    profile = results["config"]["profile"]["name"]
+    workload = (results["meta"].get("workload") or {}).get("name", "default")
+    return profile if workload == "default" else f"{profile}-{workload}"
 
 
 def _split(table: str) -> tuple[list[str], list[str]]:
@@ -95,5 +105,7 @@ def _rewrite(readme: Path, profile: str, section: str) -> None:
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:
-        text = f"{text.rstrip()}\n\n## Bench ({profile} profile)\n\n{block}\n"
+        profile, _, workload = profile.partition("-")
+        title = f"{profile} profile" + (f", {workload} workload" if workload else "")
+        text = f"{text.rstrip()}\n\n## Bench ({title})\n\n{block}\n"
     readme.write_text(text)

@@ -24,6 +24,9 @@ class Record:
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)  # gaps between text chunks
     output_tokens: int = 0
+    prompt_tokens: int = 0  # usage.prompt_tokens of the last chunk; 0 when none came
+    finish_reason: str | None = None  # "length" (ran to max_tokens), "stop", ...
+    request_class: str = ""  # the workload's class of this request; "" without classes
     retry_after_s: float | None = None
     error: str | None = None
     cut_off: bool = False  # still in flight when the level ended: neither success nor error
@@ -62,6 +65,8 @@ class StreamParser:
         self.record, self.sent_at = record, sent_at
         self.text_times: list[float] = []
         self.usage_tokens: int | None = None
+        self.prompt_tokens: int | None = None
+        self.finish_reason: str | None = None
         self.done = False  # [DONE] arrived
         self.finished = False  # a choice carried its finish_reason: the answer is whole
 
@@ -79,8 +84,10 @@ class StreamParser:
             return True
         if chunk.get("usage"):
             self.usage_tokens = chunk["usage"].get("completion_tokens")
-        if any(choice.get("finish_reason") for choice in chunk.get("choices", [])):
-            self.finished = True
+            self.prompt_tokens = chunk["usage"].get("prompt_tokens")
+        reasons = [c["finish_reason"] for c in chunk.get("choices", []) if c.get("finish_reason")]
+        if reasons:
+            self.finished, self.finish_reason = True, reasons[0]
         if any(_chunk_text(choice) for choice in chunk.get("choices", [])):
             self.text_times.append(arrived)
         return False
@@ -91,6 +98,8 @@ class StreamParser:
             record.ttft_s = times[0] - self.sent_at
             record.itl_s = [b - a for a, b in zip(times, times[1:], strict=False)]
         record.output_tokens = self.usage_tokens if self.usage_tokens is not None else len(times)
+        record.prompt_tokens = self.prompt_tokens or 0
+        record.finish_reason = self.finish_reason
         # transformers serve ends its streams after the finish_reason chunk, without [DONE].
         if not (self.done or self.finished) and record.error is None:
             record.error = "stream ended before [DONE] or a finish_reason"

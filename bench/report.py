@@ -27,6 +27,24 @@ COLUMNS = (
 )
 
 
+# Per level and request class: what the long-prompt and mixed workloads are read by.
+TOKEN_COLUMNS = (
+    "step",
+    "concurrency",
+    "class",
+    "completed",
+    "prompt tokens p50",
+    "prompt tok/s",
+    "out tok/s",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "ITL p50 ms",
+    "ITL p99 ms",
+    "ITL max ms",
+    "stopped early",
+)
+
+
 def write_json(results: dict, results_dir: Path) -> Path:
     path = results_dir / "results.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
@@ -54,8 +72,39 @@ def markdown(results: dict) -> str:
     lines.append(table_row(["---"] * len(COLUMNS)))
     for entry in results["steps"]:
         lines.extend(_step_rows(entry))
-    lines.extend(["", *_footnotes(results)])
+    lines.extend(["", *token_table(results), "", *_footnotes(results)])
     return "\n".join(lines) + "\n"
+
+
+def token_table(results: dict) -> list[str]:
+    """Prompts and the gaps between tokens, per level and request class ('all' without)."""
+    lines = [table_row(TOKEN_COLUMNS), table_row(["---"] * len(TOKEN_COLUMNS))]
+    for entry in results["steps"]:
+        for level in entry["levels"]:
+            classes = level.get("classes") or {"all": level["summary"]}
+            for name, summary in classes.items():
+                lines.append(table_row(_token_cells(entry["step"], level, name, summary)))
+    return lines
+
+
+def _token_cells(step: str, level: dict, name: str, s: dict) -> list[str]:
+    extra = level.get("extra_users") or 0
+    concurrency = str(level["concurrency"]) + (f" (+{extra})" if extra else "")
+    return [
+        step,
+        concurrency,
+        name,
+        str(s["completed"]),
+        fmt(s.get("prompt_tokens_p50"), 0),
+        fmt(s.get("prompt_tok_s"), 1),
+        fmt(s["output_tok_s"], 1),
+        fmt(s["ttft_p50_s"], 0, 1000),
+        fmt(s["ttft_p99_s"], 0, 1000),
+        fmt(s["itl_p50_s"], 0, 1000),
+        fmt(s["itl_p99_s"], 0, 1000),
+        fmt(s.get("itl_max_s"), 0, 1000),
+        str(s.get("stopped_early", "–")),
+    ]
 
 
 def _header(results: dict) -> list[str]:
@@ -63,11 +112,15 @@ def _header(results: dict) -> list[str]:
     profile, machine, versions = config["profile"], meta["machine"], meta["versions"]
     commit = (meta.get("commit") or "unknown")[:10] + (" (dirty)" if meta.get("dirty") else "")
     read = f" (read at {machine['read_gbps']} GB/s)" if machine.get("read_gbps") else ""
+    pinned = (
+        " where the workload does not pin it" if (meta.get("workload") or {}).get("classes") else ""
+    )
     return [
         f"Profile **{profile['name']}**, dtype **{config['dtype']}**, "
-        f"max_tokens {profile['max_tokens']}, temperature 0, streaming; "
+        f"max_tokens {profile['max_tokens']}{pinned}, temperature 0, streaming; "
         f"each level: {profile['run_time_s']:.0f} s of new requests + up to "
         f"{profile['stop_timeout_s']:.0f} s to finish, at most {profile['max_requests']} requests.",
+        _workload_line(meta.get("workload") or {}),
         f"Machine class **{machine_label(machine)}**; commit {commit}; {machine['cpu_model']}, "
         f"{machine['cores']} cores, {machine['memory_gb']} GB{read}, device {machine['device']}; "
         f"torch {versions['torch']}, transformers {versions['transformers']}, "
@@ -82,6 +135,32 @@ def machine_label(machine: dict) -> str:
     isa = [f for f in machine.get("isa", ()) if f.startswith(("avx512_", "amx_"))]
     cls = machine.get("machine_class") or UNKNOWN
     return f"{cls} ({', '.join(isa)})" if isa else cls
+
+
+def _workload_line(workload: dict) -> str:
+    """Which prompts; a generated workload's classes pin their own users and answer lengths."""
+    name = workload.get("name", "default")
+    line = f"Workload **{name}** (version {workload.get('version', '?')})"
+    classes = workload.get("classes") or []
+    if not classes:
+        return line + ": its prompts round-robin, the profile's max_tokens."
+    parts = [
+        f"{c['name']}: {_users(c['users'])}, {_prompt_kind(c)}, max_tokens "
+        f"{c['max_tokens'] or 'of the profile'}"
+        for c in classes
+    ]
+    return line + ", every prompt new: " + "; ".join(parts) + "."
+
+
+def _users(users: int | str) -> str:
+    return "the level's users" if users == "level" else f"{users} more users"
+
+
+def _prompt_kind(request_class: dict) -> str:
+    if request_class["prompt"] == "document":
+        low, high = request_class["prompt_tokens"]
+        return f"documents of {low:,}-{high:,} prompt tokens"
+    return "short prompts asking for a long story"
 
 
 BUSY_SHARE = 0.15  # of all cores, used by processes other than the bench and the server
@@ -168,6 +247,11 @@ def _footnotes(results: dict) -> list[str]:
         "errors: share of requests that failed; rejected: share of first attempts answered "
         "429/503. Peak RSS: the server process, sampled every 0.25 s. Other CPU: share of the "
         "machine's CPU used by processes other than the bench and the server during the level.",
+        "Second table, per level and request class (all: the level's requests together): "
+        "concurrency (+N) counts the users of fixed-size classes beside the level's; prompt "
+        "tok/s: prompt tokens of completed requests over the same window as out tok/s; ITL: gaps "
+        "between text chunks of every completed stream, max the longest; stopped early: answers "
+        "that ended before max_tokens (finish_reason stop).",
     ]
     caps = ", ".join(f"{step} at {cap}" for step, cap in CONCURRENCY_CAPS.items())
     notes.append(

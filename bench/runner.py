@@ -21,7 +21,7 @@ from bench.profiles import CONCURRENCY_CAPS, Profile, plan_levels
 from bench.provenance import ForeignCpu, git_facts, library_versions, machine_facts
 from bench.records import Record
 from bench.servers import ROOT, NotReady, StepServer, TargetServer, discover_steps
-from bench.stats import summarise
+from bench.stats import summarise, summarise_classes
 from bench.timeline_chart import draw as draw_timeline
 from bench.workload import Workload, chat_body, load_workload
 
@@ -94,7 +94,12 @@ def _new_results(config: RunConfig, workload: Workload) -> dict:
         "started_at": _now(),
         "machine": machine_facts(),
         "versions": library_versions(),
-        "workload": {"version": workload.version, "sha256": workload.sha256},
+        "workload": {
+            "name": workload.name,
+            "version": workload.version,
+            "sha256": workload.sha256,
+            "classes": [asdict(c) for c in workload.classes],
+        },
         "concurrency_caps": CONCURRENCY_CAPS,
     }
     return {"schema": 1, "meta": meta, "config": config.to_dict(), "steps": []}
@@ -170,7 +175,7 @@ def _bench_one(
         entry["dtype"] = server.dtype
         entry["backends"] = backends(server.url)
         _warm_up(server.url, workload, model, config.profile, progress)
-        _run_levels(config, server, model, entry, progress)
+        _run_levels(config, server, model, workload, entry, progress)
     except NotReady as exc:
         _fail(entry, "failed_to_start", str(exc), server, progress)
     except httpx.HTTPError as exc:
@@ -248,11 +253,13 @@ def _restart_for_timing(config: RunConfig, server, progress: Progress, entry: di
 
 
 def _warm_up(url: str, workload: Workload, model: str, profile: Profile, progress) -> None:
-    """A few short requests first, so one-off costs (lazy init, allocator growth) are not timed."""
+    """A few short requests first, so one-off costs (lazy init, allocator growth) are not timed.
+    A generated workload warms up with each class's own kind of prompt, never a timed one."""
+    classes = workload.classes or (None,)
     for i in range(profile.warmup_requests):
-        prompt = workload.prompts[i % len(workload.prompts)]
+        prompt = workload.prompt_for(classes[i % len(classes)], i, salt="warmup")
         body = chat_body(workload, prompt, model, min(profile.max_tokens, 8), stream=False)
-        httpx.post(url + "/v1/chat/completions", json=body, timeout=120.0).raise_for_status()
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=300.0).raise_for_status()
     progress.say(f"warmed up with {profile.warmup_requests} requests")
 
 
@@ -267,10 +274,12 @@ def _fail(entry: dict, status: str, message: str, server, progress: Progress) ->
 # ---------------------------------------------------------------- levels
 
 
-def _run_levels(config: RunConfig, server, model: str, entry: dict, progress) -> None:
+def _run_levels(
+    config: RunConfig, server, model: str, workload: Workload, entry: dict, progress
+) -> None:
     cap = CONCURRENCY_CAPS.get(entry["step"])
     for level, users in plan_levels(config.profile.levels, cap):
-        result = _run_level(config, server, model, level, users, progress)
+        result = _run_level(config, server, model, level, (users, workload.extra_users), progress)
         entry["levels"].append(result)
         if result["server_died"]:
             message = f"server died during concurrency {level} (exit code {server.exit_code})"
@@ -282,25 +291,30 @@ def _run_levels(config: RunConfig, server, model: str, entry: dict, progress) ->
         entry["message"] = f"partial results at concurrency {', '.join(partial)}"
 
 
-def _run_level(config: RunConfig, server, model: str, level: int, users: int, progress) -> dict:
-    profile = config.profile
+def _run_level(
+    config: RunConfig, server, model: str, level: int, counts: tuple[int, int], progress
+) -> dict:
+    """One level: `counts` is (the level's users, after any cap; users of fixed-size classes)."""
+    profile, (users, extra) = config.profile, counts
     tag = f"{_short(server.step)}-c{level}"
     records_path = config.results_dir / "records" / f"{tag}.jsonl"
     capped = f" (capped at {users} users)" if users < level else ""
+    beside = f" and {extra} more users of fixed-size classes" if extra else ""
     progress.say(
-        f"{server.step}: concurrency {level}{capped}, up to {profile.run_time_s:.0f}"
+        f"{server.step}: concurrency {level}{capped}{beside}, up to {profile.run_time_s:.0f}"
         f"+{profile.stop_timeout_s:.0f} s or {profile.max_requests} requests"
     )
     records_path.unlink(missing_ok=True)  # the load generator appends: no earlier run's records
     before = last_iteration(server.url)
     drafts_before = speculation(server.url)
     started = time.monotonic()
-    loadgen = _spawn_loadgen(config, server.url, model, users, records_path, tag)
+    loadgen = _spawn_loadgen(config, server.url, model, users + extra, records_path, tag)
     watch = _watch(loadgen, server, profile.level_timeout_s)
     if not watch["server_died"] and not server.alive():
         watch["server_died"] = True  # a --target can only be asked afterwards
     records = read_records(records_path)
     result = _level_result(level, users, records, watch, time.monotonic() - started)
+    result["extra_users"] = extra
     result["records_file"] = str(records_path.relative_to(config.results_dir))
     drafts_after = speculation(server.url)
     if drafts_before is not None and drafts_after is not None:
@@ -399,6 +413,7 @@ def _spawn_loadgen(config: RunConfig, url: str, model: str, users: int, records:
         "--max-requests": profile.max_requests,
         "--workload": config.workload_path,
         "--records": records,
+        "--salt": tag.rsplit("-", 1)[1],  # c<level>: each level's generated prompts are new
     }
     flags = [str(part) for pair in args.items() for part in pair]
     log = open(config.results_dir / "logs" / f"{tag}-loadgen.log", "wb")
@@ -473,6 +488,7 @@ def _level_result(level: int, users: int, records: list[Record], watch: dict, to
         "peak_rss_mb": round(watch["peak_rss"] / 2**20, 1) if watch["peak_rss"] else None,
         "foreign_cpu": watch["foreign_cpu"],
         "summary": summarise(records),
+        "classes": summarise_classes(records),
     }
 
 

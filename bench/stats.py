@@ -70,11 +70,17 @@ def _rate(part: int, whole: int) -> float | None:
 def _throughput(records: Sequence[Record], ok: Sequence[Record]) -> dict:
     window = _window(records)
     tokens = sum(r.output_tokens for r in ok)
+    prompt_tokens = sum(r.prompt_tokens for r in ok)
     return {
         "window_s": window,
         "output_tokens": tokens,
         "req_per_s": len(ok) / window if window else None,
         "output_tok_s": tokens / window if window else None,
+        # Prompt tokens of completed requests over the same window: the prefill rate under load.
+        "prompt_tokens": prompt_tokens,
+        "prompt_tok_s": prompt_tokens / window if window and prompt_tokens else None,
+        # Answers that ended on their own before max_tokens: a decode-bound workload wants none.
+        "stopped_early": sum(1 for r in ok if r.finish_reason == "stop"),
     }
 
 
@@ -92,8 +98,17 @@ def _latencies(ok: Sequence[Record]) -> dict:
         "itl": [gap for r in ok for gap in r.itl_s],
         "e2e": [r.e2e_s for r in ok if r.e2e_s is not None],
     }
-    return {
+    found = {
         f"{name}_p{q}_s": percentile(values, q)
         for name, values in series.items()
         for q in (50, 90, 99)
     }
+    found["itl_max_s"] = max(series["itl"], default=None)  # the longest any stream froze
+    found["prompt_tokens_p50"] = percentile([r.prompt_tokens for r in ok if r.prompt_tokens], 50)
+    return found
+
+
+def summarise_classes(records: Sequence[Record]) -> dict[str, dict]:
+    """One summary per request class of a workload that has classes; {} for one that has none."""
+    names = sorted({r.request_class for r in records if r.request_class})
+    return {name: summarise([r for r in records if r.request_class == name]) for name in names}

@@ -279,7 +279,8 @@ def test_a_real_run_writes_json_table_and_charts(step1_run):
     assert f"(read at {meta['machine']['read_gbps']} GB/s)" in table
     assert f"Machine class **{meta['machine']['machine_class']}" in table
     assert "| step | concurrency | req/s |" in table
-    assert table.count("| step1_central_loader |") == 2
+    assert table.count("| step1_central_loader |") == 4  # a row per level in each table
+    assert "| step1_central_loader | 2 | all |" in table  # prompts and token gaps, per level
     for name in ("throughput.png", "latency.png", "ttft.png", "curves.png"):
         assert (step1_run / name).read_bytes().startswith(PNG_MAGIC)
 
@@ -297,7 +298,9 @@ def test_publish_puts_the_table_and_charts_into_the_readmes(step1_run, tmp_path)
     assert (charts / "throughput.png").read_bytes().startswith(PNG_MAGIC)
     top, step = (tmp_path / "README.md").read_text(), step_readme.read_text()
     assert top.startswith("# Project\n\nIntro.") and top.count("<!-- bench:quick:start -->") == 1
-    assert top.count("| step1_central_loader |") == 2 and "(bench/charts/quick/ttft.png)" in top
+    # A row per level in each of table.md's two tables (the second: prompts and token gaps).
+    assert top.count("| step1_central_loader |") == 4 and "(bench/charts/quick/ttft.png)" in top
+    assert top.count("| step1_central_loader | 1 | all |") == 1
     assert step.count("## Bench (quick profile)") == 1
     assert step.count("| step1_central_loader |") == 2
     assert "(../bench/charts/quick/throughput.png)" in step

@@ -318,9 +318,11 @@ def timed_entry(step: str, **extra) -> dict:
 
 
 def rows(table: str) -> list[list[str]]:
+    """The main table's rows (table.md's second table, per request class, comes after it)."""
+    main = table[table.index("| step | concurrency") :].split("\n\n")[0]
     return [
         [cell.strip() for cell in line.split("|")[1:-1]]
-        for line in table.splitlines()
+        for line in main.splitlines()
         if line.startswith("| ")
         and not line.startswith("| step | concurrency")
         and "---" not in line
