@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench import floors
 from bench.machine import UNKNOWN
 
 HISTORY_FILE = Path(__file__).resolve().parent / "history.jsonl"
@@ -28,6 +29,7 @@ def summary_line(results: dict) -> dict:
         "finished_at": meta.get("finished_at"),
         "profile": config["profile"]["name"],
         "dtype": config["dtype"],
+        "workload": floors.run_workload(results),
         "workload_sha256": meta["workload"]["sha256"],
         "machine_class": run_class(results),
         "cpu_model": meta["machine"]["cpu_model"],

@@ -178,6 +178,8 @@ def floor_ratio(line: dict, key: str) -> float | None:
     match = floors._KEY.match(key)
     if match is None:
         return None
+    if match["workload"] and match["workload"] != line.get("workload", "default"):
+        return None  # a floor of another workload's runs (lines before names were kept: default)
     concurrency = int(match["n"]) if match["n"] else None
     values = []
     for name in (match["a"], match["b"]):

@@ -161,6 +161,19 @@ def test_floor_ratio_is_a_gap_where_floors_py_would_not_pass_a_number():
     assert regression.floor_ratio(line, "not a floor key") is None
 
 
+def test_floor_ratio_of_another_workload_is_a_gap():
+    """A floor scoped to one workload (`... on grounded`) charts only that workload's runs, as
+    floors.py checks it only there."""
+    line = history.summary_line(results(BASE, "9" * 10))
+    assert line["workload"] == "default"
+    key = next(iter(FLOORS))
+    assert regression.floor_ratio(line, key) is not None
+    assert regression.floor_ratio(line, key + " on grounded") is None
+    assert regression.floor_ratio({**line, "workload": "grounded"}, key + " on grounded") == (
+        regression.floor_ratio(line, key)
+    )
+
+
 def test_floor_series_over_the_history():
     series = [regression.floor_ratio(line, next(iter(FLOORS))) for line in jittered_history()]
     assert series == pytest.approx([3.0] * len(JITTER))  # both steps move together
