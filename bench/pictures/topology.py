@@ -53,12 +53,23 @@ def request_path(hit: bool) -> list[str]:
 
 
 def steps_using_pipeline() -> list[str]:
-    """The steps whose server imports step 6's pipeline (or is step 6)."""
+    """The steps whose server imports step 6's pipeline (or is step 6), directly or through the
+    server of a step it builds on (step 8's server subclasses step 7's)."""
     found = ["step6_backpressure"]
-    for server in sorted(ROOT.glob("step*_*/server.py")):
-        if "from step6_backpressure.server import pipeline" in server.read_text():
+    for server in sorted(ROOT.glob("step*_*/server.py"), key=lambda p: _step_number(p.parent)):
+        text = server.read_text()
+        direct = "from step6_backpressure.server import pipeline" in text
+        inherited = any(
+            f"from {step} import server" in text or f"from {step}.server import" in text
+            for step in found[1:]
+        )
+        if direct or inherited:
             found.append(server.parent.name)
     return found
+
+
+def _step_number(folder: Path) -> int:
+    return int(folder.name.split("_")[0].removeprefix("step"))
 
 
 # ---------------------------------------------------------------- step 9's manifests
