@@ -53,10 +53,16 @@ class Stream:
 
     def largest_gap(self, start: float, end: float) -> float:
         """The longest silence between two chunks (or the window's edges) inside [start, end]."""
+        return self.largest_gap_at(start, end)[0]
+
+    def largest_gap_at(self, start: float, end: float) -> tuple[float, float]:
+        """That silence, and when it began, in seconds after `start`. A stream still silent
+        at `end` counts to `end`."""
         inside = [start] + [t for t in self.times if start <= t <= end]
         after = [t for t in self.times if t > end]
-        edges = inside + ([after[0]] if after else [])
-        return max((b - a for a, b in zip(edges, edges[1:], strict=False)), default=0.0)
+        edges = inside + [after[0] if after else end]
+        gaps = [(b - a, a - start) for a, b in zip(edges, edges[1:], strict=False)]
+        return max(gaps, default=(0.0, 0.0))
 
 
 def healthy_body(max_tokens: int) -> dict:
@@ -137,12 +143,11 @@ async def measure(
         statuses = await attack(url, abuse)
         end = time.monotonic()
         await asyncio.sleep(0.3)  # a stall that began at the end of the abuse shows too
+        if any(task.done() for task in tasks):  # ended, not stalled: a silence would be no gap
+            raise RuntimeError("a healthy stream ended or failed during the abuse")
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    finished = [s for s in results if s.times and s.times[-1] >= end]
-    if len(finished) < streams:
-        raise RuntimeError("a healthy stream ended during the abuse: raise max_tokens")
     return {
         "abuse": abuse,
         "abuse_s": round(end - start, 3),
@@ -152,6 +157,7 @@ async def measure(
         ),
         "largest_gap_quiet_s": round(max(s.largest_gap(quiet_start, start) for s in results), 3),
         "largest_gap_s": round(max(s.largest_gap(start, end + 0.3) for s in results), 3),
+        "largest_gap_at_s": round(max(s.largest_gap_at(start, end + 0.3) for s in results)[1], 3),
     }
 
 

@@ -7,11 +7,12 @@ stream stays below 0.25 s, on a quiet 2-core machine where a token takes about 5
 A busier machine makes every token slower, and every gap with it. So the gap is scaled to that
 machine first: divided by how much longer than 50 ms a token takes here, in a quiet window of
 the same streams just before the abuse (never multiplied: on a fast machine the claim stays
-0.25 s). A stall the fixes removed is work that comes back with every burst of abuse: a full
-garbage collection over what start-up made, without `gc.freeze()` (0.17-0.28 s, with the GIL
-held), or a traceback formatted and logged on the event loop for each of 400 half-open
-connections. So each kind of abuse runs `ATTEMPTS` times and the median is held, which one
-unlucky window of noise cannot move.
+0.25 s). A stall the fixes removed is work that comes back with the abuse: a
+traceback formatted and logged on the event loop for each of 400 half-open connections (the
+streams stop for seconds), or, without `gc.freeze()`, a full garbage collection over what
+start-up made (0.17-0.28 s with the GIL held), which comes with some bursts and not others. So
+each kind of abuse runs `ATTEMPTS` times: the median try is held to the claim, which one unlucky
+window of noise cannot move, and no try may pass 1.5 times the claim.
 """
 
 from __future__ import annotations
@@ -52,5 +53,5 @@ def test_healthy_streams_keep_flowing_under_abuse(server, abuse):
     ]
     if abuse != "half-open":
         assert all(row["statuses"] == [400] for row in rows), rows  # every one refused, no 5xx
-    gap = statistics.median(scaled_gap(row) for row in rows)
-    assert gap < CLAIM_S, (gap, rows, server.log()[-3000:])
+    gaps = sorted(scaled_gap(row) for row in rows)
+    assert statistics.median(gaps) < CLAIM_S and gaps[-1] < 1.5 * CLAIM_S, (gaps, rows)
