@@ -18,11 +18,13 @@ window of noise cannot move, and no try may pass 1.5 times the claim.
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 
 import pytest
 
 from bench.stall import measure
+from tests.conftest import tiny_client
 
 pytestmark = pytest.mark.integration
 
@@ -55,3 +57,18 @@ def test_healthy_streams_keep_flowing_under_abuse(server, abuse):
         assert all(row["statuses"] == [400] for row in rows), rows  # every one refused, no 5xx
     gaps = sorted(scaled_gap(row) for row in rows)
     assert statistics.median(gaps) < CLAIM_S and gaps[-1] < 1.5 * CLAIM_S, (gaps, rows)
+
+
+def test_what_start_up_made_is_left_out_of_every_collection(tiny_model_dir):
+    """The garbage-collector half of the fix, held where a window of abuse cannot hold it: a
+    full collection falls into a window only with some bursts. Once the lifespan has started
+    everything, what exists is frozen, and a full collection scans only what came after."""
+    gc.unfreeze()  # what an earlier test's lifespan froze
+    try:
+        with tiny_client("step7_real_kv", tiny_model_dir, response_cache=False):
+            frozen = gc.get_freeze_count()
+            gc.collect()
+            scanned = len(gc.get_objects())  # what a full collection now walks
+        assert frozen > 100_000 and scanned < frozen / 10, (frozen, scanned)
+    finally:
+        gc.unfreeze()
