@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -45,12 +46,23 @@ class Stream:
 
     times: list[float] = field(default_factory=list)
 
+    def gaps(self, start: float, end: float) -> list[float]:
+        """The intervals between two chunks that both arrived inside [start, end]."""
+        inside = [t for t in self.times if start <= t <= end]
+        return [b - a for a, b in zip(inside, inside[1:], strict=False)]
+
     def largest_gap(self, start: float, end: float) -> float:
         """The longest silence between two chunks (or the window's edges) inside [start, end]."""
+        return self.largest_gap_at(start, end)[0]
+
+    def largest_gap_at(self, start: float, end: float) -> tuple[float, float]:
+        """That silence, and when it began, in seconds after `start`. A stream still silent
+        at `end` counts to `end`."""
         inside = [start] + [t for t in self.times if start <= t <= end]
         after = [t for t in self.times if t > end]
-        edges = inside + ([after[0]] if after else [])
-        return max((b - a for a, b in zip(edges, edges[1:], strict=False)), default=0.0)
+        edges = inside + [after[0] if after else end]
+        gaps = [(b - a, a - start) for a, b in zip(edges, edges[1:], strict=False)]
+        return max(gaps, default=(0.0, 0.0))
 
 
 def healthy_body(max_tokens: int) -> dict:
@@ -114,31 +126,38 @@ async def half_open(url: str, count: int, hold_s: float) -> list[int]:
     return [0] * count
 
 
-async def measure(url: str, abuse: str, streams: int = 3, max_tokens: int = 400) -> dict:
-    """Largest gaps of `streams` healthy streams, in a quiet window and under `abuse`."""
+async def measure(
+    url: str, abuse: str, streams: int = 3, max_tokens: int = 400, quiet_s: float = 1.0
+) -> dict:
+    """Largest gaps of `streams` healthy streams, in a quiet window of `quiet_s` and under
+    `abuse`, and the median gap of the quiet window (`token_s`: how fast this machine, as busy
+    as it is now, makes a token)."""
     results = [Stream() for _ in range(streams)]
     async with httpx.AsyncClient(timeout=300) as http:
         tasks = [asyncio.create_task(run_stream(http, url, s, max_tokens)) for s in results]
         while not all(len(s.times) > 2 for s in results):  # every stream is generating
             await asyncio.sleep(0.05)
         quiet_start = time.monotonic()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(quiet_s)
         start = time.monotonic()
         statuses = await attack(url, abuse)
         end = time.monotonic()
         await asyncio.sleep(0.3)  # a stall that began at the end of the abuse shows too
+        if any(task.done() for task in tasks):  # ended, not stalled: a silence would be no gap
+            raise RuntimeError("a healthy stream ended or failed during the abuse")
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    finished = [s for s in results if s.times and s.times[-1] >= end]
-    if len(finished) < streams:
-        raise RuntimeError("a healthy stream ended during the abuse: raise max_tokens")
     return {
         "abuse": abuse,
         "abuse_s": round(end - start, 3),
         "statuses": sorted(set(statuses)),
+        "token_s": round(
+            statistics.median(g for s in results for g in s.gaps(quiet_start, start)), 4
+        ),
         "largest_gap_quiet_s": round(max(s.largest_gap(quiet_start, start) for s in results), 3),
         "largest_gap_s": round(max(s.largest_gap(start, end + 0.3) for s in results), 3),
+        "largest_gap_at_s": round(max(s.largest_gap_at(start, end + 0.3) for s in results)[1], 3),
     }
 
 

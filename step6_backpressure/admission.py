@@ -180,16 +180,14 @@ class LimitedServing(Serving):
 
 
 class BodyLimitMiddleware:
-    """413 for a body past `limit` bytes, before the app reads any of it (Content-Length over
-    the limit) or as soon as more than that has arrived (a chunked body).
+    """413 for a body past `limit` bytes, and the connection closed: at once from the headers
+    when Content-Length declares more, before any of the body is read; as soon as more than
+    that has arrived when the body is chunked.
 
-    A client that is still sending when the server answers and closes would see its connection
-    reset instead of the answer (the kernel resets a socket closed with unread data), so the
-    rest of the body is read and thrown away first, up to `DRAIN_FACTOR` times the limit and
-    `DRAIN_TIMEOUT_S`; past that the connection is closed at once."""
-
-    DRAIN_FACTOR = 16
-    DRAIN_TIMEOUT_S = 10.0
+    Nothing of the rest is read: the answer is written before the close, and a client still
+    sending finds it in its receive buffer (its next write fails, the bytes already received
+    stay readable; httpx reads the response after a failed write). Reading the rest first
+    would let a client hold the answer back for as long as it takes to send, or not send."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -197,24 +195,25 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = _declared_length(scope)
-        if declared > self.limit:
-            if declared <= self.limit * self.DRAIN_FACTOR:
-                await self._drain(receive, 0)
+        if _declared_length(scope) > self.limit:
             return await self._refuse(scope, receive, send)
-        seen = 0
+        seen, over = 0, False
 
         async def counted_receive():
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                if message.get("more_body", False):
-                    await self._drain(receive, seen)
+                over = True
                 raise self._error()
             return message
 
-        await self.app(scope, counted_receive, send)
+        async def closing_send(message) -> None:
+            if over and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), CLOSE]}
+            await send(message)
+
+        await self.app(scope, counted_receive, closing_send)
 
     def _error(self) -> APIError:
         return APIError(f"request body over {self.limit} bytes", 413, code="body_too_large")
@@ -224,21 +223,8 @@ class BodyLimitMiddleware:
         response.headers["connection"] = "close"
         await response(scope, receive, send)
 
-    async def _drain(self, receive, seen: int) -> None:
-        """Read and drop what is left of the body, within the bounds above."""
 
-        async def read_rest() -> None:
-            nonlocal seen
-            while seen <= self.limit * self.DRAIN_FACTOR:
-                message = await receive()
-                seen += len(message.get("body", b""))
-                if message["type"] != "http.request" or not message.get("more_body"):
-                    return
-
-        try:
-            await asyncio.wait_for(read_rest(), self.DRAIN_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            return
+CLOSE = (b"connection", b"close")
 
 
 def _declared_length(scope) -> int:
