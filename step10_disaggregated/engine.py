@@ -6,7 +6,7 @@ One engine can play either part, and which one a request gets is said by its
 - **prefill** (`do_remote_decode`): the request runs as usual (the proxy asks for one token);
   as it ends, the full blocks of its prompt are put under a lease (leases.py) instead of being
   freed, and the params the decode engine needs to fetch them are recorded for the answer
-  (`transfer_params`);
+  (`KVTransfer.answer`);
 - **decode** (`do_remote_prefill`): before the request is queued, the engine asks its own prefix
   cache for the prompt's blocks, fetches only the ones it lacks through the connector
   (kv_connector.py), writes them into fresh blocks of its pool and names them, then tells the
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from common.config import knob
+from common.config import ConfigPart, knob
 from common.errors import APIError
 from common.model import LoadedModel
 from common.prefix import block_hashes
@@ -53,19 +53,30 @@ log = logging.getLogger("gateway")
 
 FAILURE_POLICIES = ("recompute", "fail")
 
-# The kv_transfer_params of the API request being submitted: the server sets it around the
-# submission (the request schema of common/ has no such field), the engine reads it in `submit`.
-KV_TRANSFER_PARAMS: contextvars.ContextVar[TransferParams | None] = contextvars.ContextVar(
-    "kv_transfer_params", default=None
+
+@dataclass
+class KVTransfer:
+    """An API request's kv_transfer_params, and for a prefill, the params to answer with once
+    its blocks are held (what the decode engine needs to fetch them)."""
+
+    params: TransferParams
+    answer: TransferParams | None = None
+
+
+# The transfer of the API request being submitted: the server sets it around the request (the
+# request schema of common/ has no such field), the engine reads it in `submit`.
+KV_TRANSFER: contextvars.ContextVar[KVTransfer | None] = contextvars.ContextVar(
+    "kv_transfer", default=None
 )
 
 
 @dataclass(frozen=True)
-class DisaggConfig(SpeculativeConfig):
-    engine_id: str = knob("", "this engine's name in kv_transfer_params (default: a fresh one)")
+class TransferConfig(ConfigPart):
     kv_lease_s: float = knob(30.0, "seconds handed-over blocks wait for the decode engine")
     kv_transfer_failure: str = knob(
-        "recompute", "when the blocks cannot be had: recompute (the prompt, here) | fail"
+        "recompute",
+        "when the prompt's blocks cannot be had (transfer failed, prefill engine gone): "
+        "recompute (the prompt, on the decode engine) | fail (the request, 502)",
     )
 
     def __post_init__(self) -> None:
@@ -74,6 +85,11 @@ class DisaggConfig(SpeculativeConfig):
             raise ValueError("kv_lease_s must be > 0")
         if self.kv_transfer_failure not in FAILURE_POLICIES:
             raise ValueError(f"kv_transfer_failure is one of {FAILURE_POLICIES}")
+
+
+@dataclass(frozen=True)
+class DisaggConfig(TransferConfig, SpeculativeConfig):
+    engine_id: str = knob("", "this engine's name in kv_transfer_params (default: a fresh one)")
 
 
 class DisaggEngine(SpeculativeEngine):
@@ -88,9 +104,8 @@ class DisaggEngine(SpeculativeEngine):
         self.leases = Leases(self.blocks, self.kv, config.kv_lease_s)
         self.connector: KVConnector = connector or LocalConnector(self)
         self.failure_policy = config.kv_transfer_failure
-        # Prefill side: the requests to hand over as they end, then the params to answer with.
-        self._hand_over: weakref.WeakSet[Request] = weakref.WeakSet()
-        self.transfer_params: weakref.WeakKeyDictionary[Request, TransferParams] = (
+        # Prefill side: the requests to hand over as they end, each with its transfer.
+        self._hand_over: weakref.WeakKeyDictionary[Request, KVTransfer] = (
             weakref.WeakKeyDictionary()
         )
         self._expiry_task: asyncio.Task | None = None
@@ -113,9 +128,10 @@ class DisaggEngine(SpeculativeEngine):
     # ------------------------------------------------------------ submitting
 
     async def submit(self, request: Request) -> None:
-        params = KV_TRANSFER_PARAMS.get() or {}
-        if params.get("do_remote_decode") and request.index == 0:
-            self._hand_over.add(request)
+        transfer = KV_TRANSFER.get()
+        params = transfer.params if transfer is not None else {}
+        if transfer is not None and params.get("do_remote_decode") and request.index == 0:
+            self._hand_over[request] = transfer
         taking_over = params.get("do_remote_prefill") and request is request.siblings[0]
         if taking_over and not await self.take_in(request, params):
             return  # failed, policy `fail`
@@ -187,10 +203,10 @@ class DisaggEngine(SpeculativeEngine):
 
     def _retire(self, seq: Sequence) -> None:
         request = seq.request
-        if request in self._hand_over and request.finish_reason and not request.cancelled:
+        transfer = self._hand_over.pop(request, None)
+        if transfer is not None and request.finish_reason and not request.cancelled:
             self.leases.hold(request.request_id, request.prompt_ids, seq.block_table)
-            self.transfer_params[request] = self.params_for(request)
-        self._hand_over.discard(request)
+            transfer.answer = self.params_for(request)
         super()._retire(seq)
 
     def params_for(self, request: Request) -> TransferParams:

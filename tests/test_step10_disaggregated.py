@@ -14,7 +14,7 @@ from common.errors import APIError
 from common.model import load_model
 from common.prefix import block_hashes
 from step7_real_kv.engine import EngineConfig, PagedEngine
-from step10_disaggregated.engine import KV_TRANSFER_PARAMS, DisaggConfig, DisaggEngine
+from step10_disaggregated.engine import KV_TRANSFER, DisaggConfig, DisaggEngine, KVTransfer
 from step10_disaggregated.kv_connector import (
     KVBlocks,
     LocalConnector,
@@ -44,23 +44,26 @@ def engines(lm, connector=None, **config):
     return prefill, decode_engine
 
 
-async def run(engine, request, params=None) -> None:
+async def run(engine, request, params=None) -> KVTransfer:
     """Submit `request` with these kv_transfer_params and step `engine` until it is idle."""
-    token = KV_TRANSFER_PARAMS.set(params)
+    transfer = KVTransfer(params or {})
+    token = KV_TRANSFER.set(transfer)
     try:
         await engine.submit(request)
     finally:
-        KV_TRANSFER_PARAMS.reset(token)
+        KV_TRANSFER.reset(token)
     while engine.scheduler.has_work:
         await engine.step()
+    return transfer
 
 
 async def prefill_phase(lm, engine, prompt, **sampling):
     """The proxy's first phase: max_tokens 1 and do_remote_decode; the params it answers."""
     request = make_request(lm, prompt, 1, **sampling)
-    await run(engine, request, {"do_remote_decode": True})
+    transfer = await run(engine, request, {"do_remote_decode": True})
     await drain(request)
-    return engine.transfer_params[request]
+    assert transfer.answer is not None
+    return transfer.answer
 
 
 async def disaggregated(lm, prefill, decode_engine, prompt, max_tokens, **sampling):
@@ -206,8 +209,8 @@ def test_a_prefill_that_did_not_end_well_holds_nothing(tiny_lm):
         prefill, _ = engines(tiny_lm)
         request = make_request(tiny_lm, PROMPT, 1)
         request.cancel()  # its client left before it ran
-        await run(prefill, request, {"do_remote_decode": True})
-        assert request not in prefill.transfer_params
+        transfer = await run(prefill, request, {"do_remote_decode": True})
+        assert transfer.answer is None
         assert_pool_empty(prefill)
 
     asyncio.run(go())
