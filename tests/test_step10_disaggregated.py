@@ -112,7 +112,14 @@ def test_blocks_out_and_in_are_equal_over_the_wire(tiny_lm):
         assert wired.names == block_hashes(PROMPT[:12], BLOCK)
         assert torch.equal(wired.k, sent.k) and torch.equal(wired.v, sent.v)
         request = make_request(tiny_lm, PROMPT, 3)
-        await run(decode_engine, request, params)
+        token = KV_TRANSFER.set(KVTransfer(params))
+        await decode_engine.submit(request)
+        KV_TRANSFER.reset(token)
+        assert decode_engine.scheduler.import_pins  # pinned while it waits ...
+        await decode_engine.step()
+        assert not decode_engine.scheduler.import_pins  # ... the scheduler's pins once it runs
+        while decode_engine.scheduler.has_work:
+            await decode_engine.step()
         taken = decode_engine.blocks.lookup(block_hashes(PROMPT[:12], BLOCK))
         assert len(taken) == 3  # named in the decode engine's prefix cache
         got = block_slots(taken, BLOCK)
