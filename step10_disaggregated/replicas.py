@@ -1,12 +1,15 @@
 """Local engines for the two pools on one machine: step 10's engine_server processes on free
 ports, started and stopped with the router, configured as step 9's replicas are (its
 GATEWAY_* settings for the engines), plus each one's engine id and the transfer's lease and
-failure policy. Every engine gets an equal share of the cores (one thread each on two)."""
+failure policy. Every engine gets an equal share of the cores (one thread each on two), and
+goes when the router goes, even when it is killed."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +42,8 @@ class LocalEngines(LocalReplicas):
             env[f"{ENV_PREFIX}ENGINE_ID"] = f"{role}-{i}"
             env[f"{ENV_PREFIX}KV_LEASE_S"] = str(self.config.kv_lease_s)
             env[f"{ENV_PREFIX}KV_TRANSFER_FAILURE"] = self.config.kv_transfer_failure
-            self.processes.append(subprocess.Popen([sys.executable, "-m", ENGINE], env=env))
+            argv = [sys.executable, "-m", ENGINE]
+            self.processes.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
             urls.append(f"http://127.0.0.1:{port}")
             log.info("started %s engine %s on port %d", role, ENGINE, port)
         self.urls += urls
@@ -57,3 +61,11 @@ class LocalEngines(LocalReplicas):
                 raise TimeoutError(f"engines not ready after {timeout_s:g} s")
             await asyncio.gather(*(p.poll_once(client) for p in pools))
             await asyncio.sleep(0.25)
+
+
+def _die_with_parent() -> None:
+    """In the engine's process, before it runs: the kernel sends it SIGTERM when the router
+    exits, however it exits (killed during start-up too, before it could stop its engines), so
+    no engine outlives its router. Linux only (prctl); elsewhere the router's own stop does."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
