@@ -210,3 +210,26 @@ def _refused(url: str) -> bool:
     except httpx.ConnectError:
         return True
     return False
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_a_prefill_engine_gone_at_the_router(tmp_path, tiny_model_dir, fleet, policy):
+    reference, decode, _ = fleet
+    prefill = engine(tmp_path / "prefill.log", tiny_model_dir, "short-lived")
+    router = router_for(
+        tmp_path / "router.log", prefill, decode, GATEWAY_KV_TRANSFER_FAILURE=policy
+    )
+    try:
+        prefill.proc.kill()
+        prefill.proc.wait()
+        body = completion("A prompt nobody has prefilled " + PROMPT)
+        answer = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
+        if policy == "recompute":
+            assert answer.status_code == 200
+            assert answer.json()["choices"][0]["text"] == alone(reference, body)
+        else:
+            assert answer.status_code == 502
+            assert answer.json()["error"]["code"] == "prefill_failed"
+    finally:
+        router.stop()
+        prefill.stop()
