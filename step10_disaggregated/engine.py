@@ -204,10 +204,13 @@ class DisaggEngine(SpeculativeEngine):
     def _retire(self, seq: Sequence) -> None:
         request = seq.request
         transfer = self._hand_over.pop(request, None)
-        if transfer is not None and request.finish_reason and not request.cancelled:
+        handed = transfer is not None and bool(request.finish_reason) and not request.cancelled
+        if transfer is not None and handed:
             self.leases.hold(request.request_id, request.prompt_ids, seq.block_table)
             transfer.answer = self.params_for(request)
         super()._retire(seq)
+        if handed:  # the timeline ends its span with the hand-over, not a finish reason
+            self._retired[-1] = (request.trace_id, "handed over")
 
     def params_for(self, request: Request) -> TransferParams:
         """What the decode engine needs to fetch this request's blocks (vLLM's field names)."""

@@ -316,3 +316,17 @@ def test_a_request_cancelled_mid_transfer_frees_both_sides(tiny_lm):
         assert_pool_empty(decode_engine)
 
     asyncio.run(go())
+
+
+def test_the_timelines_show_the_hand_over_and_the_blocks_taken_in(tiny_lm):
+    async def go():
+        prefill, decode_engine = engines(tiny_lm, timeline=True)
+        request = await disaggregated(tiny_lm, prefill, decode_engine, PROMPT, 3)
+        _, spans = prefill.timeline.snapshot()
+        assert [span.how for span in spans.values()] == ["handed over"]
+        iterations, spans = decode_engine.timeline.snapshot()
+        first = iterations[0].steps[0]
+        assert (first.request_id, first.kind, first.cached) == (request.trace_id, "prefill", 12)
+        assert spans[request.trace_id].how == "length"
+
+    asyncio.run(go())
