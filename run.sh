@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine that has only Python 3.10+.
 #
-#   ./run.sh serve [STEP] [--flag value ...]   set up, then run a step's server (default: the last)
+#   ./run.sh serve [STEP] [--flag value ...]   set up, then run a step's server (default: step 9, see resolve_step)
 #   ./run.sh test [PYTEST ARGS ...]            set up, then run the test suite
 #   ./run.sh bench [BENCH ARGS ...]            set up, then run the bench (python -m bench)
 #   ./run.sh setup                             only set up: .venv, packages, model
@@ -58,7 +58,12 @@ ensure_services() {
 resolve_step() {
     local want=${1:-}
     if [ -z "$want" ]; then
-        ls -d step*_*/ | sort -V | tail -n 1 | tr -d /
+        # Named, not the highest-numbered folder: the default is the step that serves a general
+        # workload best on one machine, and a higher number is not that. Step 10 (prefill and
+        # decode on separate engines) buys steady inter-token latency and splits one machine's
+        # few cores between two engines; it stays off the default until the bench has compared
+        # them on one machine (step 10's README).
+        echo step9_router
     elif [ -d "$want" ]; then
         echo "${want%/}"
     else

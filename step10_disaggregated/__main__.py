@@ -1,0 +1,3 @@
+from step10_disaggregated.server import main
+
+main()

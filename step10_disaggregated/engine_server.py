@@ -1,0 +1,79 @@
+"""Step 10's engine: step 8's server with the disaggregated engine, its KV routes and counters.
+
+The same process serves either pool (prefill or decode): which part it plays for a request is
+said by the request's kv_transfer_params (engine.py). New routes: POST /v1/kv/fetch and
+/v1/kv/release, the prefill side of the HTTP connector (http_connector.py).
+Run: python -m step10_disaggregated.engine_server
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from common.app import create_app
+from step6_backpressure.admission import BodyLimitMiddleware
+from step6_backpressure.lifecycle import Lifecycle, serve_gracefully
+from step7_real_kv.engine import PagedEngine
+from step8_speculative import server as step8
+from step10_disaggregated.engine import DisaggConfig, DisaggEngine, TransferCollector
+from step10_disaggregated.http_connector import HttpConnector, fetch_route, release_route
+from step10_disaggregated.transfer_middleware import KVTransferMiddleware
+
+
+@dataclass(frozen=True)
+class Config(DisaggConfig, step8.Config):
+    """Step 10's engine: step 8's knobs, its engine id, the lease and the failure policy."""
+
+
+class DisaggEngineWithHttp(DisaggEngine):
+    """The disaggregated engine, fetching from other processes over HTTP."""
+
+    def __init__(self, lm, config: DisaggConfig) -> None:
+        super().__init__(lm, config, HttpConnector())
+
+    async def stop(self) -> None:
+        await super().stop()
+        await cast(HttpConnector, self.connector).aclose()
+
+
+class Server(step8.Server):
+    """Step 8's composition, with the disaggregated engine, its routes and its counters."""
+
+    engine_class = DisaggEngineWithHttp  # type: ignore[assignment]  # (lm, config) all the same
+
+    def collectors(self, engine: PagedEngine) -> list[Collector]:
+        return [*super().collectors(engine), TransferCollector(cast(DisaggEngine, engine))]
+
+    def app(self) -> Starlette:
+        config, lifecycle, observability = self.config, self.lifecycle, self.observability
+        routes = [
+            *observability.routes,
+            *lifecycle.routes,
+            Route("/v1/kv/fetch", fetch_route, methods=["POST"]),
+            Route("/v1/kv/release", release_route, methods=["POST"]),
+        ]
+        middleware = [
+            *observability.middleware,
+            Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),
+            *lifecycle.middleware,
+            Middleware(KVTransferMiddleware),  # inside the body limit: it reads the body
+        ]
+        return create_app(self.lifespan, routes, middleware)
+
+
+def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
+    return Server(config, lifecycle).app()
+
+
+def main() -> None:
+    serve_gracefully(build_app, Config)
+
+
+if __name__ == "__main__":
+    main()

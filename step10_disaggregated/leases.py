@@ -1,0 +1,105 @@
+"""Leases: the prefill engine keeps a prompt's handed-over blocks until the decode engine is done
+with them, or until the lease runs out.
+
+When a request that asked for a remote decode (`kv_transfer_params.do_remote_decode`) finishes
+its prefill, `hold` takes one more reference to each full block of its prompt (block_manager's
+`share`), so the request's own end does not free them. Every way out drops that reference
+exactly once: the decode engine confirms (`release(..., "confirmed")`), cancels
+(`"cancelled"`), or never comes back (`expire`, after `kv_lease_s`). A block whose last
+reference goes is free again, and still findable by its name, like any freed block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from common.prefix import block_hashes
+from step7_real_kv.block_manager import BlockManager
+from step7_real_kv.paged_kv import PagedKVCache
+from step10_disaggregated.kv_connector import KVBlocks, TransferError
+
+
+@dataclass
+class Lease:
+    block_ids: list[int]
+    names: list[bytes]
+    expires_at: float  # on the monotonic clock
+
+
+@dataclass
+class TransferStats:
+    blocks_sent: int = 0
+    bytes_sent: int = 0
+    blocks_received: int = 0
+    bytes_received: int = 0
+    transfer_s: float = 0.0  # time the decode side spent fetching, in seconds
+    ended: Counter[str] = field(default_factory=Counter)  # leases ended, by how
+
+
+def handed_over_blocks(prompt_ids: list[int], block_size: int) -> int:
+    """How many full blocks of a prompt are handed over: those of all its tokens but the last,
+    which the decode engine computes itself, for its logits (as a prefix-cache hit would)."""
+    return len(prompt_ids[:-1]) // block_size
+
+
+class Leases:
+    def __init__(self, blocks: BlockManager, kv: PagedKVCache, lease_s: float) -> None:
+        self.blocks, self.kv, self.lease_s = blocks, kv, lease_s
+        self.held: dict[str, Lease] = {}  # by the prefill request's id
+        self.stats = TransferStats()
+
+    def hold(self, request_id: str, prompt_ids: list[int], block_table: list[int]) -> Lease:
+        """Keep the full blocks of a computed prompt (named by the scheduler as it computed
+        them) for the decode engine."""
+        n = handed_over_blocks(prompt_ids, self.blocks.block_size)
+        block_ids = block_table[:n]
+        names = block_hashes(prompt_ids[: n * self.blocks.block_size], self.blocks.block_size)
+        self.blocks.share(block_ids)
+        lease = Lease(block_ids, names, time.monotonic() + self.lease_s)
+        self.release(request_id, "replaced")  # a request id used twice keeps one lease
+        self.held[request_id] = lease
+        return lease
+
+    def read(self, request_id: str, skip: int) -> KVBlocks:
+        """The leased blocks after the first `skip`: their names, keys and values (copies)."""
+        lease = self.held.get(request_id)
+        if lease is None:
+            raise TransferError(f"no KV blocks held for {request_id!r} (expired or released)")
+        block_ids = lease.block_ids[skip:]
+        slots = block_slots(block_ids, self.blocks.block_size)
+        k, v = self.kv.k[:, slots].clone(), self.kv.v[:, slots].clone()
+        blocks = KVBlocks(lease.names[skip:], k, v)
+        self.stats.blocks_sent += len(block_ids)
+        self.stats.bytes_sent += blocks.nbytes
+        return blocks
+
+    def release(self, request_id: str, how: str) -> bool:
+        """Drop a lease's references; False when there was none (released before, expired)."""
+        lease = self.held.pop(request_id, None)
+        if lease is None:
+            return False
+        self.blocks.free(lease.block_ids)
+        self.stats.ended[how] += 1
+        return True
+
+    def expire(self, now: float | None = None) -> int:
+        """Release every lease past its time; how many were."""
+        now = time.monotonic() if now is None else now
+        late = [rid for rid, lease in self.held.items() if lease.expires_at <= now]
+        for rid in late:
+            self.release(rid, "expired")
+        return len(late)
+
+    def release_all(self, how: str) -> None:
+        for rid in list(self.held):
+            self.release(rid, how)
+
+
+def block_slots(block_ids: list[int], block_size: int) -> torch.Tensor:
+    """The slot numbers of whole blocks, in order: [len(block_ids) * block_size]."""
+    ids = torch.tensor(block_ids, dtype=torch.long)
+    return (ids[:, None] * block_size + torch.arange(block_size)).reshape(-1)

@@ -1,0 +1,71 @@
+"""Local engines for the two pools on one machine: step 10's engine_server processes on free
+ports, started and stopped with the router, configured as step 9's replicas are (its
+GATEWAY_* settings for the engines), plus each one's engine id and the transfer's lease and
+failure policy. Every engine gets an equal share of the cores (one thread each on two), and
+goes when the router goes, even when it is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from common.config import ENV_PREFIX
+from step9_router.replicas import LocalReplicas, engine_env, free_port
+from step9_router.upstreams import UpstreamPool
+
+log = logging.getLogger("gateway.upstreams")
+
+ENGINE = "step10_disaggregated.engine_server"
+
+
+class LocalEngines(LocalReplicas):
+    def __init__(self, config: Any) -> None:
+        count = (0 if config.prefill_upstreams else config.prefill_replicas) + (
+            0 if config.decode_upstreams else config.decode_replicas
+        )
+        super().__init__(config, count)
+
+    def start(self, role: str = "prefill") -> list[str]:
+        """Start this role's local engines; their URLs."""
+        urls = []
+        for i in range(getattr(self.config, f"{role}_replicas")):
+            port = free_port()
+            env = engine_env(self.config, port, self.count)
+            env[f"{ENV_PREFIX}ENGINE_ID"] = f"{role}-{i}"
+            env[f"{ENV_PREFIX}KV_LEASE_S"] = str(self.config.kv_lease_s)
+            env[f"{ENV_PREFIX}KV_TRANSFER_FAILURE"] = self.config.kv_transfer_failure
+            argv = [sys.executable, "-m", ENGINE]
+            self.processes.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
+            urls.append(f"http://127.0.0.1:{port}")
+            log.info("started %s engine %s on port %d", role, ENGINE, port)
+        self.urls += urls
+        return urls
+
+    async def wait_ready(  # type: ignore[override]
+        self, pools: list[UpstreamPool], client: httpx.AsyncClient, timeout_s: float
+    ) -> None:
+        """Poll until every pool's engines are ready; fail if one exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while sum(len(p.ready()) for p in pools) < sum(len(p.upstreams) for p in pools):
+            if self.exited():
+                raise RuntimeError(f"a local engine exited during startup: {self.exited()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engines not ready after {timeout_s:g} s")
+            await asyncio.gather(*(p.poll_once(client) for p in pools))
+            await asyncio.sleep(0.25)
+
+
+def _die_with_parent() -> None:
+    """In the engine's process, before it runs: the kernel sends it SIGTERM when the router
+    exits, however it exits (killed during start-up too, before it could stop its engines), so
+    no engine outlives its router. Linux only (prctl); elsewhere the router's own stop does."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG

@@ -1,0 +1,332 @@
+"""Step 10's engines on the tiny model, in-process: a prompt prefilled on one engine, its KV
+blocks handed over, the answer decoded on another; the blocks moved are the ones lacking, named
+in the decode engine's prefix cache; leases freed on every path; faults handled by policy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from common.config import ServerConfig
+from common.errors import APIError
+from common.model import load_model
+from common.prefix import block_hashes
+from step7_real_kv.engine import EngineConfig, PagedEngine
+from step10_disaggregated.engine import KV_TRANSFER, DisaggConfig, DisaggEngine, KVTransfer
+from step10_disaggregated.kv_connector import (
+    KVBlocks,
+    LocalConnector,
+    TransferError,
+    decode,
+    encode,
+)
+from step10_disaggregated.leases import block_slots
+from tests.engine_helpers import drain, make_request, until
+
+BLOCK = 4
+PROMPT = list(range(300, 314))  # 14 tokens: 3 full blocks handed over (13 // 4), 2 computed
+LONG = "The quick brown fox jumps over the lazy dog, and the dog sleeps on in the warm sun"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    return load_model(ServerConfig(model=str(tiny_model_dir)))
+
+
+def engines(lm, connector=None, **config):
+    """A prefill and a decode engine, the decode one fetching from the prefill one."""
+    args = {"block_size": BLOCK, "num_kv_blocks": 32, "num_speculative_tokens": 0, **config}
+    prefill = DisaggEngine(lm, DisaggConfig(engine_id="prefill", **args))
+    decode_engine = DisaggEngine(lm, DisaggConfig(engine_id="decode", **args))
+    decode_engine.connector = connector or LocalConnector(prefill)
+    return prefill, decode_engine
+
+
+async def run(engine, request, params=None) -> KVTransfer:
+    """Submit `request` with these kv_transfer_params and step `engine` until it is idle."""
+    transfer = KVTransfer(params or {})
+    token = KV_TRANSFER.set(transfer)
+    try:
+        await engine.submit(request)
+    finally:
+        KV_TRANSFER.reset(token)
+    while engine.scheduler.has_work:
+        await engine.step()
+    return transfer
+
+
+async def prefill_phase(lm, engine, prompt, **sampling):
+    """The proxy's first phase: max_tokens 1 and do_remote_decode; the params it answers."""
+    request = make_request(lm, prompt, 1, **sampling)
+    transfer = await run(engine, request, {"do_remote_decode": True})
+    await drain(request)
+    assert transfer.answer is not None
+    return transfer.answer
+
+
+async def disaggregated(lm, prefill, decode_engine, prompt, max_tokens, **sampling):
+    """Both phases: the answer decoded on `decode_engine` from `prefill`'s blocks."""
+    params = await prefill_phase(lm, prefill, prompt, **sampling)
+    request = make_request(lm, prompt, max_tokens, **sampling)
+    await run(decode_engine, request, params)
+    await drain(request)
+    return request
+
+
+def step7(lm, prompt, max_tokens, **sampling) -> list[int]:
+    async def go():
+        engine = PagedEngine(lm, EngineConfig(block_size=BLOCK, num_kv_blocks=32))
+        request = make_request(lm, prompt, max_tokens, **sampling)
+        engine.scheduler.add(request)
+        while engine.scheduler.has_work:
+            await engine.step()
+        await drain(request)
+        return request.output_ids
+
+    return asyncio.run(go())
+
+
+def assert_pool_empty(engine: DisaggEngine) -> None:
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert set(engine.blocks.ref_counts) == {0}
+    assert not engine.leases.held
+    assert not engine.scheduler.import_pins
+
+
+# ---------------------------------------------------------------- the connector
+
+
+def test_blocks_out_and_in_are_equal_over_the_wire(tiny_lm):
+    async def go():
+        prefill, decode_engine = engines(tiny_lm)
+        params = await prefill_phase(tiny_lm, prefill, PROMPT)
+        lease = prefill.leases.held[params["remote_request_id"]]
+        assert params["remote_block_ids"] == lease.block_ids and len(lease.block_ids) == 3
+        sent = prefill.leases.read(params["remote_request_id"], 0)
+        slots = block_slots(lease.block_ids, BLOCK)
+        torch.testing.assert_close(sent.k, prefill.kv.k[:, slots], rtol=0, atol=0)
+        torch.testing.assert_close(sent.v, prefill.kv.v[:, slots], rtol=0, atol=0)
+        wired = decode(encode(sent))
+        assert wired.names == block_hashes(PROMPT[:12], BLOCK)
+        assert torch.equal(wired.k, sent.k) and torch.equal(wired.v, sent.v)
+        request = make_request(tiny_lm, PROMPT, 3)
+        token = KV_TRANSFER.set(KVTransfer(params))
+        await decode_engine.submit(request)
+        KV_TRANSFER.reset(token)
+        assert decode_engine.scheduler.import_pins  # pinned while it waits ...
+        await decode_engine.step()
+        assert not decode_engine.scheduler.import_pins  # ... the scheduler's pins once it runs
+        while decode_engine.scheduler.has_work:
+            await decode_engine.step()
+        taken = decode_engine.blocks.lookup(block_hashes(PROMPT[:12], BLOCK))
+        assert len(taken) == 3  # named in the decode engine's prefix cache
+        got = block_slots(taken, BLOCK)
+        assert torch.equal(decode_engine.kv.k[:, got], sent.k)
+        assert torch.equal(decode_engine.kv.v[:, got], sent.v)
+        assert request.cached_prompt_tokens == 12  # admitted as a prefix-cache hit
+        assert_pool_empty(prefill)
+        assert_pool_empty(decode_engine)
+
+    asyncio.run(go())
+
+
+def test_a_bad_message_is_a_transfer_error():
+    blocks = KVBlocks([b"x" * 32], torch.zeros(2, 4, 1, 8), torch.ones(2, 4, 1, 8))
+    with pytest.raises(TransferError):
+        decode(encode(blocks)[:-3])
+
+
+def test_only_the_blocks_the_decode_engine_lacks_move(tiny_lm):
+    async def go():
+        prefill, decode_engine = engines(tiny_lm)
+        await run(decode_engine, make_request(tiny_lm, PROMPT[:9], 1))  # 2 blocks cached there
+        params = await prefill_phase(tiny_lm, prefill, PROMPT)
+        request = make_request(tiny_lm, PROMPT, 2)
+        await run(decode_engine, request, params)
+        assert prefill.leases.stats.blocks_sent == 1
+        assert decode_engine.leases.stats.blocks_received == 1
+        assert decode_engine.leases.stats.bytes_received == decode_engine.kv.bytes_per_block
+        assert request.cached_prompt_tokens == 12
+        assert_pool_empty(prefill)
+        assert_pool_empty(decode_engine)
+
+    asyncio.run(go())
+
+
+# ---------------------------------------------------------------- exact
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, LONG, PROMPT[:5], PROMPT[:4], "Hi"])
+def test_greedy_answers_are_step_7s(tiny_lm, prompt):
+    async def go():
+        prefill, decode_engine = engines(tiny_lm)
+        request = await disaggregated(tiny_lm, prefill, decode_engine, prompt, 12)
+        assert_pool_empty(prefill)
+        assert_pool_empty(decode_engine)
+        return request.output_ids
+
+    assert asyncio.run(go()) == step7(tiny_lm, prompt, 12)
+
+
+def test_seeded_sampled_answers_are_step_7s(tiny_lm):
+    sampling = {"temperature": 1.0, "top_p": 0.9, "seed": 1234}
+
+    async def go():
+        prefill, decode_engine = engines(tiny_lm, num_speculative_tokens=3)
+        request = await disaggregated(tiny_lm, prefill, decode_engine, LONG, 16, **sampling)
+        return request.output_ids
+
+    assert asyncio.run(go()) == step7(tiny_lm, LONG, 16, **sampling)
+
+
+# ---------------------------------------------------------------- leases
+
+
+def test_a_lease_nobody_confirms_expires_and_frees_its_blocks(tiny_lm):
+    async def go():
+        prefill, _ = engines(tiny_lm, kv_lease_s=5.0)
+        params = await prefill_phase(tiny_lm, prefill, PROMPT)
+        lease = prefill.leases.held[params["remote_request_id"]]
+        assert prefill.blocks.num_free == prefill.blocks.num_blocks - 3  # held for the decode
+        assert prefill.leases.expire(now=lease.expires_at - 0.01) == 0
+        assert prefill.leases.expire(now=lease.expires_at) == 1
+        assert prefill.leases.stats.ended["expired"] == 1
+        assert_pool_empty(prefill)
+        with pytest.raises(TransferError):
+            prefill.leases.read(params["remote_request_id"], 0)
+
+    asyncio.run(go())
+
+
+def test_stopping_the_prefill_engine_frees_its_leases(tiny_lm):
+    async def go():
+        prefill, _ = engines(tiny_lm)
+        await prefill_phase(tiny_lm, prefill, PROMPT)
+        await prefill.stop()
+        assert prefill.leases.stats.ended["stopped"] == 1
+        assert_pool_empty(prefill)
+
+    asyncio.run(go())
+
+
+def test_a_prefill_that_did_not_end_well_holds_nothing(tiny_lm):
+    async def go():
+        prefill, _ = engines(tiny_lm)
+        request = make_request(tiny_lm, PROMPT, 1)
+        request.cancel()  # its client left before it ran
+        transfer = await run(prefill, request, {"do_remote_decode": True})
+        assert transfer.answer is None
+        assert_pool_empty(prefill)
+
+    asyncio.run(go())
+
+
+# ---------------------------------------------------------------- faults
+
+
+class GoneConnector:
+    """The prefill engine is gone: every fetch fails as a refused connection would."""
+
+    released: list[str] = []
+
+    async def fetch(self, params, skip):
+        raise ConnectionRefusedError("prefill engine gone")
+
+    async def release(self, params, how):
+        raise ConnectionRefusedError("prefill engine gone")
+
+
+def test_blocks_that_cannot_be_had_are_recomputed_by_default(tiny_lm):
+    async def go():
+        prefill, decode_engine = engines(tiny_lm, connector=GoneConnector())
+        request = await disaggregated(tiny_lm, prefill, decode_engine, LONG, 10)
+        assert request.cached_prompt_tokens == 0  # prefilled here
+        assert decode_engine.leases.stats.blocks_received == 0
+        assert_pool_empty(decode_engine)
+        await prefill.stop()  # its lease was never released: it goes with the engine
+        assert_pool_empty(prefill)
+        return request.output_ids
+
+    assert asyncio.run(go()) == step7(tiny_lm, LONG, 10)
+
+
+def test_blocks_that_cannot_be_had_fail_the_request_under_policy_fail(tiny_lm):
+    async def go():
+        prefill, decode_engine = engines(
+            tiny_lm, connector=GoneConnector(), kv_transfer_failure="fail"
+        )
+        params = await prefill_phase(tiny_lm, prefill, LONG)
+        request = make_request(tiny_lm, LONG, 10)
+        await run(decode_engine, request, params)
+        with pytest.raises(APIError, match="KV blocks could not be had") as caught:
+            await drain(request)
+        assert caught.value.status == 502
+        assert_pool_empty(decode_engine)
+
+    asyncio.run(go())
+
+
+def test_blocks_of_another_prompt_are_refused_and_recomputed(tiny_lm):
+    async def go():
+        prefill, decode_engine = engines(tiny_lm)
+        params = await prefill_phase(tiny_lm, prefill, PROMPT)
+        other = [t + 1 for t in PROMPT]
+        request = make_request(tiny_lm, other, 4)
+        await run(decode_engine, request, params)
+        await drain(request)
+        assert decode_engine.leases.stats.blocks_received == 0
+        assert prefill.leases.stats.ended["cancelled"] == 1
+        assert_pool_empty(prefill)
+        assert_pool_empty(decode_engine)
+        return request.output_ids
+
+    assert asyncio.run(go()) == step7(tiny_lm, [t + 1 for t in PROMPT], 4)
+
+
+class SlowConnector(LocalConnector):
+    """Fetches only when let go: a transfer in flight, for as long as a test needs."""
+
+    def __init__(self, *engines) -> None:
+        super().__init__(*engines)
+        self.started, self.go_on = asyncio.Event(), asyncio.Event()
+
+    async def fetch(self, params, skip):
+        self.started.set()
+        await self.go_on.wait()
+        return await super().fetch(params, skip)
+
+
+def test_a_request_cancelled_mid_transfer_frees_both_sides(tiny_lm):
+    async def go():
+        prefill, decode_engine = engines(tiny_lm)
+        connector = decode_engine.connector = SlowConnector(prefill)
+        params = await prefill_phase(tiny_lm, prefill, PROMPT)
+        request = make_request(tiny_lm, PROMPT, 8)
+        submitted = asyncio.create_task(run(decode_engine, request, params))
+        await connector.started.wait()
+        request.cancel()
+        connector.go_on.set()
+        await submitted
+        await until(lambda: request.finished)
+        assert prefill.leases.stats.ended["cancelled"] == 1
+        assert request.output_ids == []
+        assert_pool_empty(prefill)
+        assert_pool_empty(decode_engine)
+
+    asyncio.run(go())
+
+
+def test_the_timelines_show_the_hand_over_and_the_blocks_taken_in(tiny_lm):
+    async def go():
+        prefill, decode_engine = engines(tiny_lm, timeline=True)
+        request = await disaggregated(tiny_lm, prefill, decode_engine, PROMPT, 3)
+        _, spans = prefill.timeline.snapshot()
+        assert [span.how for span in spans.values()] == ["handed over"]
+        iterations, spans = decode_engine.timeline.snapshot()
+        first = iterations[0].steps[0]
+        assert (first.request_id, first.kind, first.cached) == (request.trace_id, "prefill", 12)
+        assert spans[request.trace_id].how == "length"
+
+    asyncio.run(go())

@@ -1,0 +1,235 @@
+"""Step 10 as processes on the tiny model: a prefill engine, a decode engine and the router
+between them, driven through the official `openai` client and plain HTTP. The two phases,
+streamed and not; the blocks over the socket; a prefill engine gone before the decode engine
+fetched (recompute and fail policies); a decode engine killed mid-stream; the local engines
+of `python -m step10_disaggregated` gone with it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ServerProcess
+from tests.test_step9_router import metric, streamed_text
+
+MODEL = "SmolLM2-135M-Instruct"
+# About 60 tokens: three full blocks of 16 handed over.
+PROMPT = (
+    "The quick brown fox jumps over the lazy dog and runs far away into the forest, where the "
+    "trees are tall and the rivers are wide, and nobody has ever been before, not even the "
+    "oldest of the owls that live in the hollow oaks by the lake."
+)
+
+
+def engine(path, model_dir, engine_id: str, **env: str) -> ServerProcess:
+    return ServerProcess(
+        "step10_disaggregated.engine_server",
+        path,
+        {
+            "GATEWAY_MODEL": str(model_dir),
+            "GATEWAY_RESPONSE_CACHE": "false",
+            "GATEWAY_ENGINE_ID": engine_id,
+            **env,
+        },
+    )
+
+
+def router_for(path, prefill: ServerProcess, decode: ServerProcess, **env) -> ServerProcess:
+    return ServerProcess(
+        "step10_disaggregated",
+        path,
+        {
+            "GATEWAY_PREFILL_UPSTREAMS": prefill.url,
+            "GATEWAY_DECODE_UPSTREAMS": decode.url,
+            "GATEWAY_HEALTH_INTERVAL_S": "0.2",
+            "GATEWAY_RESPONSE_CACHE": "false",
+            **env,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, tiny_model_dir):
+    logs = tmp_path_factory.mktemp("step10")
+    started: list[ServerProcess] = []
+    try:
+        started.append(engine(logs / "prefill.log", tiny_model_dir, "prefill"))
+        started.append(engine(logs / "decode.log", tiny_model_dir, "decode"))
+        started.append(router_for(logs / "router.log", *started))
+        yield started
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def completion(prompt: str = PROMPT, **fields) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, **fields}
+
+
+def alone(server: ServerProcess, body: dict) -> str:
+    """The answer of one engine by itself (step 8's engine: step 7's greedy tokens)."""
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    return response.json()["choices"][0]["text"]
+
+
+def until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_two_phases_through_the_openai_client(fleet):
+    prefill, decode, router = fleet
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
+    expected = alone(prefill, completion())
+    received = metric(decode.url, "gateway_kv_transfer_blocks_total", direction="received")
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert whole.choices[0].text == expected
+    assert whole.usage.prompt_tokens_details.cached_tokens == 48  # 3 blocks not computed there
+    stream = client.completions.create(
+        model=MODEL, prompt=PROMPT + " Again.", max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == alone(prefill, completion(PROMPT + " Again."))
+    assert chunks[-1].usage.completion_tokens == 12
+    after = metric(decode.url, "gateway_kv_transfer_blocks_total", direction="received")
+    assert after - received == 3  # the second prompt shares the first's 3 blocks: 0 moved
+    until(lambda: metric(prefill.url, "gateway_kv_leases_held") == 0)
+    assert metric(prefill.url, "gateway_kv_leases_ended_total", how="confirmed") >= 2
+    for server in (prefill, decode):
+        assert metric(server.url, "gateway_kv_blocks_used") == 0
+
+
+def test_n_choices_logprobs_and_seeded_sampling_keep_working(fleet):
+    prefill, _, router = fleet
+    body = completion(n=2, logprobs=2, temperature=0.8, seed=7, max_tokens=8)
+    got = httpx.post(router.url + "/v1/completions", json=body, timeout=60).json()
+    assert len(got["choices"]) == 2
+    assert all(len(c["logprobs"]["tokens"]) == 8 for c in got["choices"])
+    mine = httpx.post(prefill.url + "/v1/completions", json=body, timeout=60).json()
+    assert [c["text"] for c in got["choices"]] == [c["text"] for c in mine["choices"]]
+
+
+def test_the_prefill_answer_carries_kv_transfer_params(fleet):
+    prefill, *_ = fleet
+    body = completion(max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+    params = httpx.post(prefill.url + "/v1/completions", json=body, timeout=60).json()[
+        "kv_transfer_params"
+    ]
+    assert params["do_remote_prefill"] is True and params["remote_engine_id"] == "prefill"
+    assert len(params["remote_block_ids"]) == 3
+    release = {"remote_request_id": params["remote_request_id"], "how": "cancelled"}
+    assert httpx.post(prefill.url + "/v1/kv/release", json=release).json() == {"released": True}
+    assert metric(prefill.url, "gateway_kv_blocks_used") == 0
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_a_prefill_engine_gone_before_the_transfer(tmp_path, tiny_model_dir, fleet, policy):
+    reference = fleet[0]
+    prefill = engine(tmp_path / "prefill.log", tiny_model_dir, "gone")
+    decode = engine(
+        tmp_path / "decode.log", tiny_model_dir, "d", GATEWAY_KV_TRANSFER_FAILURE=policy
+    )
+    try:
+        body = completion(max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+        params = httpx.post(prefill.url + "/v1/completions", json=body, timeout=60).json()
+        params = params["kv_transfer_params"] | {
+            "remote_host": "127.0.0.1",
+            "remote_port": prefill.port,
+        }
+        prefill.proc.kill()
+        prefill.proc.wait()
+        answer = httpx.post(
+            decode.url + "/v1/completions", json=completion(kv_transfer_params=params), timeout=60
+        )
+        if policy == "recompute":
+            assert answer.status_code == 200
+            assert answer.json()["choices"][0]["text"] == alone(reference, completion())
+            assert answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        else:
+            assert answer.status_code == 502
+            assert "KV blocks could not be had" in answer.json()["error"]["message"]
+        assert metric(decode.url, "gateway_kv_blocks_used") == 0
+    finally:
+        prefill.stop()
+        decode.stop()
+
+
+def test_a_decode_engine_killed_mid_stream(tmp_path, tiny_model_dir, fleet):
+    prefill = fleet[0]
+    decode = engine(tmp_path / "decode.log", tiny_model_dir, "doomed")
+    router = router_for(tmp_path / "router.log", prefill, decode)
+    try:
+        body = completion("Once upon a time", max_tokens=1000, stream=True)
+        with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # it is decoding
+            decode.proc.kill()
+            decode.proc.wait()
+            _, rest = streamed_text(lines)
+        error = json.loads(rest[-1][len("data: ") :])["error"]
+        assert error["code"] == "upstream_failed"
+        until(lambda: httpx.get(router.url + "/health").status_code == 503)
+        assert httpx.get(router.url + "/health/ready").status_code == 503
+    finally:
+        router.stop()
+        decode.stop()
+
+
+def test_the_router_starts_its_engines_and_takes_them_along(tmp_path, tiny_model_dir):
+    router = ServerProcess(
+        "step10_disaggregated",
+        tmp_path / "router.log",
+        {"GATEWAY_MODEL": str(tiny_model_dir), "GATEWAY_RESPONSE_CACHE": "false"},
+    )
+    try:
+        pools = httpx.get(router.url + "/health").json()
+        urls = ["http://" + name for role in ("prefill", "decode") for name in pools[role]]
+        assert len(urls) == 2
+        answer = httpx.post(router.url + "/v1/completions", json=completion(), timeout=60)
+        assert answer.status_code == 200
+        assert metric(urls[1], "gateway_kv_transfer_blocks_total", direction="received") == 3
+        router.proc.kill()  # no chance to stop its engines itself
+        router.proc.wait()
+        for url in urls:  # no engine outlives its router
+            until(lambda url=url: _refused(url), timeout=30)
+    finally:
+        router.stop()
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_a_prefill_engine_gone_at_the_router(tmp_path, tiny_model_dir, fleet, policy):
+    reference, decode, _ = fleet
+    prefill = engine(tmp_path / "prefill.log", tiny_model_dir, "short-lived")
+    router = router_for(
+        tmp_path / "router.log", prefill, decode, GATEWAY_KV_TRANSFER_FAILURE=policy
+    )
+    try:
+        prefill.proc.kill()
+        prefill.proc.wait()
+        body = completion("A prompt nobody has prefilled " + PROMPT)
+        answer = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
+        if policy == "recompute":
+            assert answer.status_code == 200
+            assert answer.json()["choices"][0]["text"] == alone(reference, body)
+        else:
+            assert answer.status_code == 502
+            assert answer.json()["error"]["code"] == "prefill_failed"
+    finally:
+        router.stop()
+        prefill.stop()
