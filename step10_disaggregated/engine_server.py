@@ -57,6 +57,7 @@ class Server(step8.Server):
             *lifecycle.routes,
             Route("/v1/kv/fetch", fetch_route, methods=["POST"]),
             Route("/v1/kv/release", release_route, methods=["POST"]),
+            *self.live_routes(),  # step 8's page: the leases and blocks moved show in its pool
         ]
         middleware = [
             *observability.middleware,

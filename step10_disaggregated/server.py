@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from common.app import ErrorBoundary, frozen_after_startup
 from common.config import ConfigPart, knob
-from common.errors import EXCEPTION_HANDLERS
+from common.errors import EXCEPTION_HANDLERS, APIError
 from step5_observability.metrics import CacheCollector, watch_load
 from step5_observability.observability import Observability
 from step6_backpressure.admission import AdmissionCollector, BodyLimitMiddleware
@@ -34,6 +34,7 @@ from step9_router.answer_cache import make_answer_cache
 from step9_router.proxy import Proxy
 from step9_router.routing import Router
 from step9_router.upstreams import UpstreamCollector, UpstreamPool
+from step10_disaggregated import live
 from step10_disaggregated.engine import TransferConfig
 from step10_disaggregated.proxy import DisaggProxy
 from step10_disaggregated.replicas import LocalEngines
@@ -102,6 +103,7 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
             )
             app.state.fleet = step9.Fleet(proxy, cache, observability.metrics)  # type: ignore[arg-type]
             app.state.pools = {"prefill": pools[0].upstreams, "decode": pools[1].upstreams}
+            app.state.pool_proxies = {"prefill": pools[0].proxy, "decode": pools[1].proxy}
             async with lifecycle.serving(proxy):
                 yield
 
@@ -114,6 +116,7 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         Route("/detokenize", step9.tokenizer_route, methods=["POST"]),
         *observability.routes,
         *lifecycle.routes,
+        *live.routes(pool_proxies),  # GET /debug/engine: both pools' engines side by side
     ]
     middleware = [
         *observability.middleware,
@@ -127,6 +130,13 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=frozen_after_startup(lifespan),
     )
+
+
+def pool_proxies(http: HTTPRequest) -> dict[str, Proxy]:
+    proxies = getattr(http.app.state, "pool_proxies", None)
+    if proxies is None:
+        raise APIError("the router is starting", status=503, code="not_ready")
+    return proxies
 
 
 def pool(config: Config, role: str, spec: str, client, lifecycle, local: LocalEngines) -> Pool:

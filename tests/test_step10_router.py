@@ -233,3 +233,23 @@ def test_a_prefill_engine_gone_at_the_router(tmp_path, tiny_model_dir, fleet, po
     finally:
         router.stop()
         prefill.stop()
+
+
+def test_the_router_page_shows_both_engines_by_role(fleet):
+    """GET /debug/engine on step 10's router: one panel per engine, named by its pool, each
+    relaying that engine's own live feed."""
+    prefill, decode, router = fleet
+    names = {
+        "prefill": prefill.url.removeprefix("http://"),
+        "decode": decode.url.removeprefix("http://"),
+    }
+    assert httpx.get(router.url + "/debug/engine", timeout=10).status_code == 200
+    sources = httpx.get(router.url + "/debug/engine/sources", timeout=10).json()
+    assert sorted(s["name"] for s in sources) == sorted(f"{r} {n}" for r, n in names.items())
+    for source in sources:
+        with httpx.stream("GET", router.url + "/debug/" + source["events"], timeout=10) as events:
+            assert events.status_code == 200
+            line = next(x for x in events.iter_lines() if x.startswith("data:"))
+        assert json.loads(line.removeprefix("data:"))["counters"]["kv_blocks_total"] > 0
+    unknown = httpx.get(router.url + "/debug/engine/events?replica=nowhere:1", timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "no_such_replica"
