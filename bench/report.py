@@ -120,11 +120,11 @@ def _header(results: dict) -> list[str]:
         f"max_tokens {profile['max_tokens']}{pinned}, temperature 0, streaming; "
         f"each level: {profile['run_time_s']:.0f} s of new requests + up to "
         f"{profile['stop_timeout_s']:.0f} s to finish, at most {profile['max_requests']} requests.",
-        _workload_line(meta.get("workload") or {}),
         f"Machine class **{machine_label(machine)}**; commit {commit}; {machine['cpu_model']}, "
         f"{machine['cores']} cores, {machine['memory_gb']} GB{read}, device {machine['device']}; "
         f"torch {versions['torch']}, transformers {versions['transformers']}, "
         f"locust {versions['locust']}.",
+        _workload_line(meta.get("workload") or {}),
     ]
 
 
