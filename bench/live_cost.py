@@ -19,6 +19,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -32,12 +33,13 @@ SYSTEM = (
 ) * 3
 
 
-async def user(client: httpx.AsyncClient, i: int, until: float, max_tokens: int) -> int:
-    """Requests back to back until `until`; the output tokens of those that ended by then."""
+async def user(client: httpx.AsyncClient, tag: str, i: int, until: float, max_tokens: int) -> int:
+    """Requests back to back until `until`; the output tokens of those that ended by then.
+    `tag` is new every round, so no round's prompts are answered from the response cache."""
     tokens, n = 0, 0
     while time.monotonic() < until:
         n += 1
-        body = {"model": MODEL, "prompt": f"{SYSTEM}Question {i}.{n}: when do you open?",
+        body = {"model": MODEL, "prompt": f"{SYSTEM}Question {tag}.{i}.{n}: when do you open?",
                 "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
         answer = await client.post("/v1/completions", json=body)
         answer.raise_for_status()
@@ -59,12 +61,12 @@ async def one_round(url: str, headers: dict, args: argparse.Namespace, watched: 
     async with httpx.AsyncClient(
         base_url=url, headers=headers, timeout=300, limits=limits
     ) as client:
-        events = [0]
+        events, tag = [0], uuid.uuid4().hex[:8]
         watch = asyncio.create_task(watcher(client, events)) if watched else None
         start = time.monotonic()
         until = start + args.seconds
         totals = await asyncio.gather(
-            *(user(client, i, until, args.max_tokens) for i in range(args.users))
+            *(user(client, tag, i, until, args.max_tokens) for i in range(args.users))
         )
         if watch is not None:
             watch.cancel()
