@@ -46,7 +46,7 @@ from step10_disaggregated.kv_connector import (
     TransferError,
     TransferParams,
 )
-from step10_disaggregated.leases import Leases, block_slots
+from step10_disaggregated.leases import Leases, by_block
 from step10_disaggregated.scheduler import DisaggScheduler
 
 log = logging.getLogger("gateway")
@@ -148,6 +148,10 @@ class DisaggEngine(SpeculativeEngine):
         try:
             if len(held) < len(keys):
                 held += await self._fetch(params, keys, len(held))
+        except asyncio.CancelledError:  # the caller is gone: nothing stays pinned for it
+            how = "cancelled"
+            self.blocks.free(held)
+            raise
         except TransferError as exc:
             how = "cancelled"
             log.warning("request %s: KV blocks not taken in: %s", request.request_id, exc)
@@ -172,25 +176,50 @@ class DisaggEngine(SpeculativeEngine):
             raise TransferError(f"{type(exc).__name__}: {exc}") from exc
         if got.names != keys[skip:]:
             raise TransferError("the blocks handed over are not this prompt's")
-        block_ids = self._write(got)
-        self.blocks.name(got.names, block_ids)
+        block_ids = self._allocate(got)
+        await self._copy_in_off_loop(got, block_ids)
+        self.blocks.name(got.names, block_ids)  # findable only once written
         stats = self.leases.stats
         stats.blocks_received += len(block_ids)
         stats.bytes_received += got.nbytes
         stats.transfer_s += time.monotonic() - started
         return block_ids
 
-    def _write(self, got: KVBlocks) -> list[int]:
+    def _allocate(self, got: KVBlocks) -> list[int]:
+        """Fresh blocks for what arrived, if it fits this pool."""
+        layers, _, *slot_shape = self.kv.k.shape
+        shape = (layers, len(got.names) * self.blocks.block_size, *slot_shape)
+        if got.k.shape != shape or got.v.shape != shape:
+            raise TransferError(f"blocks of shape {tuple(got.k.shape)} do not fit this pool")
         if len(got.names) > self.blocks.num_free:
             raise TransferError(f"{len(got.names)} blocks to take in, {self.blocks.num_free} free")
-        block_ids = self.blocks.allocate(len(got.names))
-        slots = block_slots(block_ids, self.blocks.block_size)
-        if got.k.shape != self.kv.k[:, slots].shape:
+        return self.blocks.allocate(len(got.names))
+
+    async def _copy_in_off_loop(self, got: KVBlocks, block_ids: list[int]) -> None:
+        """Write the blocks on a worker thread (tens of MB for a long prompt), so the loop
+        keeps streaming other requests' tokens and the engine keeps stepping meanwhile.
+
+        No forward pass reads these blocks while they are written: they were free, so no
+        sequence's block table holds them, and they get their names (what a prefix lookup finds)
+        only after the copy. A forward pass running meanwhile writes only its own sequences'
+        blocks, other memory. If the request is cancelled mid-copy, the blocks are freed only
+        once the copy is done, so a freed block is never written to under its next owner."""
+        copy = asyncio.ensure_future(asyncio.to_thread(self._copy_in, got, block_ids))
+        try:
+            await asyncio.shield(copy)
+        except asyncio.CancelledError:
+            copy.add_done_callback(lambda _: self.blocks.free(block_ids))
+            raise
+        except BaseException:
             self.blocks.free(block_ids)
-            raise TransferError(f"blocks of shape {tuple(got.k.shape)} do not fit this pool")
-        self.kv.k[:, slots] = got.k.to(self.kv.k)
-        self.kv.v[:, slots] = got.v.to(self.kv.v)
-        return block_ids
+            raise
+
+    def _copy_in(self, got: KVBlocks, block_ids: list[int]) -> None:
+        size = self.blocks.block_size
+        for pool, part in ((self.kv.k, got.k), (self.kv.v, got.v)):
+            pool, part = by_block(pool, size), by_block(part, size)
+            for i, block_id in enumerate(block_ids):  # a block is one row per layer
+                pool[:, block_id].copy_(part[:, i])
 
     async def _release(self, params: TransferParams, how: str) -> None:
         """Tell the prefill engine we are done; if it cannot hear it, its lease expires."""

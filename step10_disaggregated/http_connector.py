@@ -11,12 +11,12 @@ copies on one machine, and RDMA (vLLM's NixlConnector) saves them between machin
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import httpx
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from common.api import off_loop
 from common.errors import APIError
 from step10_disaggregated.kv_connector import (
     KVBlocks,
@@ -26,6 +26,8 @@ from step10_disaggregated.kv_connector import (
     encode,
 )
 
+SLICE = 1 << 20  # bytes of the message sent at a time
+
 
 class HttpConnector:
     """KVConnector to the server named by `remote_host` and `remote_port` in the params."""
@@ -33,41 +35,78 @@ class HttpConnector:
     def __init__(self, timeout_s: float = 30.0) -> None:
         self.client = httpx.AsyncClient(timeout=timeout_s)
 
-    def _post(self, params: TransferParams, what: str, body: dict):
+    def _request(self, params: TransferParams, what: str, body: dict) -> tuple[str, dict]:
         try:
             url = f"http://{params['remote_host']}:{int(params['remote_port'])}/v1/kv/{what}"
             rid = params["remote_request_id"]
         except (KeyError, TypeError, ValueError) as exc:
             raise TransferError(f"kv_transfer_params lack {exc}") from exc
-        return self.client.post(url, json={"remote_request_id": rid, **body})
+        return url, {"remote_request_id": rid, **body}
 
     async def fetch(self, params: TransferParams, skip: int) -> KVBlocks:
-        response = await self._post(params, "fetch", {"skip": skip})
-        if response.status_code != 200:
-            raise TransferError(f"{response.status_code} {response.text[:200]}")
-        return await asyncio.to_thread(decode, response.content)
+        url, body = self._request(params, "fetch", {"skip": skip})
+        async with self.client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise TransferError(f"{response.status_code} {response.text[:200]}")
+            message = await _receive(response)
+        return decode(message)  # the keys and values stay where they were received
 
     async def release(self, params: TransferParams, how: str) -> None:
-        await self._post(params, "release", {"how": how})
+        url, body = self._request(params, "release", {"how": how})
+        await self.client.post(url, json=body)
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def _receive(response: httpx.Response) -> bytearray:
+    """The body, read into one buffer of the announced length as it arrives (no joining of
+    chunks afterwards): the buffer the keys and values are then used in."""
+    try:
+        message = bytearray(int(response.headers["content-length"]))
+    except (KeyError, ValueError) as exc:
+        raise TransferError(f"a KV message without a length: {exc}") from exc
+    view, at = memoryview(message), 0
+    async for chunk in response.aiter_raw():
+        if at + len(chunk) > len(message):
+            raise TransferError("a KV message longer than announced")
+        view[at : at + len(chunk)] = chunk
+        at += len(chunk)
+    if at != len(message):
+        raise TransferError(f"a KV message cut short: {at} of {len(message)} bytes")
+    return message
 
 
 # ---------------------------------------------------------------- the prefill engine's side
 
 
 async def fetch_route(http: HTTPRequest) -> Response:
-    """The leased blocks of `remote_request_id` after the first `skip`, in encode's format."""
-    engine = http.app.state.serving.engine
+    """The leased blocks of `remote_request_id` after the first `skip`, in encode's format,
+    streamed in slices as the socket takes them."""
+    leases = http.app.state.serving.engine.leases
     body = await _json(http)
     try:
-        blocks = engine.leases.read(str(body["remote_request_id"]), int(body.get("skip", 0)))
+        with leases.lend(str(body["remote_request_id"]), int(body.get("skip", 0))) as lent:
+            blocks = await asyncio.to_thread(leases.gather, *lent)  # ~60 MB: off the loop
     except TransferError as exc:
         raise APIError(str(exc), 404, code="kv_not_found") from None
     except (KeyError, ValueError, TypeError) as exc:
         raise APIError(f"bad KV fetch: {exc}", param="remote_request_id") from None
-    return Response(await off_loop(encode, blocks), media_type="application/octet-stream")
+    parts = encode(blocks)
+    size = str(sum(part.nbytes for part in parts))
+    return StreamingResponse(
+        _slices(parts), media_type="application/octet-stream", headers={"content-length": size}
+    )
+
+
+async def _slices(parts: list[memoryview]) -> AsyncIterator[memoryview]:
+    """The parts in slices of SLICE bytes: the server copies each slice once on its way to the
+    socket (h11 frames it) and waits for the socket to drain between slices, rather than
+    buffering a whole copy of the message at once."""
+    for part in parts:
+        for at in range(0, part.nbytes, SLICE):
+            yield part[at : at + SLICE]
 
 
 async def release_route(http: HTTPRequest) -> Response:

@@ -19,6 +19,7 @@ are the wire format that the HTTP transport (http_connector.py) sends over a soc
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -77,12 +78,20 @@ class LocalConnector:
 
 
 # ---------------------------------------------------------------- the wire format
+#
+# One message: a 4-byte little-endian length, a JSON header (the blocks' names in hex, the shape
+# of the keys, the dtype) padded with spaces to a multiple of 64 bytes, then the keys' raw bytes,
+# then the values' (each a C-contiguous tensor of the header's shape and dtype). The padding puts
+# the tensors on aligned offsets, so the receiver can use them where they lie in the buffer it
+# read the message into, without copying them out.
 
 _HEADER = struct.Struct("<I")  # the length of the JSON header that follows, in bytes
+_ALIGN = 64
 
 
-def encode(blocks: KVBlocks) -> bytes:
-    """One message: header length, JSON header (names, shape, dtype), keys, values."""
+def encode(blocks: KVBlocks) -> list[memoryview]:
+    """The message in parts (header, keys, values), to be sent one after the other: the keys
+    and values are views of the tensors' own memory, not copies."""
     header = json.dumps(
         {
             "names": [n.hex() for n in blocks.names],
@@ -90,21 +99,29 @@ def encode(blocks: KVBlocks) -> bytes:
             "dtype": str(blocks.k.dtype).removeprefix("torch."),
         }
     ).encode()
-    k, v = (t.contiguous().view(torch.uint8).numpy().tobytes() for t in (blocks.k, blocks.v))
-    return _HEADER.pack(len(header)) + header + k + v
+    header += b" " * (-(_HEADER.size + len(header)) % _ALIGN)
+    return [memoryview(_HEADER.pack(len(header)) + header), _raw(blocks.k), _raw(blocks.v)]
 
 
-def decode(message: bytes) -> KVBlocks:
-    """`encode`'s inverse; a message of the wrong length raises TransferError."""
+def _raw(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes, flat; no copy when it is contiguous already."""
+    return t.contiguous().view(-1).view(torch.uint8).numpy().data
+
+
+def decode(message: bytes | bytearray) -> KVBlocks:
+    """`encode`'s inverse; a message of the wrong length raises TransferError. The keys and
+    values are views into `message` when it is a bytearray (a copy of it otherwise)."""
+    buffer = message if isinstance(message, bytearray) else bytearray(message)
     try:
-        (length,) = _HEADER.unpack_from(message)
-        header = json.loads(message[_HEADER.size : _HEADER.size + length])
-        dtype = getattr(torch, header["dtype"])
-        shape = header["shape"]
-        body = memoryview(message)[_HEADER.size + length :]
-        half = len(body) // 2
-        parts = (body[:half], body[half:])
-        k, v = (torch.frombuffer(bytearray(part), dtype=dtype) for part in parts)
+        (length,) = _HEADER.unpack_from(buffer)
+        header = json.loads(buffer[_HEADER.size : _HEADER.size + length])
+        dtype, shape = getattr(torch, header["dtype"]), header["shape"]
+        count = math.prod(shape)  # elements in the keys, and in the values
+        at = _HEADER.size + length  # where the keys start; the values follow them
+        if len(buffer) != at + 2 * count * dtype.itemsize:
+            raise ValueError(f"{len(buffer)} bytes, not the header's size")
+        k = torch.frombuffer(buffer, dtype=dtype, count=count, offset=at)
+        v = torch.frombuffer(buffer, dtype=dtype, count=count, offset=at + k.nbytes)
         return KVBlocks([bytes.fromhex(n) for n in header["names"]], k.view(shape), v.view(shape))
-    except (ValueError, KeyError, RuntimeError, struct.error, AttributeError) as exc:
+    except (ValueError, KeyError, RuntimeError, TypeError, struct.error, AttributeError) as exc:
         raise TransferError(f"bad KV message: {exc}") from exc

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -66,16 +68,39 @@ class Leases:
 
     def read(self, request_id: str, skip: int) -> KVBlocks:
         """The leased blocks after the first `skip`: their names, keys and values (copies)."""
+        with self.lend(request_id, skip) as (names, block_ids):
+            return self.gather(names, block_ids)
+
+    @contextmanager
+    def lend(self, request_id: str, skip: int) -> Iterator[tuple[list[bytes], list[int]]]:
+        """The names and ids of the leased blocks after the first `skip`, with one more
+        reference while the caller copies them (on a worker thread, say): a lease released or
+        expired meanwhile cannot free them under the copy. On the event loop, like every call
+        into the block manager."""
         lease = self.held.get(request_id)
         if lease is None:
             raise TransferError(f"no KV blocks held for {request_id!r} (expired or released)")
-        block_ids = lease.block_ids[skip:]
-        slots = block_slots(block_ids, self.blocks.block_size)
-        k, v = self.kv.k[:, slots].clone(), self.kv.v[:, slots].clone()
-        blocks = KVBlocks(lease.names[skip:], k, v)
+        names, block_ids = lease.names[skip:], lease.block_ids[skip:]
+        self.blocks.share(block_ids)
+        try:
+            yield names, block_ids
+        finally:
+            self.blocks.free(block_ids)
         self.stats.blocks_sent += len(block_ids)
-        self.stats.bytes_sent += blocks.nbytes
-        return blocks
+        self.stats.bytes_sent += len(block_ids) * self.kv.bytes_per_block
+
+    def gather(self, names: list[bytes], block_ids: list[int]) -> KVBlocks:
+        """Copy blocks out of the pool into one new buffer, keys then values (the wire format's
+        order, so encode sends it as it lies). Reads only the pool: safe on a worker thread
+        while the blocks are lent, since nothing writes a full block that is referenced."""
+        k, v = self.kv.k, self.kv.v
+        size = self.blocks.block_size
+        out = k.new_empty((2, k.shape[0], len(block_ids) * size, *k.shape[2:]))
+        ids = torch.tensor(block_ids, dtype=torch.long)
+        for pool, part in ((k, out[0]), (v, out[1])):
+            # [layers, blocks, block_size * kv_heads * head_dim]: a block is one row per layer
+            torch.index_select(by_block(pool, size), 1, ids, out=by_block(part, size))
+        return KVBlocks(names, out[0], out[1])
 
     def release(self, request_id: str, how: str) -> bool:
         """Drop a lease's references; False when there was none (released before, expired)."""
@@ -97,6 +122,12 @@ class Leases:
     def release_all(self, how: str) -> None:
         for rid in list(self.held):
             self.release(rid, how)
+
+
+def by_block(kv: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[layers, slots, kv_heads, head_dim] viewed as [layers, blocks, block_size * kv_heads *
+    head_dim]: each block's slots in one layer are one contiguous row (no copy)."""
+    return kv.view(kv.shape[0], -1, block_size * kv.shape[2] * kv.shape[3])
 
 
 def block_slots(block_ids: list[int], block_size: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ in the decode engine's prefix cache; leases freed on every path; faults handled 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -108,9 +109,14 @@ def test_blocks_out_and_in_are_equal_over_the_wire(tiny_lm):
         slots = block_slots(lease.block_ids, BLOCK)
         torch.testing.assert_close(sent.k, prefill.kv.k[:, slots], rtol=0, atol=0)
         torch.testing.assert_close(sent.v, prefill.kv.v[:, slots], rtol=0, atol=0)
-        wired = decode(encode(sent))
+        parts = encode(sent)
+        assert parts[1].nbytes == sent.k.nbytes and parts[0].nbytes % 64 == 0  # keys aligned
+        message = bytearray(b"".join(parts))
+        wired = decode(message)
         assert wired.names == block_hashes(PROMPT[:12], BLOCK)
         assert torch.equal(wired.k, sent.k) and torch.equal(wired.v, sent.v)
+        message[-4:] = bytes(4)  # the tensors are views of the received buffer, not copies
+        assert wired.v.view(-1)[-1] == 0 and sent.v.view(-1)[-1] != 0
         request = make_request(tiny_lm, PROMPT, 3)
         token = KV_TRANSFER.set(KVTransfer(params))
         await decode_engine.submit(request)
@@ -135,7 +141,7 @@ def test_blocks_out_and_in_are_equal_over_the_wire(tiny_lm):
 def test_a_bad_message_is_a_transfer_error():
     blocks = KVBlocks([b"x" * 32], torch.zeros(2, 4, 1, 8), torch.ones(2, 4, 1, 8))
     with pytest.raises(TransferError):
-        decode(encode(blocks)[:-3])
+        decode(b"".join(encode(blocks))[:-3])
 
 
 def test_only_the_blocks_the_decode_engine_lacks_move(tiny_lm):
@@ -283,6 +289,73 @@ def test_blocks_of_another_prompt_are_refused_and_recomputed(tiny_lm):
         return request.output_ids
 
     assert asyncio.run(go()) == step7(tiny_lm, [t + 1 for t in PROMPT], 4)
+
+
+class HeldCopyEngine(DisaggEngine):
+    """Writes the blocks it takes in only when let go (a long copy), on its worker thread."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.copying, self.go_on = threading.Event(), threading.Event()
+
+    def _copy_in(self, got, block_ids):
+        self.copying.set()
+        assert self.go_on.wait(timeout=10), "the copy was never let go"
+        super()._copy_in(got, block_ids)
+
+
+def held_copy_engines(lm):
+    prefill, _ = engines(lm)
+    config = DisaggConfig(
+        engine_id="decode", block_size=BLOCK, num_kv_blocks=32, num_speculative_tokens=0
+    )
+    decode_engine = HeldCopyEngine(lm, config)
+    decode_engine.connector = LocalConnector(prefill)
+    return prefill, decode_engine
+
+
+def test_the_loop_keeps_running_while_the_blocks_are_written(tiny_lm):
+    async def go():
+        prefill, decode_engine = held_copy_engines(tiny_lm)
+        other = make_request(tiny_lm, LONG, 6)  # a stream decoding on the decode engine
+        decode_engine.scheduler.add(other)
+        params = await prefill_phase(tiny_lm, prefill, PROMPT)
+        request = make_request(tiny_lm, PROMPT, 3)
+        submitted = asyncio.create_task(run(decode_engine, request, params))
+        await until(decode_engine.copying.is_set)
+        while not other.finished:  # the engine steps and streams while the copy is held
+            await decode_engine.step()
+        decode_engine.go_on.set()
+        await submitted
+        await drain(request)
+        assert request.cached_prompt_tokens == 12
+        assert_pool_empty(decode_engine)
+        return other.output_ids
+
+    assert asyncio.run(go()) == step7(tiny_lm, LONG, 6)  # its tokens came while the copy was held
+
+
+def test_blocks_cancelled_mid_copy_are_freed_once_the_copy_is_done(tiny_lm):
+    async def go():
+        prefill, decode_engine = held_copy_engines(tiny_lm)
+        params = await prefill_phase(tiny_lm, prefill, PROMPT)
+        submitted = asyncio.create_task(
+            run(decode_engine, make_request(tiny_lm, PROMPT, 3), params)
+        )
+        await until(decode_engine.copying.is_set)
+        submitted.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submitted
+        # still being written: not free for anyone else yet
+        assert decode_engine.blocks.num_free == decode_engine.blocks.num_blocks - 3
+        decode_engine.go_on.set()
+        await until(lambda: decode_engine.blocks.num_free == decode_engine.blocks.num_blocks)
+        assert prefill.leases.stats.ended["cancelled"] == 1
+        assert not decode_engine.blocks.lookup(block_hashes(PROMPT[:12], BLOCK))  # unnamed
+        assert_pool_empty(prefill)
+        assert_pool_empty(decode_engine)
+
+    asyncio.run(go())
 
 
 class SlowConnector(LocalConnector):
