@@ -166,6 +166,9 @@ async def measure(
     }
 
 
+LONGEST = ("cpu_ms", "sequences", "tokens", "prefill", "decode")  # what the longest one shows
+
+
 async def fetch_timeline(http: httpx.AsyncClient, url: str) -> dict | None:
     """The server's engine timeline (GET /debug/timeline), or None where it has none."""
     try:
@@ -179,8 +182,8 @@ def inside_gap(trace: dict | None, began: float, gap_s: float) -> dict | None:
     """What the engine did during a gap that began at `began` (time.monotonic()) and lasted
     `gap_s`: how much of it its iterations covered, and the longest of them. A gap the
     iterations cover is the engine's own work (a forward pass that took that long, or waited for
-    a core); a gap they leave uncovered is time outside the engine (the event loop held up, or
-    nothing scheduled)."""
+    a core: its `cpu_ms`, the server process's CPU time meanwhile, says which); a gap they leave
+    uncovered is time outside the engine (the event loop held up, or nothing scheduled)."""
     if not trace or "origin_s" not in trace.get("otherData", {}):
         return None
     origin, end = trace["otherData"]["origin_s"], began + gap_s
@@ -204,7 +207,7 @@ def inside_gap(trace: dict | None, began: float, gap_s: float) -> dict | None:
         args = longest["args"]
         row["longest_iteration"] = {
             "ms": round(longest["dur"] / 1000, 1),
-            **{k: args[k] for k in ("sequences", "tokens", "prefill", "decode") if k in args},
+            **{k: args[k] for k in LONGEST if k in args},
         }
     return row
 

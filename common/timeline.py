@@ -68,6 +68,7 @@ class Iteration:
     kv_total: int = 0
     waiting: int = 0
     running: int = 0
+    cpu_s: float = 0.0  # CPU time of the whole process meanwhile, every thread (0: not taken)
 
     @property
     def duration(self) -> float:
@@ -137,7 +138,13 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self.start = self._last = time.monotonic()
+        self.cpu_start = time.process_time()  # what the iteration cost, beside how long it took
         self.phases: dict[str, float] = {}
+
+    def cpu(self) -> float:
+        """The process's CPU seconds since the clock started, all its threads together: far
+        below the wall time (times the threads) means the iteration waited for a core."""
+        return time.process_time() - self.cpu_start
 
     def lap(self, phase: str) -> None:
         now = time.monotonic()
@@ -191,6 +198,7 @@ def _iteration_events(it: Iteration, us) -> list[dict]:
         "preempted": it.preempted,
         "finished": [rid for rid, _ in it.finished],
         "kv_blocks_used": it.kv_used,
+        "cpu_ms": round(it.cpu_s * 1000, 1),
     }
     start = it.start
     events = [_slice(f"iteration {it.number}", ENGINE, 0, us(start), it.duration, args)]

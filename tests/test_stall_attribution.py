@@ -15,8 +15,11 @@ def iterations(*spans: tuple[float, float, int]) -> list[Iteration]:
     """Iterations at (start after T0, seconds of forward pass, prompt tokens prefilled)."""
     out = []
     for number, (start, forward, prefill) in enumerate(spans, start=1):
-        steps = [Step("r1", "decode", 1, 30)] + ([Step("r2", "prefill", prefill, 0)] if prefill else [])
-        out.append(Iteration(number, T0 + start, {"forward": forward}, steps, budget=256))
+        steps = [Step("r1", "decode", 1, 30)] + (
+            [Step("r2", "prefill", prefill, 0)] if prefill else []
+        )
+        phases = {"forward": forward}
+        out.append(Iteration(number, T0 + start, phases, steps, budget=256, cpu_s=forward / 4))
     return out
 
 
@@ -34,6 +37,7 @@ def test_a_gap_covered_by_a_long_iteration_is_the_engines_work():
     assert row["outside_ms"] == pytest.approx(50.0, abs=0.5)
     assert row["longest_iteration"] == {
         "ms": 200.0,
+        "cpu_ms": 50.0,
         "sequences": 2,
         "tokens": 121,
         "prefill": 1,
