@@ -122,8 +122,19 @@ def _rewrite(readme: Path, profile: str, section: str) -> None:
     else:
         profile, _, workload = profile.partition("-")
         title = f"{profile} profile" + (f", {workload} workload" if workload else "")
-        text = f"{text.rstrip()}\n\n## Bench ({title})\n\n{block}\n"
+        text = _before_try_it(text, f"## Bench ({title})\n\n{block}\n")
     readme.write_text(text)
+
+
+def _before_try_it(text: str, section: str) -> str:
+    """A new section goes last, but before a step's closing `## Try it`, which stays last."""
+    at = text.find(TRY_IT)
+    if at < 0:
+        return f"{text.rstrip()}\n\n{section}"
+    return f"{text[: at + 1]}{section}\n{text[at + 1 :]}"
+
+
+TRY_IT = "\n## Try it\n"
 
 
 FIGURE = re.compile(r"<!-- bench:fig (?P<spec>[^>]*?) -->(?P<text>.*?)<!-- /bench -->", re.DOTALL)

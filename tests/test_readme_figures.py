@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.publish import FigureError, documents, figure, refresh_figures, stale_figures
+from bench.publish import (
+    FigureError,
+    _rewrite,
+    documents,
+    figure,
+    refresh_figures,
+    stale_figures,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,10 +26,31 @@ def test_every_figure_in_the_docs_agrees_with_its_run():
     assert stale_figures(ROOT) == []
 
 
-def test_the_steps_cite_the_published_run_through_markers():
+def test_the_steps_and_the_top_readme_cite_the_published_run_through_markers():
     pages = {p.relative_to(ROOT).as_posix(): p.read_text() for p in documents(ROOT)}
-    for page in [f"{s}/README.md" for s in STEPS_CITING_FULL]:
+    for page in ["README.md", *(f"{s}/README.md" for s in STEPS_CITING_FULL)]:
         assert "<!-- bench:fig full " in pages[page], f"{page} has no figure marker"
+
+
+def step_folders() -> list[str]:
+    return sorted(p.name for p in ROOT.glob("step*_*") if (p / "README.md").exists())
+
+
+def test_the_ladder_has_a_line_per_step():
+    text = (ROOT / "README.md").read_text()
+    ladder = text[text.index("## The ladder") :].split("\n## ")[0]
+    steps = step_folders()
+    assert len(steps) == 11
+    for step in steps:
+        assert f"| [`{step}/`]({step}/) |" in ladder, f"the ladder has no line for {step}"
+
+
+@pytest.mark.parametrize("step", step_folders())
+def test_every_step_readme_ends_with_one_experiment_to_try(step):
+    text = (ROOT / step / "README.md").read_text()
+    last = text[text.rindex("\n## ") + 1 :]
+    assert last.startswith("## Try it\n"), f"{step}'s README does not end with Try it"
+    assert "python -m bench" in last, f"{step}'s Try it names no bench command"
 
 
 STEPS_CITING_FULL = [
@@ -117,3 +145,14 @@ def test_an_edited_digit_in_a_copy_of_the_real_docs_fails_the_check(tmp_path):
     page.write_text(text[:digit] + edited + text[digit + 1 :])
     stale = stale_figures(tmp_path)
     assert len(stale) == 1 and "step3_batching@16 output_tok_s" in stale[0]
+
+
+def test_a_new_published_section_goes_before_try_it_which_stays_last(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Step 7\n\nText.\n\n## Try it\n\nA knob.\n")
+    _rewrite(readme, "full-mixed", "the table")
+    text = readme.read_text()
+    assert text.index("## Bench (full profile, mixed workload)") < text.index("## Try it")
+    assert text.endswith("## Try it\n\nA knob.\n") and "\n\n\n" not in text
+    _rewrite(tmp_path / "README.md", "full-mixed", "a newer table")  # replaced in place
+    assert readme.read_text().count("## Bench") == 1 and "a newer table" in readme.read_text()
