@@ -134,6 +134,16 @@ def test_an_edited_digit_is_caught_and_refresh_puts_the_run_back(site):
     assert refresh_figures(site) == []  # nothing left to change
 
 
+def test_a_marker_quoted_in_prose_is_not_a_figure(site):
+    page = site / "README.md"
+    quoted = "Write `<!-- bench:fig full step3_batching@16 output_tok_s -->` before a figure.\n"
+    figure_after = (
+        "At 16 users <!-- bench:fig full step3_batching@16 output_tok_s -->30.1<!-- /bench -->.\n"
+    )
+    page.write_text(quoted + figure_after)
+    assert stale_figures(site) == [] and refresh_figures(site) == []
+
+
 def test_an_edited_digit_in_a_copy_of_the_real_docs_fails_the_check(tmp_path):
     shutil.copytree(ROOT / "bench" / "charts" / "full", tmp_path / "bench" / "charts" / "full")
     page = tmp_path / "step3_batching" / "README.md"
