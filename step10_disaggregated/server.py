@@ -121,12 +121,8 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
                 yield
 
     routes = [
-        Route("/v1/chat/completions", step9.chat_completions, methods=["POST"]),
-        Route("/v1/completions", step9.completions, methods=["POST"]),
-        Route("/v1/models", step9.models, methods=["GET"]),
+        *step9.api_routes(),
         Route("/health", health, methods=["GET"]),
-        Route("/tokenize", step9.tokenizer_route, methods=["POST"]),
-        Route("/detokenize", step9.tokenizer_route, methods=["POST"]),
         *observability.routes,
         *lifecycle.routes,
         *live.routes(pool_proxies),  # GET /debug/engine: both pools' engines side by side
