@@ -104,6 +104,7 @@ def fetch(cache_dir: Path | None = None) -> Path:
     target = cache_dir / CONVERTED_NAME
     if (target / "model.safetensors").exists():
         print(f"[model] already converted: {target}", flush=True)
+        readable_by_all(target)  # a folder converted before save_folder made it so
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     gguf_dir = cache_dir / "gguf"
@@ -165,8 +166,13 @@ def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, targ
     the tokenizer and not the weights. So every file gets the read bits for all."""
     model.save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))
-    for path in target.iterdir():
-        path.chmod(path.stat().st_mode | 0o444)
+    readable_by_all(target)
+
+
+def readable_by_all(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o444 != 0o444:
+            path.chmod(path.stat().st_mode | 0o444)
 
 
 def _sha256(path: Path) -> str:
