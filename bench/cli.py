@@ -1,5 +1,5 @@
 """`python -m bench [run] ...`, `python -m bench check ...`, `python -m bench history ...`,
-`python -m bench publish RESULTS_DIR`, `python -m bench regression ...`,
+`python -m bench publish RESULTS_DIR|--refresh|--check`, `python -m bench regression ...`,
 `python -m bench multitenant ...` (step 9's routing policies, bench/multitenant.py)."""
 
 from __future__ import annotations
@@ -167,12 +167,35 @@ def _publish(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(
         prog="python -m bench publish",
-        description="Copy a run's table and charts into bench/charts/<profile>/ and the READMEs.",
+        description="Copy a run's table and charts into bench/charts/<profile>/ and the READMEs, "
+        "and rewrite every figure marker (<!-- bench:fig ... -->) from the run it names.",
     )
-    p.add_argument("results", type=Path, help="a results folder, e.g. bench/results/latest")
+    p.add_argument("results", type=Path, nargs="?", help="a results folder: bench/results/latest")
+    p.add_argument(
+        "--refresh", action="store_true", help="only rewrite the figure markers from bench/charts"
+    )
+    p.add_argument(
+        "--check", action="store_true", help="list the figure markers that disagree with their run"
+    )
     args = p.parse_args(argv)
+    if args.check or args.refresh:
+        return _figures(check=args.check)
+    if args.results is None:
+        p.error("give a results folder, --refresh or --check")
     for readme in publish(args.results.resolve()):
         print(f"updated {readme}")
+    return 0
+
+
+def _figures(check: bool) -> int:
+    from bench.publish import refresh_figures, stale_figures
+
+    if check:
+        stale = stale_figures()
+        print("\n".join(stale) or "every figure agrees with its run")
+        return 1 if stale else 0
+    for page in refresh_figures():
+        print(f"updated {page}")
     return 0
 
 

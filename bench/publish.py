@@ -6,6 +6,20 @@ the profile (`full`), or the profile and the workload for a workload other than 
 `<!-- bench:<name>:end -->` (appending the section if it has none): the top README gets the
 whole table and the charts; each step's README gets its own rows next to the previous step's,
 so the step's gain is on its page.
+
+A figure in prose names the cell it comes from, and `python -m bench publish --refresh` (and
+every publish) rewrites its text from that run's results.json, so prose cannot drift from its
+table:
+
+    <!-- bench:fig full step3_batching@16 output_tok_s .1f -->30.1<!-- /bench -->
+    <!-- bench:fig full step3_batching@16/step1_central_loader@16 output_tok_s -->2.8<!-- /bench -->
+
+The fields: the run (a folder under bench/charts), a cell (the step as the run names it, `@`,
+the concurrency level) or a ratio of two cells (`/`), the metric (a key of the level's summary
+or of the level: `output_tok_s`, `ttft_p50_s`, `error_rate`, `errors`, `peak_rss_mb`, or a
+count by status, `statuses.200`; a `_ms` name reads the `_s` one in milliseconds), and a Python
+format spec (default `.1f`; `.0%` for a rate as a percentage). The unit or the `x` of a ratio
+stays outside the marker, in the prose.
 """
 
 from __future__ import annotations
@@ -46,7 +60,8 @@ def publish(results_dir: Path, root: Path = ROOT) -> list[Path]:
         mine = [r for r in rows if _row_step(r) in shown]
         _rewrite(readme, profile, _step_section(header, mine, f"../{link}", profile, shown))
         written.append(readme)
-    return written
+    refreshed = refresh_figures(root)
+    return written + [path for path in refreshed if path not in written]
 
 
 def published_name(results: dict) -> str:
@@ -107,5 +122,114 @@ def _rewrite(readme: Path, profile: str, section: str) -> None:
     else:
         profile, _, workload = profile.partition("-")
         title = f"{profile} profile" + (f", {workload} workload" if workload else "")
-        text = f"{text.rstrip()}\n\n## Bench ({title})\n\n{block}\n"
+        text = _before_try_it(text, f"## Bench ({title})\n\n{block}\n")
     readme.write_text(text)
+
+
+def _before_try_it(text: str, section: str) -> str:
+    """A new section goes last, but before a step's closing `## Try it`, which stays last."""
+    at = text.find(TRY_IT)
+    if at < 0:
+        return f"{text.rstrip()}\n\n{section}"
+    return f"{text[: at + 1]}{section}\n{text[at + 1 :]}"
+
+
+TRY_IT = "\n## Try it\n"
+
+
+# A figure's text holds no `<`, so a marker's opening quoted in prose never reaches a later close.
+FIGURE = re.compile(r"<!-- bench:fig (?P<spec>[^>]*?) -->(?P<text>[^<]*)<!-- /bench -->")
+
+
+class FigureError(ValueError):
+    """A marker that names a run, step, level or metric its results file does not have."""
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    """Every page a reader reads: the READMEs (top, steps, their sub-folders) and docs/."""
+    found = [root / "README.md", *root.glob("*/README.md"), *root.glob("*/*/README.md")]
+    found += root.glob("docs/*.md")
+    visible = [p for p in found if p.exists() and not _hidden(p.relative_to(root))]
+    return sorted(set(visible))
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def refresh_figures(root: Path = ROOT) -> list[Path]:
+    """Rewrites every marker's text from its run; returns the pages it changed."""
+    runs: dict[str, dict] = {}
+    changed = []
+    for page in documents(root):
+        text = page.read_text()
+        new = FIGURE.sub(lambda m: _marker(m["spec"], figure(m["spec"], root, runs)), text)
+        if new != text:
+            page.write_text(new)
+            changed.append(page)
+    return changed
+
+
+def stale_figures(root: Path = ROOT) -> list[str]:
+    """Each marker whose text is not what its run says, as `page: spec: text != value`."""
+    runs: dict[str, dict] = {}
+    stale = []
+    for page in documents(root):
+        for match in FIGURE.finditer(page.read_text()):
+            value = figure(match["spec"], root, runs)
+            if match["text"] != value:
+                where = page.relative_to(root).as_posix()
+                stale.append(f"{where}: {match['spec']}: {match['text']!r} != {value!r}")
+    return stale
+
+
+def figure(spec: str, root: Path = ROOT, runs: dict[str, dict] | None = None) -> str:
+    """The text a marker's spec stands for: `RUN CELL[/CELL] METRIC [FORMAT]`."""
+    words = spec.split()
+    if len(words) not in (3, 4):
+        raise FigureError(f"bench:fig {spec!r}: want RUN STEP@LEVEL[/STEP@LEVEL] METRIC [FORMAT]")
+    run, cells, metric, form = (*words, ".1f")[:4]
+    results = _run(run, root, {} if runs is None else runs)
+    values = [_cell(results, cell, metric, spec) for cell in cells.split("/")]
+    if len(values) > 2:
+        raise FigureError(f"bench:fig {spec!r}: a ratio is of two cells")
+    value = values[0] / values[1] if len(values) == 2 else values[0]
+    return format(value, form)
+
+
+def _marker(spec: str, text: str) -> str:
+    return f"<!-- bench:fig {spec} -->{text}<!-- /bench -->"
+
+
+def _run(name: str, root: Path, runs: dict[str, dict]) -> dict:
+    if name not in runs:
+        path = root / "bench" / "charts" / name / "results.json"
+        if not path.exists():
+            raise FigureError(f"bench:fig names run {name!r}, but {path} does not exist")
+        runs[name] = json.loads(path.read_text())
+    return runs[name]
+
+
+def _cell(results: dict, cell: str, metric: str, spec: str) -> float:
+    step, _, level = cell.partition("@")
+    entry = next((e for e in results["steps"] if e["step"] == step), None)
+    found = entry and next((v for v in entry["levels"] if str(v["concurrency"]) == level), None)
+    if not found:
+        raise FigureError(f"bench:fig {spec!r}: the run has no {step} at {level or '?'} users")
+    summary = found["summary"]
+    for source in (found, summary):
+        value = _lookup(source, metric)
+        if value is not None:
+            return value
+    seconds = _lookup(summary, metric[:-3] + "_s") if metric.endswith("_ms") else None
+    if seconds is not None:
+        return seconds * 1000
+    raise FigureError(f"bench:fig {spec!r}: no metric {metric!r} at {cell}")
+
+
+def _lookup(source: dict, metric: str) -> float | None:
+    """A number by its key, or by a dotted path into a count table (`statuses.429`)."""
+    value: object = source
+    for key in metric.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None

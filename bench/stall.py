@@ -148,6 +148,9 @@ async def measure(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        timeline = await fetch_timeline(http, url)
+    quiet_gap = max(s.largest_gap_at(quiet_start, start) for s in results)
+    abuse_gap = max(s.largest_gap_at(start, end + 0.3) for s in results)
     return {
         "abuse": abuse,
         "abuse_s": round(end - start, 3),
@@ -155,10 +158,58 @@ async def measure(
         "token_s": round(
             statistics.median(g for s in results for g in s.gaps(quiet_start, start)), 4
         ),
-        "largest_gap_quiet_s": round(max(s.largest_gap(quiet_start, start) for s in results), 3),
-        "largest_gap_s": round(max(s.largest_gap(start, end + 0.3) for s in results), 3),
-        "largest_gap_at_s": round(max(s.largest_gap_at(start, end + 0.3) for s in results)[1], 3),
+        "largest_gap_quiet_s": round(quiet_gap[0], 3),
+        "largest_gap_s": round(abuse_gap[0], 3),
+        "largest_gap_at_s": round(abuse_gap[1], 3),
+        "quiet_gap_engine": inside_gap(timeline, quiet_start + quiet_gap[1], quiet_gap[0]),
+        "gap_engine": inside_gap(timeline, start + abuse_gap[1], abuse_gap[0]),
     }
+
+
+LONGEST = ("cpu_ms", "sequences", "tokens", "prefill", "decode")  # what the longest one shows
+
+
+async def fetch_timeline(http: httpx.AsyncClient, url: str) -> dict | None:
+    """The server's engine timeline (GET /debug/timeline), or None where it has none."""
+    try:
+        response = await http.get(url + "/debug/timeline")
+    except httpx.HTTPError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+def inside_gap(trace: dict | None, began: float, gap_s: float) -> dict | None:
+    """What the engine did during a gap that began at `began` (time.monotonic()) and lasted
+    `gap_s`: how much of it its iterations covered, and the longest of them. A gap the
+    iterations cover is the engine's own work (a forward pass that took that long, or waited for
+    a core: its `cpu_ms`, the server process's CPU time meanwhile, says which); a gap they leave
+    uncovered is time outside the engine (the event loop held up, or nothing scheduled)."""
+    if not trace or "origin_s" not in trace.get("otherData", {}):
+        return None
+    origin, end = trace["otherData"]["origin_s"], began + gap_s
+    covered, longest = 0.0, None
+    for event in trace["traceEvents"]:
+        if event.get("ph") != "X" or not event["name"].startswith("iteration "):
+            continue
+        it_start = origin + event["ts"] / 1e6
+        it_end = it_start + event["dur"] / 1e6
+        overlap = min(it_end, end) - max(it_start, began)
+        if overlap <= 0:
+            continue
+        covered += overlap
+        if longest is None or event["dur"] > longest["dur"]:
+            longest = event
+    row: dict = {
+        "in_iterations_ms": round(covered * 1000, 1),
+        "outside_ms": round((gap_s - covered) * 1000, 1),
+    }
+    if longest is not None:
+        args = longest["args"]
+        row["longest_iteration"] = {
+            "ms": round(longest["dur"] / 1000, 1),
+            **{k: args[k] for k in LONGEST if k in args},
+        }
+    return row
 
 
 async def attack(url: str, abuse: str) -> list[int]:

@@ -104,6 +104,7 @@ def fetch(cache_dir: Path | None = None) -> Path:
     target = cache_dir / CONVERTED_NAME
     if (target / "model.safetensors").exists():
         print(f"[model] already converted: {target}", flush=True)
+        readable_by_all(target)  # a folder converted before save_folder made it so
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     gguf_dir = cache_dir / "gguf"
@@ -150,13 +151,28 @@ def _convert(gguf: Path, target: Path) -> None:
     model.tie_weights()
     model.generation_config = quantized.generation_config
     partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(str(partial))
-    tokenizer.save_pretrained(str(partial))
+    save_folder(model, tokenizer, partial)
     (partial / "SOURCE.json").write_text(
         json.dumps({"package": PACKAGE, "gguf": GGUF_MEMBER, "gguf_sha256": GGUF_SHA256}, indent=2)
     )
     partial.rename(target)
     print(f"[model] converted in {time.monotonic() - start:.0f} s -> {target}", flush=True)
+
+
+def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """The model and its tokenizer as a folder that any user can load. safetensors (0.8) creates
+    model.safetensors with mode 0600 where every other file gets the umask's 0644: a server
+    running as another user than the one who fetched (the image's, a shared cache) could read
+    the tokenizer and not the weights. So every file gets the read bits for all."""
+    model.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    readable_by_all(target)
+
+
+def readable_by_all(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o444 != 0o444:
+            path.chmod(path.stat().st_mode | 0o444)
 
 
 def _sha256(path: Path) -> str:
@@ -197,8 +213,7 @@ def build_tiny_model(target: Path, tokenizer_source: Path | None = None) -> Path
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))
+    save_folder(model, tokenizer, target)
     return target
 
 

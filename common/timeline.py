@@ -68,6 +68,7 @@ class Iteration:
     kv_total: int = 0
     waiting: int = 0
     running: int = 0
+    cpu_s: float = 0.0  # CPU time of the whole process meanwhile, every thread (0: not taken)
 
     @property
     def duration(self) -> float:
@@ -137,7 +138,13 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self.start = self._last = time.monotonic()
+        self.cpu_start = time.process_time()  # what the iteration cost, beside how long it took
         self.phases: dict[str, float] = {}
+
+    def cpu(self) -> float:
+        """The process's CPU seconds since the clock started, all its threads together: far
+        below the wall time (times the threads) means the iteration waited for a core."""
+        return time.process_time() - self.cpu_start
 
     def lap(self, phase: str) -> None:
         now = time.monotonic()
@@ -152,7 +159,8 @@ ENGINE, REQUESTS = 1, 2  # the two "processes" of the trace: the engine, and the
 
 def trace(iterations: list[Iteration], spans: dict[str, Span]) -> dict[str, Any]:
     """The Trace Event Format's JSON object form: `traceEvents`, timestamps in microseconds
-    from the first event shown."""
+    from the first event shown. `otherData.origin_s` is that first event's time.monotonic(),
+    so that a client on the same machine can put its own times on the trace's axis."""
     origin = min([it.start for it in iterations] + [s.arrival for s in spans.values()], default=0)
 
     def us(t: float) -> float:
@@ -169,7 +177,8 @@ def trace(iterations: list[Iteration], spans: dict[str, Span]) -> dict[str, Any]
     for rid, tid in tracks.items():
         events.append(_meta("thread_name", REQUESTS, tid, rid))
         events += _request_events(rid, tid, spans[rid], iterations, us)
-    return {"traceEvents": events, "displayTimeUnit": "ms"}
+    other = {"clock": "time.monotonic", "origin_s": origin}
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}
 
 
 def _meta(name: str, pid: int, tid: int, label: str) -> dict:
@@ -189,6 +198,7 @@ def _iteration_events(it: Iteration, us) -> list[dict]:
         "preempted": it.preempted,
         "finished": [rid for rid, _ in it.finished],
         "kv_blocks_used": it.kv_used,
+        "cpu_ms": round(it.cpu_s * 1000, 1),
     }
     start = it.start
     events = [_slice(f"iteration {it.number}", ENGINE, 0, us(start), it.duration, args)]

@@ -16,8 +16,6 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from common.app import create_app
-from step6_backpressure.admission import BodyLimitMiddleware
 from step6_backpressure.lifecycle import Lifecycle, serve_gracefully
 from step7_real_kv.engine import PagedEngine
 from step8_speculative import server as step8
@@ -50,22 +48,16 @@ class Server(step8.Server):
     def collectors(self, engine: PagedEngine) -> list[Collector]:
         return [*super().collectors(engine), TransferCollector(cast(DisaggEngine, engine))]
 
-    def app(self) -> Starlette:
-        config, lifecycle, observability = self.config, self.lifecycle, self.observability
-        routes = [
-            *observability.routes,
-            *lifecycle.routes,
+    def routes(self) -> list[Route]:
+        return [
+            *super().routes(),  # step 8's page: the leases and blocks moved show in its pool
             Route("/v1/kv/fetch", fetch_route, methods=["POST"]),
             Route("/v1/kv/release", release_route, methods=["POST"]),
-            *self.live_routes(),  # step 8's page: the leases and blocks moved show in its pool
         ]
-        middleware = [
-            *observability.middleware,
-            Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),
-            *lifecycle.middleware,
-            Middleware(KVTransferMiddleware),  # inside the body limit: it reads the body
-        ]
-        return create_app(self.lifespan, routes, middleware)
+
+    def middleware(self) -> list[Middleware]:
+        # Inside the body limit: it reads the body.
+        return [*super().middleware(), Middleware(KVTransferMiddleware)]
 
 
 def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:

@@ -15,6 +15,12 @@ the decode engine recomputes the prompt (`kv_transfer_failure=recompute`, the de
 client gets a 502 (`fail`). A prefill that refuses the request as bad (a 4xx) is the client's
 answer. Each pool has its own routing (cache-aware on the prefill pool: that is where a prompt's
 prefix is computed).
+
+A short prompt skips the prefill pool (`local_prefill_chars`): its prefill is a small chunk in
+the decode engine's batch, cheaper than a round trip and a transfer, and it cannot hold the
+decoding streams up for long. Only long prompts, whose chunks would, are handed over. NVIDIA
+Dynamo calls this conditional disaggregation (a length threshold in tokens); the router counts
+characters, as its prefix routing does, so that it needs no tokenizer.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import logging
 from collections import Counter
 
+from prometheus_client.core import CounterMetricFamily
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
@@ -49,8 +56,12 @@ class PhaseLog(RequestLog):
 
 
 class DisaggProxy:
-    def __init__(self, prefill: Proxy, decode: Proxy, failure_policy: str) -> None:
+    def __init__(
+        self, prefill: Proxy, decode: Proxy, failure_policy: str, local_prefill_chars: int = 0
+    ) -> None:
         self.prefill, self.decode, self.failure_policy = prefill, decode, failure_policy
+        self.local_prefill_chars = local_prefill_chars
+        self.prefills: Counter[str] = Counter()  # where prompts were prefilled: remote, local
         # Refusals, by reason: the door's (the drain) and the decode pool's; a prefill pool
         # that refuses is a prefill failure (the policy's), not the client's refusal.
         self.reasons: Counter[str] = decode.reasons
@@ -76,6 +87,10 @@ class DisaggProxy:
     async def forward(
         self, http: HTTPRequest, path: str, body: bytes, prompt: str, done: RequestLog
     ) -> Response:
+        if len(prompt) <= self.local_prefill_chars:
+            self.prefills["local"] += 1
+            return await self.decode.forward(http, path, body, prompt, done)
+        self.prefills["remote"] += 1
         request = json.loads(body)
         params = await self.prefill_phase(http, path, request, prompt)
         if isinstance(params, Response):
@@ -106,6 +121,22 @@ class DisaggProxy:
             raise APIError(f"the prefill failed: {why}", 502, code="prefill_failed")
         log.warning("prefill failed (%s): the decode engine computes the prompt", why)
         return {}
+
+
+class PrefillCollector:
+    """gateway_disagg_prefills_total{where}: prompts handed over (remote) or prefilled by the
+    decode engine (local, shorter than local_prefill_chars)."""
+
+    def __init__(self, proxy: DisaggProxy) -> None:
+        self.proxy = proxy
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "gateway_disagg_prefills", "Prompts prefilled, by where.", labels=["where"]
+        )
+        for where in ("local", "remote"):
+            family.add_metric([where], self.proxy.prefills[where])
+        yield family
 
 
 def prefill_body(request: dict) -> dict:

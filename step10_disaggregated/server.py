@@ -36,7 +36,7 @@ from step9_router.routing import Router
 from step9_router.upstreams import UpstreamCollector, UpstreamPool
 from step10_disaggregated import live
 from step10_disaggregated.engine import TransferConfig
-from step10_disaggregated.proxy import DisaggProxy
+from step10_disaggregated.proxy import DisaggProxy, PrefillCollector
 from step10_disaggregated.replicas import LocalEngines
 
 
@@ -48,11 +48,18 @@ class PoolsConfig(ConfigPart):
     decode_upstreams: str = knob("", "decode engines, the same way")
     prefill_replicas: int = knob(1, "local prefill engines when prefill_upstreams is empty")
     decode_replicas: int = knob(1, "local decode engines when decode_upstreams is empty")
+    local_prefill_chars: int = knob(
+        2000,
+        "prompts up to this many characters (about 4 a token) are prefilled by the decode "
+        "engine itself, not handed over; 0: every prompt goes through the prefill pool",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if min(self.prefill_replicas, self.decode_replicas) < 1:
             raise ValueError("prefill_replicas and decode_replicas must be at least 1")
+        if self.local_prefill_chars < 0:
+            raise ValueError("local_prefill_chars must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -93,12 +100,18 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
             observability.metrics.model_load.set(time.monotonic() - started)
             for p in pools:
                 await stack.enter_async_context(step9.polling(p.upstreams, client))
-            proxy = DisaggProxy(pools[0].proxy, pools[1].proxy, config.kv_transfer_failure)
+            proxy = DisaggProxy(
+                pools[0].proxy,
+                pools[1].proxy,
+                config.kv_transfer_failure,
+                config.local_prefill_chars,
+            )
             cache = make_answer_cache(config, config.served_model_name)
             watch_load(proxy, observability.metrics)
             observability.watch(
                 *(UpstreamCollector(p.upstreams) for p in pools),
                 AdmissionCollector(proxy),
+                PrefillCollector(proxy),
                 CacheCollector(None, cache),
             )
             app.state.fleet = step9.Fleet(proxy, cache, observability.metrics)  # type: ignore[arg-type]
@@ -108,12 +121,8 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
                 yield
 
     routes = [
-        Route("/v1/chat/completions", step9.chat_completions, methods=["POST"]),
-        Route("/v1/completions", step9.completions, methods=["POST"]),
-        Route("/v1/models", step9.models, methods=["GET"]),
+        *step9.api_routes(),
         Route("/health", health, methods=["GET"]),
-        Route("/tokenize", step9.tokenizer_route, methods=["POST"]),
-        Route("/detokenize", step9.tokenizer_route, methods=["POST"]),
         *observability.routes,
         *lifecycle.routes,
         *live.routes(pool_proxies),  # GET /debug/engine: both pools' engines side by side

@@ -213,6 +213,7 @@ class PagedEngine:
                 finished=retired, budget=self.scheduler.max_num_batched_tokens,
                 kv_used=self.blocks.num_blocks - self.blocks.num_free,
                 kv_total=self.blocks.num_blocks, waiting=load.waiting, running=load.running,
+                cpu_s=clock.cpu(),
             )
         )  # fmt: skip
         for rid, how in retired:

@@ -88,15 +88,21 @@ class Server:
     def live_routes(self) -> list[Route]:
         return live.routes()  # GET /debug/engine
 
-    def app(self) -> Starlette:
-        config, lifecycle, observability = self.config, self.lifecycle, self.observability
-        routes = [*observability.routes, *lifecycle.routes, *self.live_routes()]
-        middleware = [
-            *observability.middleware,
-            Middleware(BodyLimitMiddleware, limit=config.max_body_bytes),
-            *lifecycle.middleware,
+    def routes(self) -> list[Route]:
+        """Beside the OpenAI routes: /metrics, health and drain, the engine's live page."""
+        return [*self.observability.routes, *self.lifecycle.routes, *self.live_routes()]
+
+    def middleware(self) -> list[Middleware]:
+        """Outermost first: every request gets its id before the body limit or the API key
+        can refuse it."""
+        return [
+            *self.observability.middleware,
+            Middleware(BodyLimitMiddleware, limit=self.config.max_body_bytes),
+            *self.lifecycle.middleware,
         ]
-        return create_app(self.lifespan, routes, middleware)
+
+    def app(self) -> Starlette:
+        return create_app(self.lifespan, self.routes(), self.middleware())
 
 
 def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:

@@ -100,13 +100,9 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
                     local.stop()
 
     routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
+        *api_routes(),
         Route("/health", health, methods=["GET"]),
         Route("/health/ready", fleet_readiness(lifecycle, config), methods=["GET"]),
-        Route("/tokenize", tokenizer_route, methods=["POST"]),
-        Route("/detokenize", tokenizer_route, methods=["POST"]),
         *observability.routes,
         *(r for r in lifecycle.routes if r.path != "/health/ready"),  # (the fleet's, above)
         *live.routes(fleet),  # GET /debug/engine: the replicas' pages side by side
@@ -149,6 +145,17 @@ def _unbounded() -> httpx.Limits:
 
 
 # ---------------------------------------------------------------- routes
+
+
+def api_routes() -> list[Route]:
+    """The OpenAI API and the tokenizer, each request forwarded to a replica."""
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/tokenize", tokenizer_route, methods=["POST"]),
+        Route("/detokenize", tokenizer_route, methods=["POST"]),
+    ]
 
 
 def fleet(http: HTTPRequest) -> Fleet:

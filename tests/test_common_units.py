@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import stat
 
 import pytest
 import torch
@@ -270,3 +271,12 @@ def test_a_request_needs_no_event_loop(tokenizer):
     assert request.output_ids == ids and request.prompt_ids == [1, 2]
     assert request.token_ids == [1, 2, *ids]  # one list, one owner
     assert stored == [request]  # with no channel, callbacks run at once
+
+
+def test_a_saved_model_folder_is_readable_by_all(tiny_model_dir):
+    """Written by common.model.save_folder, as `fetch` writes the converted model: the weights,
+    which safetensors creates owner-only, are readable by every user, like the tokenizer."""
+    modes = {p.name: p.stat().st_mode for p in tiny_model_dir.iterdir()}
+    assert "model.safetensors" in modes and "tokenizer.json" in modes
+    unreadable = [name for name, mode in modes.items() if mode & stat.S_IROTH == 0]
+    assert unreadable == []

@@ -11,17 +11,20 @@ import asyncio
 from collections import Counter
 
 import pytest
+from transformers import AutoConfig
 
-from bench.pictures import capture, draw, draw_topology, topology
+from bench.pictures import capture, draw, draw_handover, draw_topology, handover, topology
 from bench.pictures.__main__ import (
     POOL_BLOCKS,
     TIGHT_BLOCKS,
     around_preemption,
+    handover_engines,
     pick_verifications,
     richest,
 )
 from common.config import ServerConfig
 from common.model import load_model
+from common.prefix import block_hashes
 from step7_real_kv.engine import EngineConfig, PagedEngine
 from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
 
@@ -155,3 +158,68 @@ def test_step9s_topology_is_read_from_its_manifests():
     kinds = top.kinds()
     boxes = len(kinds["Deployment"]) + len(kinds["HorizontalPodAutoscaler"])
     assert len(gids(fig, "box-")) == boxes + len(kinds["APIService"]) + 1  # + the client
+
+
+# ---------------------------------------------------------------- step 10's hand-over
+
+
+def kv_bytes_per_token(config) -> int:
+    """K and V of one token slot in every layer, float32: layers x kv heads x head dim x 4 x 2."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * config.num_key_value_heads * head_dim * 4 * 2
+
+
+@pytest.fixture(scope="module")
+def handed(tiny_lm):
+    prefill, decode_engine = handover_engines(tiny_lm)
+    return (
+        prefill,
+        decode_engine,
+        asyncio.run(handover.handover_scene(prefill, decode_engine, tiny_lm)),
+    )
+
+
+def prompt_names(lm, prompt_id: str) -> list[bytes]:
+    """The chained names of the chat's handed-over blocks: all its tokens but the last."""
+    (prompt,) = capture.prompts(prompt_id)
+    ids = capture.chat_request(lm, prompt, 1).prompt_ids
+    return block_hashes(ids[:-1], 16)
+
+
+def test_the_handover_drawn_is_the_engines_own(handed, tiny_lm):
+    prefill, decode_engine, h = handed
+    first, second = prompt_names(tiny_lm, handover.FIRST), prompt_names(tiny_lm, handover.SECOND)
+    common = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert h.request == handover.SECOND and len(h.leased) == len(second) == 20
+    # the decode engine kept what the first chat left in its prefix cache, and took in the rest
+    assert len(h.kept) == common == 16 and len(h.taken_in) == len(h.leased) - len(h.kept)
+    assert decode_engine.blocks.lookup(second) == h.kept + h.taken_in  # named in its cache
+    assert not set(h.kept) & set(h.taken_in)
+    # at the moment drawn: the prefill blocks held by the lease alone, the decode blocks named
+    assert all(h.prefill.ref_counts[b] == 1 for b in h.leased)
+    assert all(h.decode.ref_counts[b] == 1 and h.decode.findable[b] for b in h.kept + h.taken_in)
+    assert h.release == "confirmed" and 0 < h.lease_left_s <= h.lease_s
+    # what moved: the engines' own counters (the first chat moved all of its blocks)
+    sent = prefill.leases.stats
+    assert sent.blocks_sent == decode_engine.leases.stats.blocks_received
+    assert sent.blocks_sent == len(first) + len(h.taken_in)
+    assert h.bytes_per_token == kv_bytes_per_token(tiny_lm.config)
+    assert h.moved_bytes == len(h.taken_in) * 16 * h.bytes_per_token
+    # then the lease ended and every block came back
+    assert not prefill.leases.held and sent.ended == {"confirmed": 2}
+    assert set(prefill.blocks.ref_counts) == set(decode_engine.blocks.ref_counts) == {0}
+
+
+def test_the_handover_picture_draws_each_block_and_each_move(handed, tmp_path):
+    _, _, h = handed
+    fig = draw_handover.draw_handover(h, "handover", tmp_path / "handover.png")
+    assert (tmp_path / "handover.png").stat().st_size > 0
+    assert len(gids(fig, "prefill-block-")) == len(gids(fig, "decode-block-")) == POOL_BLOCKS
+    assert len(gids(fig, "moved-")) == len(h.taken_in)
+    assert sorted(gids(fig, "decode-prompt-")) == sorted(
+        f"decode-prompt-{b}" for b in h.kept + h.taken_in
+    )
+
+
+def test_the_real_model_moves_46080_bytes_per_prompt_token(real_model_dir):
+    assert kv_bytes_per_token(AutoConfig.from_pretrained(real_model_dir)) == 46_080

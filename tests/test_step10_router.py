@@ -47,6 +47,7 @@ def router_for(path, prefill: ServerProcess, decode: ServerProcess, **env) -> Se
             "GATEWAY_DECODE_UPSTREAMS": decode.url,
             "GATEWAY_HEALTH_INTERVAL_S": "0.2",
             "GATEWAY_RESPONSE_CACHE": "false",
+            "GATEWAY_LOCAL_PREFILL_CHARS": "0",  # every prompt handed over, however short
             **env,
         },
     )
@@ -105,6 +106,32 @@ def test_two_phases_through_the_openai_client(fleet):
     assert metric(prefill.url, "gateway_kv_leases_ended_total", how="confirmed") >= 2
     for server in (prefill, decode):
         assert metric(server.url, "gateway_kv_blocks_used") == 0
+
+
+def test_a_short_prompt_is_prefilled_by_the_decode_engine(tmp_path, fleet):
+    """Conditional disaggregation: under local_prefill_chars, no prefill phase, nothing moved,
+    the same answer; over it, handed over as before."""
+    prefill, decode, _ = fleet
+    router = router_for(
+        tmp_path / "router.log", prefill, decode, GATEWAY_LOCAL_PREFILL_CHARS=str(len(PROMPT))
+    )
+    try:
+        short, long = completion("Short: " + PROMPT[:100]), completion("Longer: " + PROMPT)
+        received = metric(decode.url, "gateway_kv_transfer_blocks_total", direction="received")
+        answer = httpx.post(router.url + "/v1/completions", json=short, timeout=60).json()
+        assert answer["choices"][0]["text"] == alone(prefill, short)
+        assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert metric(decode.url, "gateway_kv_transfer_blocks_total", direction="received") == (
+            received
+        )
+        assert metric(router.url, "gateway_disagg_prefills_total", where="local") == 1
+        answer = httpx.post(router.url + "/v1/completions", json=long, timeout=60).json()
+        assert answer["choices"][0]["text"] == alone(prefill, long)
+        assert metric(router.url, "gateway_disagg_prefills_total", where="remote") == 1
+        moved = metric(decode.url, "gateway_kv_transfer_blocks_total", direction="received")
+        assert moved - received == 3
+    finally:
+        router.stop()
 
 
 def test_n_choices_logprobs_and_seeded_sampling_keep_working(fleet):
@@ -187,7 +214,11 @@ def test_the_router_starts_its_engines_and_takes_them_along(tmp_path, tiny_model
     router = ServerProcess(
         "step10_disaggregated",
         tmp_path / "router.log",
-        {"GATEWAY_MODEL": str(tiny_model_dir), "GATEWAY_RESPONSE_CACHE": "false"},
+        {
+            "GATEWAY_MODEL": str(tiny_model_dir),
+            "GATEWAY_RESPONSE_CACHE": "false",
+            "GATEWAY_LOCAL_PREFILL_CHARS": "0",
+        },
     )
     try:
         pools = httpx.get(router.url + "/health").json()

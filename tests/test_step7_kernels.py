@@ -450,8 +450,8 @@ ROWS = list(range(1, FastLinear.BLOCK_ROWS + 2))  # 1 .. one past the switch to 
 @pytest.mark.parametrize("rows", ROWS)
 def test_the_block_kernel_makes_the_float32_weights_bit_for_bit(kernels, kind, rows):
     """The claim: each weight the kernel makes from a block is the float32 copy's weight, bit
-    for bit (Q4_1: d * q rounded, then + m rounded; one fused multiply-add would round once and
-    change last bits). A one-hot row of x reads one weight out unchanged: 1 * w is w, and the
+    for bit (Q4_1: d * q + m, rounded once at the add, since d * q is exact in float32: see
+    speed/cpu_kernels.py). A one-hot row of x reads one weight out unchanged: 1 * w is w, and the
     other products are zeros, which add nothing. So x = I gives W.T, weight by weight."""
     weight = random_blocks(kind, 200, 576, seed=rows)
     eye = torch.eye(576)

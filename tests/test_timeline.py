@@ -106,6 +106,8 @@ def test_a_step7_trace_is_valid_and_counts_what_the_engine_did(tiny_lm):
         assert not queued or queued[0]["ts"] == lo
     counters = {e["name"] for e in events if e["ph"] == "C"}
     assert counters == {"running", "waiting", "kv blocks"}
+    slices = [e for e in events if e["name"].startswith("iteration ")]
+    assert all(e["args"]["cpu_ms"] > 0 for e in slices)  # what each cost, beside how long
 
 
 def test_the_ring_holds_at_most_its_size(tiny_lm):

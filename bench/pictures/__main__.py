@@ -1,7 +1,8 @@
-"""`python -m bench.pictures [--out DIR]`: draw the engine pictures the READMEs show.
+"""`python -m bench.pictures [GROUP ...] [--out DIR]`: draw the engine pictures the READMEs show.
 
-Runs step 7's and step 8's engines in-process on the real model (float32, from the local cache)
-with the bench's chat prompts, stops them at chosen moments and draws what their state says:
+Runs step 7's, step 8's and step 10's engines in-process on the real model (float32, from the
+local cache) with the bench's chat prompts, stops them at chosen moments and draws what their
+state says:
 
     pool.png          the KV pool and four sequences' block tables (step 7)
     iteration.png     one iteration's rows against the token budget (step 8: drafts, a chunk)
@@ -9,6 +10,10 @@ with the bench's chat prompts, stops them at chosen moments and draws what their
     verification.png  two verifications: a draft cut short, and one kept whole (step 8)
     request-path.png  a request's way through steps 6-8 (read from step 6's pipeline())
     topology.png      step 9's Kubernetes objects and their links (read from deploy/*.yaml)
+    handover.png      a prompt's KV blocks handed from a prefill engine to a decode engine (step 10)
+
+Which to draw: `code` (the two read from the code, no model needed), `engines` (steps 7 and 8),
+`handover` (step 10); all three when none is named.
 
 Greedy decoding makes the engine's moves the same on every run with the same model and code;
 the pictures' captions name the commit that drew them.
@@ -20,16 +25,19 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from bench.pictures import capture, draw, draw_topology, topology
+from bench.pictures import capture, draw, draw_handover, draw_topology, handover, topology
 from common.config import ServerConfig
 from common.model import LoadedModel, load_model
 from common.timeline import Iteration
 from step7_real_kv.engine import EngineConfig, PagedEngine
 from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
+from step10_disaggregated.engine import DisaggConfig, DisaggEngine
+from step10_disaggregated.kv_connector import LocalConnector
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "charts" / "pictures"
 POOL_BLOCKS = 64  # a pool small enough to see each block: 8 x 8
 TIGHT_BLOCKS = 26  # three prompts of 252, 72 and 37 tokens fill all but 2 blocks
+GROUPS = ("code", "engines", "handover")
 
 
 def engine_pictures(lm: LoadedModel, out: Path, config: dict | None = None) -> dict[str, object]:
@@ -83,6 +91,26 @@ def pick_verifications(found: list[capture.Verification]) -> list[capture.Verifi
     return chosen
 
 
+def handover_picture(lm: LoadedModel, out: Path, config: dict | None = None) -> handover.Handover:
+    """Step 10: two chats through a prefill and a decode engine; the second's hand-over."""
+    seen = asyncio.run(handover.handover_scene(*handover_engines(lm, config), lm))
+    title = "step 10: a prompt's KV blocks handed from the prefill engine to the decode engine"
+    draw_handover.draw_handover(seen, title, out / "handover.png")
+    return seen
+
+
+def handover_engines(
+    lm: LoadedModel, config: dict | None = None
+) -> tuple[DisaggEngine, DisaggEngine]:
+    """A prefill and a decode engine with pools of POOL_BLOCKS, the decode one fetching from
+    the prefill one in this process (as step 10's tests run them)."""
+    config = {"num_kv_blocks": POOL_BLOCKS, **(config or {})}
+    prefill = DisaggEngine(lm, DisaggConfig(engine_id="prefill", **config))
+    decode = DisaggEngine(lm, DisaggConfig(engine_id="decode", **config))
+    decode.connector = LocalConnector(prefill)
+    return prefill, decode
+
+
 def code_pictures(out: Path) -> None:
     miss, hit = topology.request_path(hit=False), topology.request_path(hit=True)
     draw_topology.draw_request_path(miss, hit, topology.steps_using_pipeline(),
@@ -93,13 +121,22 @@ def code_pictures(out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.pictures", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("groups", nargs="*", metavar="GROUP",
+                   help=f"which pictures: {', '.join(GROUPS)} (default: all)")  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNG files")
-    p.add_argument("--only-code", action="store_true",
-                   help="only the pictures read from the code (no model needed)")  # fmt: skip
+    p.add_argument("--only-code", action="store_true", help="the same as the group `code`")
     args = p.parse_args(argv)
-    code_pictures(args.out)
-    if not args.only_code:
-        engine_pictures(load_model(ServerConfig(dtype="float32")), args.out)
+    if unknown := set(args.groups) - set(GROUPS):
+        p.error(f"no such group: {', '.join(sorted(unknown))} (one of {', '.join(GROUPS)})")
+    groups = set(args.groups or (["code"] if args.only_code else GROUPS))
+    if "code" in groups:
+        code_pictures(args.out)
+    if groups - {"code"}:
+        lm = load_model(ServerConfig(dtype="float32"))
+        if "engines" in groups:
+            engine_pictures(lm, args.out)
+        if "handover" in groups:
+            handover_picture(lm, args.out)
     print(f"pictures in {args.out}")
 
 

@@ -19,6 +19,7 @@ from common.model import LoadedModel
 from common.request import Request
 from common.sampling import SamplingParams
 from common.timeline import Iteration
+from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.engine import PagedEngine
 from step8_speculative.engine import SpeculativeEngine
 from step8_speculative.sequence import DraftSequence
@@ -122,19 +123,23 @@ def prompts(*ids: str) -> list[Prompt]:
 
 def pool_view(engine: PagedEngine) -> PoolView:
     """The pool now, with the block table of every running sequence."""
-    blocks = engine.blocks
+    running = engine.scheduler.running
+    return pool_of(
+        engine.blocks,
+        {s.request.trace_id: list(s.block_table) for s in running},
+        {s.request.trace_id: s.num_computed for s in running},
+    )
+
+
+def pool_of(
+    blocks: BlockManager, tables: dict[str, list[int]], computed: dict[str, int]
+) -> PoolView:
+    """The block manager's reference counts and names now, beside the given block tables."""
     findable = [
         name is not None and blocks.by_hash.get(name) == b
         for b, name in enumerate(blocks.block_hash)
     ]
-    running = engine.scheduler.running
-    return PoolView(
-        blocks.block_size,
-        list(blocks.ref_counts),
-        findable,
-        {s.request.trace_id: list(s.block_table) for s in running},
-        {s.request.trace_id: s.num_computed for s in running},
-    )
+    return PoolView(blocks.block_size, list(blocks.ref_counts), findable, tables, computed)
 
 
 async def step(engine: PagedEngine, scene: Scene) -> Iteration | None:

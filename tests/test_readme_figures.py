@@ -1,0 +1,168 @@
+"""Every figure in the prose that cites a published run is a marker, recomputed here from the
+run's results.json: a README that disagrees with its table fails. The marker syntax and the
+rewrite are bench/publish.py's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.publish import (
+    FigureError,
+    _rewrite,
+    documents,
+    figure,
+    refresh_figures,
+    stale_figures,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_figure_in_the_docs_agrees_with_its_run():
+    assert stale_figures(ROOT) == []
+
+
+def test_the_steps_and_the_top_readme_cite_the_published_run_through_markers():
+    pages = {p.relative_to(ROOT).as_posix(): p.read_text() for p in documents(ROOT)}
+    for page in ["README.md", *(f"{s}/README.md" for s in STEPS_CITING_FULL)]:
+        assert "<!-- bench:fig full " in pages[page], f"{page} has no figure marker"
+
+
+def step_folders() -> list[str]:
+    return sorted(p.name for p in ROOT.glob("step*_*") if (p / "README.md").exists())
+
+
+def test_the_ladder_has_a_line_per_step():
+    text = (ROOT / "README.md").read_text()
+    ladder = text[text.index("## The ladder") :].split("\n## ")[0]
+    steps = step_folders()
+    assert len(steps) == 11
+    for step in steps:
+        assert f"| [`{step}/`]({step}/) |" in ladder, f"the ladder has no line for {step}"
+
+
+@pytest.mark.parametrize("step", step_folders())
+def test_every_step_readme_ends_with_one_experiment_to_try(step):
+    text = (ROOT / step / "README.md").read_text()
+    last = text[text.rindex("\n## ") + 1 :]
+    assert last.startswith("## Try it\n"), f"{step}'s README does not end with Try it"
+    assert "python -m bench" in last, f"{step}'s Try it names no bench command"
+
+
+STEPS_CITING_FULL = [
+    "step0_bruteforce",
+    "step1_central_loader",
+    "step2_queue",
+    "step3_batching",
+    "step4_mock_kv",
+    "step5_observability",
+    "step6_backpressure",
+]
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A scratch root with one run and one page citing it."""
+    run = {
+        "steps": [
+            _step("step1_central_loader", 16, output_tok_s=10.9, ttft_p50_s=14.767, error_rate=0),
+            _step(
+                "step3_batching",
+                16,
+                output_tok_s=30.1,
+                ttft_p50_s=14.993,
+                error_rate=0.15,
+                statuses={"200": 34, "429": 6},
+            ),
+        ]
+    }
+    charts = tmp_path / "bench" / "charts" / "full"
+    charts.mkdir(parents=True)
+    (charts / "results.json").write_text(json.dumps(run))
+    return tmp_path
+
+
+def _step(name: str, users: int, **summary) -> dict:
+    level = {"concurrency": users, "peak_rss_mb": 2081.4, "summary": summary}
+    return {"step": name, "levels": [level]}
+
+
+def test_a_marker_reads_a_cell_a_ratio_milliseconds_a_percentage_and_a_count(site):
+    assert figure("full step3_batching@16 output_tok_s", site) == "30.1"
+    assert figure("full step3_batching@16/step1_central_loader@16 output_tok_s", site) == "2.8"
+    assert figure("full step3_batching@16 ttft_p50_ms .0f", site) == "14993"
+    assert figure("full step3_batching@16 ttft_p50_s .1f", site) == "15.0"
+    assert figure("full step3_batching@16 error_rate .0%", site) == "15%"
+    assert figure("full step3_batching@16 peak_rss_mb .0f", site) == "2081"
+    assert figure("full step3_batching@16 statuses.429 .0f", site) == "6"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "other step3_batching@16 output_tok_s",  # no such run
+        "full step9_router@16 output_tok_s",  # no such step
+        "full step3_batching@4 output_tok_s",  # no such level
+        "full step3_batching@16 tokens_per_joule",  # no such metric
+        "full step3_batching@16 statuses.503",  # no such status
+        "full step3_batching@16",  # no metric
+        "full a@16/b@16/c@16 output_tok_s",  # a ratio of three
+    ],
+)
+def test_a_marker_naming_what_its_run_lacks_is_an_error_naming_the_marker(site, spec):
+    with pytest.raises(FigureError, match="bench:fig"):
+        figure(spec, site)
+
+
+def test_an_edited_digit_is_caught_and_refresh_puts_the_run_back(site):
+    page = site / "step3_batching" / "README.md"
+    page.parent.mkdir()
+    marker = "<!-- bench:fig full step3_batching@16 output_tok_s -->{}<!-- /bench -->"
+    page.write_text(f"At 16 users {marker.format('30.1')} tokens/s.\n")
+    assert stale_figures(site) == []
+
+    page.write_text(f"At 16 users {marker.format('35.4')} tokens/s.\n")
+    (stale,) = stale_figures(site)
+    assert stale.startswith("step3_batching/README.md:") and "'35.4' != '30.1'" in stale
+
+    assert refresh_figures(site) == [page]
+    assert page.read_text() == f"At 16 users {marker.format('30.1')} tokens/s.\n"
+    assert refresh_figures(site) == []  # nothing left to change
+
+
+def test_a_marker_quoted_in_prose_is_not_a_figure(site):
+    page = site / "README.md"
+    quoted = "Write `<!-- bench:fig full step3_batching@16 output_tok_s -->` before a figure.\n"
+    figure_after = (
+        "At 16 users <!-- bench:fig full step3_batching@16 output_tok_s -->30.1<!-- /bench -->.\n"
+    )
+    page.write_text(quoted + figure_after)
+    assert stale_figures(site) == [] and refresh_figures(site) == []
+
+
+def test_an_edited_digit_in_a_copy_of_the_real_docs_fails_the_check(tmp_path):
+    shutil.copytree(ROOT / "bench" / "charts" / "full", tmp_path / "bench" / "charts" / "full")
+    page = tmp_path / "step3_batching" / "README.md"
+    page.parent.mkdir()
+    text = (ROOT / "step3_batching" / "README.md").read_text()
+    start = text.index("<!-- bench:fig full step3_batching@16 output_tok_s")
+    digit = text.index("-->", start) + 3  # the first character of the figure's text
+    edited = "9" if text[digit] != "9" else "8"
+    page.write_text(text[:digit] + edited + text[digit + 1 :])
+    stale = stale_figures(tmp_path)
+    assert len(stale) == 1 and "step3_batching@16 output_tok_s" in stale[0]
+
+
+def test_a_new_published_section_goes_before_try_it_which_stays_last(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Step 7\n\nText.\n\n## Try it\n\nA knob.\n")
+    _rewrite(readme, "full-mixed", "the table")
+    text = readme.read_text()
+    assert text.index("## Bench (full profile, mixed workload)") < text.index("## Try it")
+    assert text.endswith("## Try it\n\nA knob.\n") and "\n\n\n" not in text
+    _rewrite(tmp_path / "README.md", "full-mixed", "a newer table")  # replaced in place
+    assert readme.read_text().count("## Bench") == 1 and "a newer table" in readme.read_text()
