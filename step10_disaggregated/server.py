@@ -34,7 +34,7 @@ from step9_router.answer_cache import make_answer_cache
 from step9_router.proxy import Proxy
 from step9_router.routing import Router
 from step9_router.upstreams import UpstreamCollector, UpstreamPool
-from step10_disaggregated import live
+from step10_disaggregated import live, timelines
 from step10_disaggregated.engine import TransferConfig
 from step10_disaggregated.proxy import DisaggProxy, PrefillCollector
 from step10_disaggregated.replicas import LocalEngines
@@ -126,6 +126,7 @@ def build_app(config: Config, lifecycle: Lifecycle | None = None) -> Starlette:
         *observability.routes,
         *lifecycle.routes,
         *live.routes(pool_proxies),  # GET /debug/engine: both pools' engines side by side
+        *timelines.routes(pool_proxies),  # GET /debug/timeline: both engines on one trace
     ]
     middleware = [
         *observability.middleware,

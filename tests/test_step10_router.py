@@ -284,3 +284,40 @@ def test_the_router_page_shows_both_engines_by_role(fleet):
         assert json.loads(line.removeprefix("data:"))["counters"]["kv_blocks_total"] > 0
     unknown = httpx.get(router.url + "/debug/engine/events?replica=nowhere:1", timeout=10)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "no_such_replica"
+
+
+def test_the_router_timeline_puts_both_engines_on_one_axis(tmp_path, fleet):
+    """GET /debug/timeline on step 10's router, behind its key: one process per engine, named
+    by its pool, on one time axis, so the prefill engine's span of a request ends "handed
+    over" before the decode engine's span of it starts (with the blocks taken in as cached)."""
+    prefill, decode, _ = fleet
+    router = router_for(tmp_path / "router.log", prefill, decode, GATEWAY_API_KEY="k")
+    key = {"authorization": "Bearer k"}
+    try:
+        body = completion("On one timeline: " + PROMPT, max_tokens=2)
+        answer = httpx.post(router.url + "/v1/completions", json=body, headers=key, timeout=60)
+        assert answer.status_code == 200
+        assert httpx.get(router.url + "/debug/timeline", timeout=10).status_code == 401
+        # the last 2 iterations of each engine: ours, and each trace counts from its own start
+        trace = httpx.get(router.url + "/debug/timeline?last=2", headers=key, timeout=10).json()
+    finally:
+        router.stop()
+    events = trace["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert sorted(names.values()) == sorted(
+        f"{role} {server.url.removeprefix('http://')}"
+        for role, server in (("prefill", prefill), ("decode", decode))
+    )
+    pid = {name.split()[0]: p for p, name in names.items()}
+    assert trace["otherData"]["missing"] == {}
+    handed = max(
+        (e for e in events if e["pid"] == pid["prefill"] and e["name"] == "handed over"),
+        key=lambda e: e["ts"],
+    )
+    taken = max(
+        (e for e in events if e["pid"] == pid["decode"] and e["name"].startswith("prefill ")),
+        key=lambda e: e["ts"],
+    )
+    assert taken["args"]["cached"] >= 48  # the blocks handed over
+    decode_span = [e for e in events if e["pid"] == pid["decode"] and e["tid"] == taken["tid"]]
+    assert handed["ts"] <= min(e["ts"] for e in decode_span if e["ph"] != "M")
