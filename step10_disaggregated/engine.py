@@ -201,9 +201,10 @@ class DisaggEngine(SpeculativeEngine):
 
         No forward pass reads these blocks while they are written: they were free, so no
         sequence's block table holds them, and they get their names (what a prefix lookup finds)
-        only after the copy. A forward pass running meanwhile writes only its own sequences'
-        blocks, other memory. If the request is cancelled mid-copy, the blocks are freed only
-        once the copy is done, so a freed block is never written to under its next owner."""
+        only after the copy (a padded decode row reads slot 0 under a mask, whatever it holds).
+        A forward pass running meanwhile writes only its own sequences' blocks, other memory.
+        If the request is cancelled mid-copy, the blocks are freed only once the copy is done,
+        so a freed block is never written to under its next owner."""
         copy = asyncio.ensure_future(asyncio.to_thread(self._copy_in, got, block_ids))
         try:
             await asyncio.shield(copy)
