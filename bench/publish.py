@@ -217,13 +217,13 @@ def _cell(results: dict, cell: str, metric: str, spec: str) -> float:
     if not found:
         raise FigureError(f"bench:fig {spec!r}: the run has no {step} at {level or '?'} users")
     summary = found["summary"]
-    for source in (found, summary):
+    for source in (found, summary):  # the level's own keys (classes.stream...), its summary's
         value = _lookup(source, metric)
+        if value is None and metric.endswith("_ms"):
+            seconds = _lookup(source, metric[:-3] + "_s")
+            value = None if seconds is None else seconds * 1000
         if value is not None:
             return value
-    seconds = _lookup(summary, metric[:-3] + "_s") if metric.endswith("_ms") else None
-    if seconds is not None:
-        return seconds * 1000
     raise FigureError(f"bench:fig {spec!r}: no metric {metric!r} at {cell}")
 
 

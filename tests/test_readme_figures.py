@@ -88,6 +88,7 @@ def site(tmp_path):
 
 def _step(name: str, users: int, **summary) -> dict:
     level = {"concurrency": users, "peak_rss_mb": 2081.4, "summary": summary}
+    level["classes"] = {"stream": {"itl_p99_s": 0.6061}}  # a workload's request class
     return {"step": name, "levels": [level]}
 
 
@@ -99,6 +100,7 @@ def test_a_marker_reads_a_cell_a_ratio_milliseconds_a_percentage_and_a_count(sit
     assert figure("full step3_batching@16 error_rate .0%", site) == "15%"
     assert figure("full step3_batching@16 peak_rss_mb .0f", site) == "2081"
     assert figure("full step3_batching@16 statuses.429 .0f", site) == "6"
+    assert figure("full step3_batching@16 classes.stream.itl_p99_ms .0f", site) == "606"
 
 
 @pytest.mark.parametrize(
