@@ -6,6 +6,7 @@ Results are written after every step, so a run cut short still leaves what it me
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from bench.records import Record
 from bench.servers import ROOT, NotReady, StepServer, TargetServer, discover_steps
 from bench.stats import summarise, summarise_classes
 from bench.timeline_chart import draw as draw_timeline
+from bench.timeline_chart import engine_traces
 from bench.workload import Workload, chat_body, load_workload
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
@@ -372,9 +374,11 @@ def last_iteration(url: str) -> int | None:
         return None
     if response.status_code != 200:
         return None
-    numbers = [e["args"]["iteration"] for e in response.json()["traceEvents"]
-               if e["ph"] == "X" and e["name"].startswith("iteration ")]  # fmt: skip
-    return max(numbers, default=0)
+    latest: dict[int, int] = {}  # by process: step 10's router merges two engines' numbers
+    for e in response.json()["traceEvents"]:
+        if e["ph"] == "X" and e["name"].startswith("iteration "):
+            latest[e["pid"]] = max(latest.get(e["pid"], 0), e["args"]["iteration"])
+    return min(latest.values(), default=0)  # the level's iterations of every engine, and more
 
 
 def save_timeline(url: str, after: int | None, folder: Path, tag: str) -> Path | None:
@@ -390,7 +394,9 @@ def save_timeline(url: str, after: int | None, folder: Path, tag: str) -> Path |
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{tag}.json"
     path.write_text(response.text)
-    draw_timeline(response.json(), folder / f"{tag}.png", title=tag, count=160)
+    for name, trace in engine_traces(response.json()).items():  # one picture per engine
+        suffix = re.sub(r"[^A-Za-z0-9]+", "-", f"-{name}") if name else ""
+        draw_timeline(trace, folder / f"{tag}{suffix}.png", title=f"{tag} {name}", count=160)
     return path
 
 

@@ -31,6 +31,24 @@ LABELS = {
 }
 
 
+def engine_traces(trace: dict) -> dict[str, dict]:
+    """Each engine's own trace, by its name: a trace merged from several engines (step 10's
+    router: one process per engine, its iterations on track 0, its requests on 1 and up) split
+    back into the two processes the chart reads; a single engine's trace as it is, named ""."""
+    engines = trace.get("otherData", {}).get("engines")
+    if not engines:
+        return {"": trace}
+    split = {}
+    for pid, name in enumerate(engines, start=1):
+        events = [
+            {**e, "pid": 1 if e["tid"] == 0 else 2}
+            for e in trace["traceEvents"]
+            if e["pid"] == pid and not (e["ph"] == "M" and e["name"].startswith("process_"))
+        ]
+        split[name] = {"traceEvents": events, "displayTimeUnit": "ms"}
+    return split
+
+
 def grid(trace: dict) -> tuple[np.ndarray, list[dict], list[tuple[int, int]], list[str]]:
     """(cells [requests, iterations] of KINDS indexes, the iterations' args, preemptions as
     (row, column), the request names) from a trace."""

@@ -178,3 +178,25 @@ def test_the_picture_is_drawn_from_a_recorded_trace(tiny_lm, tmp_path):
     out = tmp_path / "schedule.png"
     draw(doc, out, title="a test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_a_merged_trace_of_two_engines_is_drawn_one_engine_at_a_time(tiny_lm, tmp_path):
+    """Step 10's router merges its engines' traces; the bench's chart splits them back, each
+    engine's grid the same as from its own trace."""
+    from bench.timeline_chart import engine_traces
+    from step10_disaggregated.timelines import merge
+
+    docs = {}
+    for name, base in (("prefill a:1", 300), ("decode b:2", 500)):
+        prompts = [list(range(base + 20 * i, base + 30 + 20 * i)) for i in range(3)]
+        engine, _, _ = run_engine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=24), prompts, 6)
+        assert engine.timeline is not None
+        docs[name] = json.loads(json.dumps(trace(*engine.timeline.snapshot())))
+    split = engine_traces(merge(docs))
+    assert list(split) == list(docs)
+    for name, doc in docs.items():
+        cells, args, preempted, names = grid(split[name])
+        want = grid(doc)
+        assert (cells == want[0]).all() and args == want[1] and names == want[3]
+        draw(split[name], tmp_path / "engine.png")
+    assert engine_traces(docs["decode b:2"]) == {"": docs["decode b:2"]}
