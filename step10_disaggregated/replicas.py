@@ -1,8 +1,10 @@
 """Local engines for the two pools on one machine: step 10's engine_server processes on free
 ports, started and stopped with the router, configured as step 9's replicas are (its
 GATEWAY_* settings for the engines), plus each one's engine id and the transfer's lease and
-failure policy. Every engine gets an equal share of the cores (one thread each on two), and
-goes when the router goes, even when it is killed."""
+failure policy, and for a decode engine a small token budget (`decode_batched_tokens`): the
+short prompts it prefills itself (proxy.py) come one chunk at a time, so a burst of them cannot
+hold its decoding streams up for long. Every engine gets an equal share of the cores (one
+thread each on two), and goes when the router goes, even when it is killed."""
 
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ class LocalEngines(LocalReplicas):
             env[f"{ENV_PREFIX}ENGINE_ID"] = f"{role}-{i}"
             env[f"{ENV_PREFIX}KV_LEASE_S"] = str(self.config.kv_lease_s)
             env[f"{ENV_PREFIX}KV_TRANSFER_FAILURE"] = self.config.kv_transfer_failure
+            if role == "decode" and self.config.decode_batched_tokens:
+                budget = str(self.config.decode_batched_tokens)
+                env[f"{ENV_PREFIX}MAX_NUM_BATCHED_TOKENS"] = budget
             argv = [sys.executable, "-m", ENGINE]
             self.processes.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
             urls.append(f"http://127.0.0.1:{port}")

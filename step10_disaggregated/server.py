@@ -54,12 +54,20 @@ class PoolsConfig(ConfigPart):
         "engine itself, not handed over; 0: every prompt goes through the prefill pool",
     )
 
+    decode_batched_tokens: int = knob(
+        64,
+        "max_num_batched_tokens of the local decode engines: their iterations hold the decodes "
+        "and a short prompt's chunk at most; 0: the engine's own default",
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if min(self.prefill_replicas, self.decode_replicas) < 1:
             raise ValueError("prefill_replicas and decode_replicas must be at least 1")
         if self.local_prefill_chars < 0:
             raise ValueError("local_prefill_chars must be >= 0")
+        if self.decode_batched_tokens < 0:
+            raise ValueError("decode_batched_tokens must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -321,3 +321,25 @@ def test_the_router_timeline_puts_both_engines_on_one_axis(tmp_path, fleet):
     assert taken["args"]["cached"] >= 48  # the blocks handed over
     decode_span = [e for e in events if e["pid"] == pid["decode"] and e["tid"] == taken["tid"]]
     assert handed["ts"] <= min(e["ts"] for e in decode_span if e["ph"] != "M")
+
+
+def test_local_decode_engines_get_the_small_token_budget(monkeypatch):
+    """decode_batched_tokens reaches the decode engines only: a burst of short prompts prefilled
+    there comes one chunk at a time; the prefill engine keeps the engine's own budget."""
+    from step10_disaggregated import replicas
+    from step10_disaggregated.server import Config
+
+    started: dict[str, dict] = {}
+
+    class Recorded:
+        def __init__(self, argv, env, preexec_fn):
+            started[env["GATEWAY_ENGINE_ID"]] = env
+
+    monkeypatch.setattr(replicas.subprocess, "Popen", Recorded)
+    engines = replicas.LocalEngines(Config(decode_batched_tokens=96))
+    engines.start("prefill"), engines.start("decode")
+    own = started["prefill-0"].get("GATEWAY_MAX_NUM_BATCHED_TOKENS")
+    assert started["decode-0"]["GATEWAY_MAX_NUM_BATCHED_TOKENS"] == "96" != own
+    started.clear()
+    replicas.LocalEngines(Config(decode_batched_tokens=0)).start("decode")
+    assert started["decode-0"].get("GATEWAY_MAX_NUM_BATCHED_TOKENS") == own
