@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine that has only Python 3.10+.
 #
-#   ./run.sh serve [STEP] [--flag value ...]   set up, then run a step's server (default: step 9, see resolve_step)
+#   ./run.sh serve [STEP] [--flag value ...]   set up, then run a step's server (default: step 8, see resolve_step)
 #   ./run.sh test [PYTEST ARGS ...]            set up, then run the test suite
 #   ./run.sh bench [BENCH ARGS ...]            set up, then run the bench (python -m bench)
 #   ./run.sh setup                             only set up: .venv, packages, model
@@ -59,11 +59,11 @@ resolve_step() {
     local want=${1:-}
     if [ -z "$want" ]; then
         # Named, not the highest-numbered folder: the default is the step that serves a general
-        # workload best on one machine, and a higher number is not that. Step 10 (prefill and
-        # decode on separate engines) buys steady inter-token latency and splits one machine's
-        # few cores between two engines; it stays off the default until the bench has compared
-        # them on one machine (step 10's README).
-        echo step9_router
+        # workload best on one machine (measured: step 10's README, "Which step ./run.sh serve
+        # runs"). Step 8, one engine on both cores, speculating: on the bench's chat workload it
+        # led steps 9 and 10 at 1 and 4 users and was within a fifth of them at 16, in half the
+        # memory; step 9 pays for several machines, step 10 for long prompts among streams.
+        echo step8_speculative
     elif [ -d "$want" ]; then
         echo "${want%/}"
     else
