@@ -1,52 +1,80 @@
 """What does watching cost? Output tokens/s at N users, with and without the live page open.
 
-    python -m bench.live_cost                          # starts step 7, 16 users, 3 rounds each
-    python -m bench.live_cost --step 8 --users 16 --seconds 60 --rounds 3
+    python -m bench.live_cost                          # starts step 7, 16 users, 3 pairs of rounds
+    python -m bench.live_cost --step 8 --users 16 --seconds 60 --rounds 3 --publish live-cost-8
     python -m bench.live_cost --url http://127.0.0.1:8000 --api-key KEY
 
 `users` clients send greedy completions (one shared system prompt, a question each) back to
-back. Rounds alternate: nobody watching, then one watcher reading GET /debug/engine/events (the
-stream the page reads; the page draws in the browser, so to the server a reader of the stream
-is a page), so slow drift of the machine falls on both sides alike. Each round's number is
-output tokens finished in the window / its length. A quiet machine is needed: on a shared one
-the difference is lost in the noise, and the table says only that.
+back. Rounds come in pairs, in the order plain, watched, watched, plain, ... (ABBA), so that a
+drift of the machine or the server over the run falls on both sides alike. A watched round has
+one reader of GET /debug/engine/events (the stream the page reads; the page draws in the
+browser, so to the server a reader of the stream is a page) in its own process, as a browser
+is (`--read`): it counts the events' bytes and nothing more, so that its work is not the load
+generator's.
+
+Each round's numbers: output tokens finished in the window / its length; from the engine's
+timeline (GET /debug/timeline), its iterations in the window, their mean time and rows, so that a
+slower round shows as slower iterations (the forward pass disturbed) or as fewer rows (requests
+arriving late); the server's CPU time per output token (when this command started the server);
+and the share of the machine's CPU that other processes used (`foreign_cpu`), which must be near
+0 for any of it to mean something.
+
+`--publish NAME` writes bench/charts/NAME/results.json in the bench's format (the step, and
+`STEP+page` for the watched rounds, at the users' level; the summary's `output_tok_s` the
+median of the rounds) with the machine and the commit, so that a README quotes it with bench:fig
+markers (bench/publish.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from bench.servers import StepServer, discover_steps, select_steps
+from bench.provenance import ForeignCpu, git_facts, library_versions, machine_facts
+from bench.servers import ROOT, StepServer, discover_steps, select_steps
 
 MODEL = "SmolLM2-135M-Instruct"
 SYSTEM = (
     "You are a careful assistant for a small bakery. Answer in one short paragraph, "
     "politely, and mention the opening hours when they matter. "
 ) * 3
-
-
 NO_CACHE = {"cache-control": "no-cache"}  # generated every time, never a cached answer
+EVENTS = "/debug/engine/events"
+
+
+def prompt(tag: str, user_index: int, n: int) -> str:
+    """The n-th prompt of a user. Every round sends the same ones (`tag` is the run's), so that
+    every round does the same work: a new tag a round changed how long the greedy answers ran
+    (from 4 to 23 tokens a request on average), and with it the prompt work per output token."""
+    return f"{SYSTEM}Question {tag}.{user_index}.{n}: when do you open?"
+
+
+def round_order(pairs: int) -> list[bool]:
+    """Watched or not, round by round: plain, watched, watched, plain, ... (ABBA)."""
+    return [(i % 2 == 1) != (i // 2 % 2 == 1) for i in range(2 * pairs)]
 
 
 async def user(client: httpx.AsyncClient, tag: str, i: int, until: float, max_tokens: int) -> int:
     """Requests back to back until `until`; the output tokens of those that ended by then.
-    Every round sends the same prompts (`tag` is the run's), so that every round does the same
-    work: a new tag a round changed how long the greedy answers ran (from 4 to 23 tokens a
-    request on average), and with it the prompt work per output token. `Cache-Control: no-cache`
-    keeps them from the response cache."""
+    `Cache-Control: no-cache` keeps them from the response cache."""
     tokens, n = 0, 0
     while time.monotonic() < until:
         n += 1
-        body = {"model": MODEL, "prompt": f"{SYSTEM}Question {tag}.{i}.{n}: when do you open?",
-                "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
+        body = {"model": MODEL, "prompt": prompt(tag, i, n), "max_tokens": max_tokens,
+                "temperature": 0}  # fmt: skip
         answer = await client.post("/v1/completions", json=body, headers=NO_CACHE)
         answer.raise_for_status()
         if time.monotonic() <= until:
@@ -54,59 +82,196 @@ async def user(client: httpx.AsyncClient, tag: str, i: int, until: float, max_to
     return tokens
 
 
-async def watcher(client: httpx.AsyncClient, events: list[int]) -> None:
-    """Reads the live feed like the page does, counting its events, until cancelled."""
-    async with client.stream("GET", "/debug/engine/events") as stream:
+# ---------------------------------------------------------------- the reader, its own process
+
+
+def read_feed(url: str, headers: dict[str, str]) -> int:
+    """Reads the live feed until SIGTERM, counting events; prints `ready` after the first one
+    and the count at the end (the parent reads both from its stdout)."""
+    stop = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
+    events = 0
+    with httpx.stream("GET", url + EVENTS, headers=headers, timeout=60) as stream:
         stream.raise_for_status()
-        async for line in stream.aiter_lines():
-            events[0] += line.startswith("data:")
+        for chunk in stream.iter_raw():
+            if events == 0 and b"data:" in chunk:
+                print("ready", flush=True)
+            events += chunk.count(b"\ndata:") + chunk.startswith(b"data:")
+            if stop[0]:
+                break
+    print(events, flush=True)
+    return 0
 
 
-async def one_round(url: str, headers: dict, args: argparse.Namespace, watched: bool) -> dict:
+class Reader:
+    """`python -m bench.live_cost --read URL` in a child process, started before a watched
+    round's load and stopped after it."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        argv = [sys.executable, "-m", "bench.live_cost", "--read", "--url", url]
+        self.proc = subprocess.Popen(
+            [*argv, "--api-key", api_key] if api_key else argv,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":  # the first event arrived
+            self.proc.kill()
+            raise RuntimeError(f"the feed reader got no event from {url}{EVENTS}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return int(out.split()[-1])
+
+
+# ---------------------------------------------------------------- one round
+
+
+def engine_iterations(url: str, headers: dict, start: float, end: float) -> dict | None:
+    """The engine's iterations that began in [start, end] (time.monotonic, this machine's):
+    how many, their mean wall and CPU time, and their mean rows. None without a timeline."""
+    try:
+        trace = httpx.get(url + "/debug/timeline", headers=headers, timeout=60).json()
+        origin = trace["otherData"]["origin_s"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+    lo, hi = (start - origin) * 1e6, (end - origin) * 1e6
+    its = [
+        e for e in trace["traceEvents"]
+        if e.get("ph") == "X" and str(e.get("name", "")).startswith("iteration ")
+        and lo <= e["ts"] <= hi
+    ]  # fmt: skip
+    if not its:
+        return None
+    return {
+        "iterations": len(its),
+        "iteration_ms": round(statistics.mean(e["dur"] for e in its) / 1e3, 2),
+        "iteration_cpu_ms": round(statistics.mean(e["args"].get("cpu_ms", 0) for e in its), 2),
+        "rows_per_iteration": round(statistics.mean(e["args"]["tokens"] for e in its), 2),
+    }
+
+
+async def load(url: str, headers: dict, args: argparse.Namespace, seconds: float) -> float:
     limits = httpx.Limits(max_connections=args.users + 4)
     async with httpx.AsyncClient(
         base_url=url, headers=headers, timeout=300, limits=limits
     ) as client:
-        events, tag = [0], args.tag
-        watch = asyncio.create_task(watcher(client, events)) if watched else None
-        start = time.monotonic()
-        until = start + args.seconds
+        until = time.monotonic() + seconds
         totals = await asyncio.gather(
-            *(user(client, tag, i, until, args.max_tokens) for i in range(args.users))
+            *(user(client, args.tag, i, until, args.max_tokens) for i in range(args.users))
         )
-        if watch is not None:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
-    return {"watched": watched, "tok_s": sum(totals) / args.seconds, "events": events[0]}
+    return sum(totals) / seconds
+
+
+def one_round(
+    url: str, headers: dict, args: argparse.Namespace, watched: bool, server_cpu: Callable
+) -> dict:
+    reader = Reader(url, args.api_key) if watched else None
+    foreign, cpu0 = ForeignCpu(server_cpu), server_cpu()
+    start = time.monotonic()
+    tok_s = asyncio.run(load(url, headers, args, args.seconds))
+    end = time.monotonic()
+    cpu = server_cpu() - cpu0
+    events = reader.stop() if reader is not None else 0
+    row = {"watched": watched, "output_tok_s": round(tok_s, 2), "events": events,
+           "foreign_cpu": foreign.share()}  # fmt: skip
+    if cpu > 0 and tok_s > 0:
+        row["server_cpu_ms_per_token"] = round(cpu * 1e3 / (tok_s * args.seconds), 2)
+    row.update(engine_iterations(url, headers, start, end) or {})
+    return row
+
+
+# ---------------------------------------------------------------- what is printed and kept
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"users {args.users}, {args.seconds:.0f} s a round, max_tokens {args.max_tokens}",
-        "| page open | rounds | out tok/s median | each round |",
-        "| --- | --- | --- | --- |",
+        "| page open | rounds | out tok/s median | each round | iteration ms | rows/iter |"
+        " server CPU ms/token | other CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for watched in (False, True):
-        each = [r["tok_s"] for r in rows if r["watched"] is watched]
-        rounds = ", ".join(f"{x:.1f}" for x in each)
+        side = [r for r in rows if r["watched"] is watched]
+        each = ", ".join(f"{r['output_tok_s']:.1f}" for r in side)
         label = "yes (one feed reader)" if watched else "no"
-        lines.append(f"| {label} | {len(each)} | {statistics.median(each):.1f} | {rounds} |")
+        cells = [_median(side, k) for k in ("iteration_ms", "rows_per_iteration",
+                                            "server_cpu_ms_per_token", "foreign_cpu")]  # fmt: skip
+        lines.append(
+            f"| {label} | {len(side)} | {_median(side, 'output_tok_s')} | {each} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
+def _median(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return f"{statistics.median(values):.2f}" if values else "-"
+
+
+def results(rows: list[dict], step: str, args: argparse.Namespace, argv: list[str]) -> dict:
+    """The run in the bench's results format: one entry for each side, one level."""
+
+    def entry(name: str, watched: bool) -> dict:
+        side = [r for r in rows if r["watched"] is watched]
+        summary = {
+            key: statistics.median(r[key] for r in side)
+            for key in side[0]
+            if key not in ("watched",) and all(r.get(key) is not None for r in side)
+        }
+        level = {"concurrency": args.users, "users": args.users, "summary": summary,
+                 "rounds": side}  # fmt: skip
+        return {"step": name, "status": "ok", "levels": [level]}
+
+    meta = {**git_facts(), "machine": machine_facts(), "versions": library_versions(),
+            "command": "python -m bench.live_cost " + " ".join(argv)}  # fmt: skip
+    config = {k: v for k, v in vars(args).items() if k not in ("api_key", "read")}
+    return {
+        "schema": 1,
+        "meta": meta,
+        "config": config,
+        "steps": [entry(step, False), entry(step + "+page", True)],
+    }
+
+
+def publish(data: dict, table: str, name: str) -> Path:
+    folder = ROOT / "bench" / "charts" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    meta = data["meta"]
+    head = (
+        f"`{meta['command']}` at {(meta['commit'] or 'unknown')[:7]}"
+        f"{' (dirty tree)' if meta['dirty'] else ''}, machine "
+        f"`{meta['machine']['machine_class']}`.\n\n"
+    )
+    (folder / "table.md").write_text(head + table + "\n")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.live_cost", description=__doc__)
     parser.add_argument("--step", default="7", help="the step to start (number or folder)")
     parser.add_argument("--url", default="", help="measure a running server instead")
     parser.add_argument("--api-key", default="", help="the server's key, if it has one")
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60.0, help="length of one round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each kind, alternated")
+    parser.add_argument("--rounds", type=int, default=3, help="pairs of rounds (ABBA order)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=float, default=15.0, help="seconds of load first")
+    parser.add_argument("--publish", default="", metavar="NAME", help="bench/charts/NAME")
+    parser.add_argument("--read", action="store_true", help=argparse.SUPPRESS)  # the reader
     args = parser.parse_args(argv)
+    if args.publish and not re.fullmatch(r"[A-Za-z0-9._-]+", args.publish):
+        parser.error("--publish takes a folder name under bench/charts, like live-cost")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.read:
+        return read_feed(args.url.rstrip("/"), headers)
     args.tag = uuid.uuid4().hex[:8]  # the run's: the same prompts in every round
-    server, url = None, args.url.rstrip("/")
+    server, url, step = None, args.url.rstrip("/"), args.url
     if not url:
         (step,) = select_steps(discover_steps(), args.step)
         log = Path(tempfile.mkdtemp(prefix="live-cost-")) / f"{step}.log"
@@ -114,19 +279,22 @@ def main(argv: list[str] | None = None) -> int:
         server = StepServer(step, "float32", log)
         server.wait_ready(300)
         url = server.url
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    server_cpu = server.cpu_seconds if server is not None else (lambda: 0.0)
     rows = []
     try:
-        warmup = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
-        asyncio.run(one_round(url, headers, warmup, watched=False))  # not counted
-        for i in range(2 * args.rounds):
-            row = asyncio.run(one_round(url, headers, args, watched=i % 2 == 1))
+        asyncio.run(load(url, headers, args, args.warmup))  # not counted
+        for watched in round_order(args.rounds):
+            row = one_round(url, headers, args, watched, server_cpu)
             print(f"[live_cost] {row}", flush=True)
             rows.append(row)
     finally:
         if server is not None:
             server.stop()
-    print(report(rows, args))
+    table = report(rows, args)
+    print(table)
+    if args.publish:
+        folder = publish(results(rows, step, args, argv), table, args.publish)
+        print(f"[live_cost] published {folder}", flush=True)
     return 0
 
 

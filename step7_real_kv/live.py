@@ -26,13 +26,13 @@ forward pass changes none of them.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncGenerator, Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -53,6 +53,9 @@ STEP_KINDS = {"prefill": "p", "decode": "d", "verify": "v", "fork": "f", "paddin
 # snapshot reads every block of the pool, 2048 by default).
 BLOCK_CODES = [(".", "c"), ("u", "n"), *((str(k), str(k)) for k in range(2, 10)), ("+", "+")]
 
+# msgspec encodes a snapshot (about 20 KB at 16 users) in a tenth of json.dumps's time: 0.09
+# against 1.2 ms measured, on the event loop that also serves the requests.
+_ENCODE = msgspec.json.Encoder().encode
 Snapshot = Callable[[Any], dict[str, Any]]  # engine -> what the page draws
 
 
@@ -153,7 +156,7 @@ class LiveFeed:
         taken_at, payload = self._latest
         now = self.clock()
         if now - taken_at >= self.interval_s * 0.9:  # a little early, or ticks alternate
-            payload = json.dumps({"at": time.time(), **take()}, separators=(",", ":"))
+            payload = _ENCODE({"at": time.time(), **take()}).decode()
             self._latest = (now, payload)
             self.snapshots_taken += 1
         return payload
