@@ -29,6 +29,7 @@ import uuid
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -251,6 +252,15 @@ class DisaggEngine(SpeculativeEngine):
             "remote_request_id": request.request_id,
             "remote_block_ids": self.leases.held[request.request_id].block_ids,
         }
+
+
+def local_engines(lm: LoadedModel, **config: Any) -> tuple[DisaggEngine, DisaggEngine]:
+    """A prefill and a decode engine in one process, sharing `lm`, built from the same
+    DisaggConfig fields; the decode one fetches from the prefill one through a LocalConnector
+    (the hand-over without HTTP, as the tests and bench/pictures run it)."""
+    prefill = DisaggEngine(lm, DisaggConfig(engine_id="prefill", **config))
+    decode = DisaggEngine(lm, DisaggConfig(engine_id="decode", **config), LocalConnector(prefill))
+    return prefill, decode
 
 
 class TransferCollector:

@@ -35,10 +35,6 @@ class DisaggEngineWithHttp(DisaggEngine):
     def __init__(self, lm, config: DisaggConfig) -> None:
         super().__init__(lm, config, HttpConnector())
 
-    async def stop(self) -> None:
-        await super().stop()
-        await cast(HttpConnector, self.connector).aclose()
-
 
 class Server(step8.Server):
     """Step 8's composition, with the disaggregated engine, its routes and its counters."""

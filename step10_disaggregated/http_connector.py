@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
-import httpx
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -33,11 +33,11 @@ SLICE = 1 << 20  # bytes of the message sent at a time
 
 
 class HttpConnector:
-    """KVConnector to the server named by `remote_host` and `remote_port` in the params."""
+    """KVConnector to the server named by `remote_host` and `remote_port` in the params. Each
+    call is one POST on a fresh connection, sent from a worker thread (http.client blocks)."""
 
     def __init__(self, timeout_s: float = 30.0) -> None:
-        self.client = httpx.AsyncClient(timeout=timeout_s)
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # to connect, and for each read from the socket
 
     def _request(self, params: TransferParams, what: str, body: dict) -> tuple[str, dict]:
         try:
@@ -54,10 +54,23 @@ class HttpConnector:
 
     async def release(self, params: TransferParams, how: str) -> None:
         url, body = self._request(params, "release", {"how": how})
-        await self.client.post(url, json=body)
+        await asyncio.to_thread(_release, url, body, self.timeout_s)
 
-    async def aclose(self) -> None:
-        await self.client.aclose()
+
+@contextmanager
+def _posted(url: str, body: dict, timeout_s: float) -> Iterator[http.client.HTTPResponse]:
+    """POST `body` as JSON to `url` on a fresh connection; its response, open until the block
+    ends. A refused connection or a timeout raises OSError, a malformed answer
+    http.client.HTTPException."""
+    where = urlsplit(url)
+    host = where.hostname or "127.0.0.1"
+    connection = http.client.HTTPConnection(host, where.port, timeout=timeout_s)
+    try:
+        headers = {"Content-Type": "application/json"}
+        connection.request("POST", where.path, json.dumps(body).encode(), headers)
+        yield connection.getresponse()
+    finally:
+        connection.close()
 
 
 def _fetch_whole(url: str, body: dict, timeout_s: float) -> bytearray:
@@ -65,13 +78,7 @@ def _fetch_whole(url: str, body: dict, timeout_s: float) -> bytearray:
     worker thread: http.client fills the buffer with the socket's recv_into, in C, with the GIL
     released. httpx's reader, pure Python and 64 KB at a time, spent about 100 ms of CPU on a
     60 MB prompt, taken from the decode engine's own core (and so from its streams' tokens)."""
-    where = urlsplit(url)
-    host = where.hostname or "127.0.0.1"
-    connection = http.client.HTTPConnection(host, where.port, timeout=timeout_s)
-    try:
-        headers = {"Content-Type": "application/json"}
-        connection.request("POST", where.path, json.dumps(body).encode(), headers)
-        response = connection.getresponse()
+    with _posted(url, body, timeout_s) as response:
         if response.status != 200:
             raise TransferError(f"{response.status} {response.read(200).decode(errors='replace')}")
         try:
@@ -85,8 +92,13 @@ def _fetch_whole(url: str, body: dict, timeout_s: float) -> bytearray:
                 raise TransferError(f"a KV message cut short: {at} of {len(message)} bytes")
             at += got
         return message
-    finally:
-        connection.close()
+
+
+def _release(url: str, body: dict, timeout_s: float) -> None:
+    """POST /v1/kv/release. Neither the status nor the answer is checked: the lease ends either
+    way, here or by expiring ({"released": false}: it had ended already)."""
+    with _posted(url, body, timeout_s) as response:
+        response.read()
 
 
 # ---------------------------------------------------------------- the prefill engine's side

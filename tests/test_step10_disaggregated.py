@@ -15,7 +15,13 @@ from common.errors import APIError
 from common.model import load_model
 from common.prefix import block_hashes
 from step7_real_kv.engine import EngineConfig, PagedEngine
-from step10_disaggregated.engine import KV_TRANSFER, DisaggConfig, DisaggEngine, KVTransfer
+from step10_disaggregated.engine import (
+    KV_TRANSFER,
+    DisaggConfig,
+    DisaggEngine,
+    KVTransfer,
+    local_engines,
+)
 from step10_disaggregated.kv_connector import (
     KVBlocks,
     LocalConnector,
@@ -28,6 +34,7 @@ from tests.engine_helpers import drain, make_request, until
 
 BLOCK = 4
 PROMPT = list(range(300, 314))  # 14 tokens: 3 full blocks handed over (13 // 4), 2 computed
+SMALL = {"block_size": BLOCK, "num_kv_blocks": 32, "num_speculative_tokens": 0}
 LONG = "The quick brown fox jumps over the lazy dog, and the dog sleeps on in the warm sun"
 
 
@@ -37,11 +44,11 @@ def tiny_lm(tiny_model_dir):
 
 
 def engines(lm, connector=None, **config):
-    """A prefill and a decode engine, the decode one fetching from the prefill one."""
-    args = {"block_size": BLOCK, "num_kv_blocks": 32, "num_speculative_tokens": 0, **config}
-    prefill = DisaggEngine(lm, DisaggConfig(engine_id="prefill", **args))
-    decode_engine = DisaggEngine(lm, DisaggConfig(engine_id="decode", **args))
-    decode_engine.connector = connector or LocalConnector(prefill)
+    """A prefill and a decode engine, the decode one fetching from the prefill one (or through
+    `connector`)."""
+    prefill, decode_engine = local_engines(lm, **{**SMALL, **config})
+    if connector is not None:
+        decode_engine.connector = connector
     return prefill, decode_engine
 
 
@@ -306,12 +313,8 @@ class HeldCopyEngine(DisaggEngine):
 
 def held_copy_engines(lm):
     prefill, _ = engines(lm)
-    config = DisaggConfig(
-        engine_id="decode", block_size=BLOCK, num_kv_blocks=32, num_speculative_tokens=0
-    )
-    decode_engine = HeldCopyEngine(lm, config)
-    decode_engine.connector = LocalConnector(prefill)
-    return prefill, decode_engine
+    config = DisaggConfig(engine_id="decode", **SMALL)
+    return prefill, HeldCopyEngine(lm, config, LocalConnector(prefill))
 
 
 def test_the_loop_keeps_running_while_the_blocks_are_written(tiny_lm):

@@ -184,6 +184,8 @@ def test_a_prefill_engine_gone_before_the_transfer(tmp_path, tiny_model_dir, fle
             assert answer.status_code == 502
             assert "KV blocks could not be had" in answer.json()["error"]["message"]
         assert metric(decode.url, "gateway_kv_blocks_used") == 0
+        # The release to the gone engine was refused too: logged, and the request unharmed.
+        assert "KV lease cancelled not released" in decode.log()
     finally:
         prefill.stop()
         decode.stop()

@@ -31,8 +31,7 @@ from common.model import LoadedModel, load_model
 from common.timeline import Iteration
 from step7_real_kv.engine import EngineConfig, PagedEngine
 from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
-from step10_disaggregated.engine import DisaggConfig, DisaggEngine
-from step10_disaggregated.kv_connector import LocalConnector
+from step10_disaggregated.engine import DisaggEngine, local_engines
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "charts" / "pictures"
 POOL_BLOCKS = 64  # a pool small enough to see each block: 8 x 8
@@ -103,12 +102,8 @@ def handover_engines(
     lm: LoadedModel, config: dict | None = None
 ) -> tuple[DisaggEngine, DisaggEngine]:
     """A prefill and a decode engine with pools of POOL_BLOCKS, the decode one fetching from
-    the prefill one in this process (as step 10's tests run them)."""
-    config = {"num_kv_blocks": POOL_BLOCKS, **(config or {})}
-    prefill = DisaggEngine(lm, DisaggConfig(engine_id="prefill", **config))
-    decode = DisaggEngine(lm, DisaggConfig(engine_id="decode", **config))
-    decode.connector = LocalConnector(prefill)
-    return prefill, decode
+    the prefill one in this process (step 10's `local_engines`)."""
+    return local_engines(lm, **{"num_kv_blocks": POOL_BLOCKS, **(config or {})})
 
 
 def code_pictures(out: Path) -> None:

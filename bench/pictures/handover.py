@@ -1,11 +1,12 @@
 """Run step 10's two engines in-process and take a prompt's hand-over from their state.
 
 A prefill engine and a decode engine (step 10's `DisaggEngine`, joined by a `LocalConnector` in
-one process, as tests/test_step10_disaggregated.py runs them) serve two of the bench's chats the
-router's way: the prompt on the prefill engine with max_tokens 1 and `do_remote_decode`, then
-the answer on the decode engine with the `kv_transfer_params` the prefill engine answered. The
-second chat shares the first one's system prompt, so the decode engine already holds the
-blocks of that part of it and takes in only the rest.
+one process by step 10's `local_engines`, as tests/test_step10_disaggregated.py runs them)
+serve two of the bench's chats the router's way: the prompt on the prefill engine with
+max_tokens 1 and `do_remote_decode`, then the answer on the decode engine with the
+`kv_transfer_params` the prefill engine answered. The second chat shares the first one's
+system prompt, so the decode engine already holds the blocks of that part of it and takes in
+only the rest.
 
 The moment drawn lies inside the decode engine's `take_in`: the blocks it lacked are fetched,
 written into its pool and named, and the prefill engine still holds its blocks under the lease.

@@ -15,6 +15,8 @@
 # mounted read-only: none of them lands in the image's files or environment (its history lists
 # them, as it lists every build argument). DEBIAN_MIRROR picks debootstrap's mirror.
 set -euo pipefail
+# shellcheck source=step9_router/deploy/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(dirname "$0")/../.."
 
 CACHE=${GATEWAY_CACHE_DIR:-$HOME/.cache/llm-gateway}/images
@@ -22,14 +24,6 @@ ROOTFS=$CACHE/bookworm-rootfs.tar
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE_IMAGE=localhost/llm-gateway-base:bookworm
 IMAGE=localhost/llm-gateway:step9
-READY_TIMEOUT_S=300
-export BUILDAH_ISOLATION=chroot
-
-log() { printf '[check_image %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
-fail() {
-    log "FAILED: $*" >&2
-    exit 1
-}
 
 ensure_tools() {
     local missing=()
@@ -129,73 +123,8 @@ build_image() {
     log "built $IMAGE in $((SECONDS - started)) s; size: $(image_size)"
 }
 
-image_size() {
-    buildah images --format '{{.Size}}' "$IMAGE"
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])'
-}
-
-SERVERS=()  # process group ids of the `buildah run`s started below
-CONTAINER=""
-cleanup() {
-    local pgid
-    for pgid in "${SERVERS[@]}"; do kill -TERM -- "-$pgid" 2>/dev/null || true; done
-    for pgid in "${SERVERS[@]}"; do
-        for _ in $(seq 1 30); do
-            kill -0 -- "-$pgid" 2>/dev/null || break
-            sleep 1
-        done
-        kill -KILL -- "-$pgid" 2>/dev/null || true
-    done
-    [ -z "$CONTAINER" ] || buildah rm "$CONTAINER" >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# serve LOG CMD...: runs CMD in the image in its own process group, on the host's network.
-serve() {
-    local logfile=$1
-    shift
-    setsid buildah run "$CONTAINER" -- env GATEWAY_HOST=127.0.0.1 GATEWAY_LOG_FORMAT=text "$@" \
-        >"$logfile" 2>&1 &
-    SERVERS+=($!)
-}
-
-wait_ready() {
-    local name=$1 port=$2 logfile=$3 pgid=${SERVERS[-1]}
-    for _ in $(seq 1 "$READY_TIMEOUT_S"); do
-        curl -sf "http://127.0.0.1:$port/health/ready" >/dev/null && return 0
-        kill -0 -- "-$pgid" 2>/dev/null || { tail -n 30 "$logfile" >&2; fail "$name exited"; }
-        sleep 1
-    done
-    tail -n 30 "$logfile" >&2
-    fail "$name not ready on :$port after $READY_TIMEOUT_S s"
-}
-
-# chat PORT HEADERS_FILE: one greedy chat completion to the model the server lists; prints its
-# text.
-chat() {
-    local body status model
-    model=$(curl -sf "http://127.0.0.1:$1/v1/models" |
-        python3 -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])') ||
-        fail "no model listed at :$1/v1/models"
-    body=$(curl -s -D "$2" -w '\n%{http_code}' -H 'Content-Type: application/json' \
-        -d '{"model": "'"$model"'", "messages": [{"role": "user", "content": "Say hello."}],
-             "max_tokens": 8, "temperature": 0}' \
-        "http://127.0.0.1:$1/v1/chat/completions") || fail "no answer to a chat completion on :$1"
-    status=${body##*$'\n'}
-    body=${body%$'\n'*}
-    [ "$status" = 200 ] || fail "the chat completion on :$1 got HTTP $status: $body"
-    python3 -c 'import json, sys
-print(json.loads(sys.argv[1])["choices"][0]["message"]["content"])' \
-        "$body" || fail "no choices[0].message.content in: $body"
-}
-
 serve_from_image() {
-    local work engine_port router_port direct routed upstream
+    local work engine_port router_port body direct routed upstream
     work=$(mktemp -d)
     buildah rm llm-gateway-check >/dev/null 2>&1 || true  # left by a run that was killed
     CONTAINER=$(buildah from --pull=never --name llm-gateway-check "$IMAGE")
@@ -203,7 +132,8 @@ serve_from_image() {
     log "starting a step 8 engine from the image on 127.0.0.1:$engine_port"
     serve "$work/engine.log" GATEWAY_PORT="$engine_port" python -m step8_speculative
     wait_ready "the engine" "$engine_port" "$work/engine.log"
-    direct=$(chat "$engine_port" "$work/engine.headers")
+    body=$(chat "$engine_port" "Say hello." "$work/engine.headers")
+    direct=$(answer_text "$body")
     [ -n "$direct" ] || fail "the engine answered with no text"
     log "engine answered: $direct ($(grep -o -m1 'backends: .*' "$work/engine.log" || true))"
 
@@ -212,7 +142,8 @@ serve_from_image() {
     serve "$work/router.log" GATEWAY_PORT="$router_port" \
         GATEWAY_UPSTREAMS="http://127.0.0.1:$engine_port" python -m step9_router
     wait_ready "the router" "$router_port" "$work/router.log"
-    routed=$(chat "$router_port" "$work/router.headers")
+    body=$(chat "$router_port" "Say hello." "$work/router.headers")
+    routed=$(answer_text "$body")
     upstream=$(sed -n 's/^x-upstream: *\([^[:space:]]*\).*/\1/Ip' "$work/router.headers")
     log "router answered: $routed (X-Upstream: ${upstream:-none})"
     [ "$upstream" = "127.0.0.1:$engine_port" ] ||
