@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -40,7 +41,7 @@ from common.request import Request
 from common.sampling import SamplingParams
 from step7_real_kv import attention, engine, model_runner
 from step7_real_kv.engine import EngineConfig, PagedEngine
-from step7_real_kv.speed.linear import FastLinear
+from step7_real_kv.speed.linear import FastLinear, time_paths
 
 PARTS = (
     "schedule",
@@ -250,29 +251,16 @@ def linear_rows(lm: LoadedModel, config: EngineConfig, most: int, repeats: int =
     so that each weight comes from memory as in a decode step, not from a warm cache), timed
     at 1 to `most` rows through block_linear over the GGUF blocks and through oneDNN's
     prepacked float32, the two alternating (this machine's speed drifts). ms per forward
-    pass, median of `repeats`."""
-    runner = PagedEngine(lm, config).runner
+    pass, median of `repeats`: the engine's own measurement at start-up (`block_rows` 0), at
+    every row count."""
+    runner = PagedEngine(lm, dataclasses.replace(config, block_rows=1)).runner
     linears = [*runner.linears[1:], runner.lm_head]  # the layers', then the vocabulary's
-    matrices = [m for m in linears if isinstance(m, FastLinear)]
-    if len(matrices) < len(linears) or any(m.block is None or m.packed is None for m in matrices):
+    matrices = [m for m in linears if isinstance(m, FastLinear) and m.both_ways]
+    if len(matrices) < len(linears):
         raise SystemExit("--linear-rows needs the C++ kernels, the stored blocks and oneDNN")
-    ways = [(m.weight.shape[1], m.stored, m.block, m.packed) for m in matrices]
     rows_out = []
     for rows in range(1, most + 1):
-        times: dict[str, list[float]] = {"blocks": [], "onednn": []}
-        xs = [torch.randn(rows, inputs) for inputs, _, _, _ in ways]
-        for _ in range(repeats):
-            for path in times:
-                total = 0.0
-                for (_, stored, block, packed), x in zip(ways, xs, strict=True):
-                    start = time.perf_counter()
-                    if path == "blocks" and stored is not None and block is not None:
-                        block(x, stored.blocks, stored.kind)
-                    else:
-                        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-                    total += time.perf_counter() - start
-                times[path].append(1000 * total)
-        med = {path: sorted(v)[len(v) // 2] for path, v in times.items()}
+        med = time_paths(matrices, rows, repeats)
         rows_out.append({"rows": rows, **med})
         print(f"{rows} rows: blocks {med['blocks']:.2f} ms, onednn {med['onednn']:.2f} ms",
               flush=True)  # fmt: skip

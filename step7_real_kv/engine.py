@@ -78,6 +78,11 @@ class EngineConfig(TimelineConfig, SchedulerConfig):
         "for bit, and the kernels run) | blocks (required; served lossy if they differ) | "
         "float32",
     )
+    block_rows: int = knob(
+        0,
+        "matmuls of up to this many rows read the stored blocks, more go to oneDNN; 0: "
+        "measured at start-up, where the blocks stop beating oneDNN on this machine",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,6 +92,8 @@ class EngineConfig(TimelineConfig, SchedulerConfig):
             raise ValueError(f"kernels is one of {KERNELS}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format is one of {WEIGHT_FORMATS}")
+        if self.block_rows < 0:
+            raise ValueError("block_rows must be >= 0 (0: measured at start-up)")
         if min(self.block_size, self.num_kv_blocks) < 1:
             raise ValueError("block_size and num_kv_blocks must be at least 1")
 
@@ -100,6 +107,7 @@ class PagedEngine:
         self.runner = ModelRunner(
             lm, self.kv, config.linear_backend, kernels, config.max_num_seqs,
             stored_weights_for(lm, config, kernels), lossy=config.weight_format == "blocks",
+            block_rows=config.block_rows,
         )  # fmt: skip
         if self.runner.lossy:
             log.warning(

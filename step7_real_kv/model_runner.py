@@ -32,7 +32,7 @@ from step7_real_kv.attention import DecodeKernel, paged_attention
 from step7_real_kv.batch import Batch
 from step7_real_kv.paged_kv import PagedKVCache
 from step7_real_kv.speed.kernel_ops import KernelOps
-from step7_real_kv.speed.linear import describe, fast_linears
+from step7_real_kv.speed.linear import describe, fast_linears, set_block_rows
 from step7_real_kv.speed.stored_weights import StoredWeight
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]  # x [T, in] -> x @ weight.T [T, out]
@@ -126,11 +126,13 @@ class ModelRunner:
         batch_hint: int = 64,
         stored: dict[str, StoredWeight] | None = None,
         lossy: bool = False,
+        block_rows: int = 0,
     ) -> None:
         """The torch reference with `linear_backend="torch"` and no `kernels`; otherwise the
         speed layer's pieces: `kernels` (cpu_kernels.load()'s module) for the row-wise ops,
         `linear_backend="auto"` for oneDNN, `stored` (the GGUF's blocks) for matmuls of a few
-        rows where they are the model's weights bit for bit (or whatever they are, `lossy`)."""
+        rows where they are the model's weights bit for bit (or whatever they are, `lossy`),
+        up to `block_rows` rows (0: measured here, now)."""
         config = lm.config
         self.kv = kv
         self.device = lm.device
@@ -147,6 +149,7 @@ class ModelRunner:
             fast, self.lossy = fast_linears(
                 weights, linear_backend, batch_hint, kernels, stored, lossy
             )
+            set_block_rows(list(fast.values()), block_rows)
             self.linear_paths = describe(fast["0.qkv"], list(fast.values()), bool(self.lossy))
             linears = dict(fast)
         self.ops: Ops = KernelOps(kernels) if kernels is not None else TorchOps()

@@ -443,7 +443,8 @@ def random_blocks(kind: str, out: int, inputs: int, seed: int = 0) -> StoredWeig
     return StoredWeight(torch.from_numpy(raw.reshape(out, -1).copy()), kind)
 
 
-ROWS = list(range(1, FastLinear.BLOCK_ROWS + 2))  # 1 .. one past the switch to oneDNN
+# 1 .. one past the default switch to oneDNN, and the multi-pass counts a measured switch uses
+ROWS = [*range(1, FastLinear.BLOCK_ROWS + 2), 16, 17]
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
@@ -560,3 +561,57 @@ def test_a_runner_refuses_blocks_that_are_not_its_weights(kernels, tiny_model_di
     assert "blocks" not in auto.backends["linear"]
     forced = ModelRunner(lm, kv, "auto", kernels, 8, stored, lossy=True)
     assert forced.lm_head.stored is not None and forced.backends["linear"].endswith("_lossy")
+
+
+def test_a_configured_switch_row_count_is_the_runners(kernels, tiny_model_dir):
+    """block_rows = 12: up to 12 rows by the blocks, 13 by oneDNN, and the engine says so."""
+    from common.config import ServerConfig
+    from common.model import load_model
+    from step7_real_kv.model_runner import ModelRunner
+    from step7_real_kv.paged_kv import PagedKVCache
+
+    lm = load_model(ServerConfig(model=str(tiny_model_dir)))
+    kv = PagedKVCache.for_model(lm, 8, 4)
+    head = lm.model.get_output_embeddings().weight
+    stored = {"lm_head": random_blocks("q8_0", head.shape[0], head.shape[1])}
+    runner = ModelRunner(lm, kv, "auto", kernels, 8, stored, lossy=True, block_rows=12)
+    assert runner.lm_head.path(12) == "q8_0 blocks" and runner.lm_head.path(13) == "oneDNN float32"
+    assert "blocks(<=12 rows)" in runner.backends["linear"]
+
+
+class TimedLinear(FastLinear):
+    """A matrix whose two ways cost what the test says, on a clock the test moves."""
+
+    def __init__(self, clock: list[float], blocks_ms_per_row: float, onednn_ms: float) -> None:
+        self.clock, self.per_row, self.onednn_ms = clock, blocks_ms_per_row, onednn_ms
+        self.weight = torch.zeros(4, 32)
+        self.block_rows = self.BLOCK_ROWS
+
+    both_ways = True
+
+    def by_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock[0] += self.per_row * x.shape[0] / 1000
+        return x
+
+    def by_onednn(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock[0] += self.onednn_ms / 1000
+        return x
+
+
+@pytest.mark.parametrize(
+    ("per_row", "onednn_ms", "expected"),
+    [(1.0, 20.0, 16), (1.0, 9.0, 8), (0.5, 20.0, 32), (1.0, 2.0, 1)],
+)
+def test_the_switch_is_where_the_blocks_stop_beating_onednn(
+    monkeypatch, per_row, onednn_ms, expected
+):
+    """measure_block_rows times both ways at each candidate row count and keeps the blocks up to
+    the last count where they were no slower; one row always reads the blocks."""
+    from step7_real_kv.speed import linear
+
+    clock = [0.0]
+    monkeypatch.setattr(linear.time, "perf_counter", lambda: clock[0])
+    matrices = [TimedLinear(clock, per_row, onednn_ms) for _ in range(3)]
+    assert linear.measure_block_rows(matrices) == expected
+    linear.set_block_rows(matrices, 0)  # 0: measured
+    assert {m.block_rows for m in matrices} == {expected}
