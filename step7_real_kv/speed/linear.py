@@ -6,9 +6,8 @@ model_runner.Linear is the reference (F.linear). FastLinear answers the same cal
 - up to `block_rows` rows, where the model's stored blocks are its weights bit for bit:
   cpu_kernels.cpp's block_linear over the GGUF's Q4_1/Q8_0 blocks (stored_weights.py), 5.6x
   fewer bytes than float32. Where the blocks stop beating oneDNN depends on the CPU and on the
-  threads (about 14 rows on a 2-core AMD EPYC, past 24 on a busy 2-core Intel with AMX), so it
-  is measured
-  at start-up (`measure_block_rows`), unless a number is configured;
+  threads (about 14 rows on a 2-core AMD EPYC, past 24 on a busy 2-core Intel with AMX), so
+  it is measured at start-up (`measure_block_rows`), unless a number is configured;
 - else up to SMALL_ROWS rows: small_linear, a row-wise dot product over the float32 weight;
 - else, on a CPU in float32 with backend "auto": oneDNN, the weight reordered once, at
   start-up, into the blocked layout its kernels read (as torch.compile's weight freezing and
