@@ -35,12 +35,12 @@ from typing import cast
 import torch
 
 from common.request import Request
-from step7_real_kv.batch import build_batch
+from step7_real_kv.batch import Batch, build_batch
 from step7_real_kv.model_runner import ModelRunner
 from step7_real_kv.sequence import Sequence
 
 DECAY = 0.8  # each verification's counts weigh this much less at the next: alpha follows the text
-ROW_COUNTS = (1, 2, 3, 4, 6, 8, 9, 12, 16, 24, 32, 48, 64, 96)  # rows timed at start
+ROW_COUNTS = (1, 2, 3, 4, 6, 8, 9, 12, 16, 24, 32, 48, 64)  # rows timed at start
 PIECE = 8  # the warm-up's rows come in pieces of this many, like decodes and short drafts
 
 
@@ -84,8 +84,10 @@ class RowCosts:
 
     def __init__(self, seconds: dict[int, float]) -> None:
         self.rows = sorted(seconds)
-        # More rows never take less time; a point timed faster than a smaller one is noise.
-        self.seconds = list(itertools.accumulate((seconds[n] for n in self.rows), max))
+        # More rows never take less time, and others' work on the CPU only adds time: so t(n)
+        # is at most what any n' >= n was timed at (a burst while n was timed is cut off).
+        timed = [seconds[n] for n in reversed(self.rows)]
+        self.seconds = list(reversed(list(itertools.accumulate(timed, min))))
 
     def time(self, n: int) -> float:
         rows, secs = self.rows, self.seconds
@@ -123,15 +125,20 @@ def measure_row_costs(
 ) -> RowCosts:
     """Time a forward pass of n rows on the real model, for each n the pool has blocks for:
     decode-like rows (pieces of PIECE tokens, each attending to the ones before it), every row
-    sampled as a draft's rows are. The fastest of 3 (others' work on the CPU only adds time).
-    Called before any request: the blocks it writes are overwritten before they are read."""
+    sampled as a draft's rows are. Each n is timed in 2 rounds over all of them, and the faster
+    kept (others' work on the CPU only adds time, and a burst of it hits one round's n, not
+    both). Called before any request: the blocks it writes are overwritten before read."""
     per_piece = -(-PIECE // block_size)
     most = num_blocks // per_piece * PIECE
-    seconds = {n: _fastest(runner, n, block_size, per_piece) for n in counts if n <= most}
+    batches = {n: _batch(runner, n, block_size, per_piece) for n in counts if n <= most}
+    for batch in batches.values():
+        runner.forward(batch)  # warm: first-call allocations
+    rounds = [{n: _timed(runner, b) for n, b in batches.items()} for _ in range(2)]
+    seconds = {n: min(timed[n] for timed in rounds) for n in batches}
     return RowCosts(seconds or {1: 1.0})
 
 
-def _fastest(runner: ModelRunner, n: int, block_size: int, per_piece: int) -> float:
+def _batch(runner: ModelRunner, n: int, block_size: int, per_piece: int) -> Batch:
     work = []
     for p, start in enumerate(range(0, n, PIECE)):
         length = min(PIECE, n - start)
@@ -140,11 +147,10 @@ def _fastest(runner: ModelRunner, n: int, block_size: int, per_piece: int) -> fl
         seq.block_table = list(range(p * per_piece, (p + 1) * per_piece))
         work.append((seq, length))
     batch = build_batch(work, block_size, runner.device)
-    batch = dataclasses.replace(batch, sample_rows=torch.arange(n, device=runner.device))
-    runner.forward(batch)  # warm: first-call allocations
-    times = []
-    for _ in range(3):
-        began = time.perf_counter()
-        runner.forward(batch)
-        times.append(time.perf_counter() - began)
-    return min(times)
+    return dataclasses.replace(batch, sample_rows=torch.arange(n, device=runner.device))
+
+
+def _timed(runner: ModelRunner, batch: Batch) -> float:
+    began = time.perf_counter()
+    runner.forward(batch)
+    return time.perf_counter() - began

@@ -247,10 +247,17 @@ def test_row_costs_are_the_runners_own_forward_passes(tiny_lm):
     runner.forward = counting
     costs = measure_row_costs(runner, block_size=4, num_blocks=5, counts=(1, 3, 16, 17))
     assert costs.rows == [1, 3, 16]  # 17 rows need 3 pieces of 8 rows: 6 blocks of 4, not 5
-    assert seen == [(1, 1)] * 4 + [(3, 3)] * 4 + [(16, 16)] * 4  # a warm-up and 3 timed
+    assert seen == [(1, 1), (3, 3), (16, 16)] * 3  # a warm-up round and 2 timed
     assert all(s > 0 for s in costs.seconds)
     assert sorted(costs.seconds) == costs.seconds
     assert spec(tiny_lm, num_speculative_tokens=0).row_costs.rows == [1]
+
+
+def test_a_row_count_timed_slower_than_a_larger_one_is_cut_to_it():
+    """Others' work only adds time: a point slower than a larger one is taken as the larger."""
+    costs = RowCosts({1: 1.0, 2: 5.0, 4: 2.0, 8: 3.0})
+    assert costs.seconds == [1.0, 2.0, 2.0, 3.0]
+    assert costs.time(3) == 2.0 and costs.time(6) == 2.5 and costs.time(16) == 5.0
 
 
 @pytest.mark.parametrize(
