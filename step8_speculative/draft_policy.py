@@ -16,7 +16,7 @@ it is likely to be kept. Two measurements decide:
 
 `plan_drafts` joins them: with B sequences decoding, it takes the E draft rows with the best
 chances and picks E to make the iteration's expected tokens per second highest,
-(B + the E chances) / t(B + E). One row with chance p pays when p * t(B) / B > t(B + 1) - t(B):
+(B + the E chances) / t(B + E). The first row, of chance p, pays if p * t(B) / B > t(B + 1) - t(B):
 the token it may add is worth the time one token of the batch takes, t(B) / B (all B sequences
 wait for the iteration), and the row costs its marginal time.
 """
