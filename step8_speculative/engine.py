@@ -2,16 +2,16 @@
 
 At one sequence, a decode step reads every weight to make one token, and verifying a few more
 tokens in the same pass costs little more (the weights are read once for all the rows). So
-before each iteration every decoding sequence gets a draft of up to k tokens from the proposer
+before each iteration a decoding sequence may get a draft of up to k tokens from the proposer
 (proposer.py, prompt lookup); the draft rides in the flat batch like a short prefill chunk, under
 the same token budget (sequence.py, scheduler.py); the forward pass gives logits for the last
 real token and every draft token; verification (verify.py) keeps the draft's longest prefix the
 model agrees with and one token of the model's own. What changes here, against step 7:
 
-- `_propose`, before the scheduler runs: drafts, only while speculation can pay (at most
-  `spec_max_batch` running sequences: with many, the batch's rows are real work already) and
-  only into KV blocks that are free (a draft never makes the scheduler preempt anyone); the
-  scheduler writes each draft into its sequence;
+- `_propose`, before the scheduler runs: drafts only where they pay (draft_policy.py: each
+  sequence's measured acceptance against what a row costs at this batch size on this machine,
+  timed at start) and only into KV blocks that are free (a draft never makes the scheduler
+  preempt anyone); the scheduler writes each draft into its sequence;
 - `_batch` and `_sample`, two steps of step 7's `_compute`: a drafted sequence is sampled at
   every one of its rows, and verified; the others are sampled as in step 7;
 - `_postprocess`: step 7's for the sequences without a draft; a drafted one's kept tokens are
@@ -25,6 +25,8 @@ model agrees with and one token of the model's own. What changes here, against s
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import cast
 
@@ -39,24 +41,30 @@ from step7_real_kv.batch import Batch
 from step7_real_kv.engine import EngineConfig, Forked, PagedEngine
 from step7_real_kv.scheduler import Work
 from step7_real_kv.sequence import Sequence
+from step8_speculative.draft_policy import RowCosts, measure_row_costs, plan_drafts
 from step8_speculative.proposer import PromptLookup, ProposerConfig
 from step8_speculative.scheduler import SpecScheduler
 from step8_speculative.sequence import DraftSequence
 from step8_speculative.verify import Kept, verify
 
+log = logging.getLogger("gateway")
+
 Verified = list[Kept] | Exception  # a drafted sequence's kept tokens, or why it failed
+SKIP_REASONS = ("acceptance", "cost", "no_match", "pool")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig(ProposerConfig, EngineConfig):
-    spec_max_batch: int = knob(
-        4, "speculate only while at most this many sequences run (measured: README)"
+    spec_probe_after: int = knob(
+        16,
+        "a sequence whose drafts stopped paying drafts again after this many plain decode "
+        "steps, and twice as long after each such probe that kept nothing",
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.spec_max_batch < 0:
-            raise ValueError("spec_max_batch must be >= 0")
+        if self.spec_probe_after < 1:
+            raise ValueError("spec_probe_after must be >= 1")
 
 
 @dataclass
@@ -65,6 +73,7 @@ class SpecStats:
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # ... and accepted
     by_position: list[int] = dataclasses.field(default_factory=list)  # accepted at 1, 2, ...
+    skipped: Counter[str] = dataclasses.field(default_factory=Counter)  # no draft, by reason
 
 
 class SpeculativeEngine(PagedEngine):
@@ -74,9 +83,18 @@ class SpeculativeEngine(PagedEngine):
         super().__init__(lm, config)
         self.scheduler = SpecScheduler(self.blocks, config)  # its sequences carry drafts
         self.proposer = PromptLookup(config)
-        self.spec_max_batch = config.spec_max_batch
+        self.probe_after = config.spec_probe_after
         self.stats = SpecStats(by_position=[0] * config.num_speculative_tokens)
+        self.row_costs = self._measure_row_costs(config)
         self._verified: dict[str, tuple[int, int]] = {}  # this iteration: (proposed, accepted)
+
+    def _measure_row_costs(self, config: SpeculativeConfig) -> RowCosts:
+        """What a draft row costs on this machine, timed once at start (draft_policy.py)."""
+        if self.proposer.k == 0:
+            return RowCosts({1: 1.0})
+        costs = measure_row_costs(self.runner, config.block_size, config.num_kv_blocks)
+        log.info("forward pass by rows, for the drafts' cost: %s", costs.describe())
+        return costs
 
     async def step(self) -> None:
         self._propose()
@@ -85,22 +103,34 @@ class SpeculativeEngine(PagedEngine):
     # ------------------------------------------------------------ on the event loop
 
     def _propose(self) -> None:
-        """A draft for each decoding sequence, while speculation pays and blocks are free."""
+        """A draft for each decoding sequence where it pays (draft_policy.py: its measured
+        acceptance against what a row costs at this batch size), into free KV blocks only."""
         running = cast(list[DraftSequence], self.scheduler.running)
-        if self.proposer.k == 0 or not self._speculation_pays(len(running)):
+        decoding = [s for s in running if s.num_pending == 1 and not s.request.cancelled]
+        if self.proposer.k == 0 or not decoding:
             return
-        for seq in running:
-            request = seq.request
-            if seq.num_pending != 1 or request.cancelled:  # prefilling, or leaving
+        if self.blocks.num_free < 2 * len(running) + 1:  # each one's next block and a draft's
+            return self._skip(decoding, "pool")
+        lengths = plan_drafts([self._chances(s) for s in decoding], self.row_costs)
+        for seq, k in zip(decoding, lengths, strict=True):
+            if k == 0:
+                self._skip([seq], "cost" if seq.acceptance.probing else "acceptance")
                 continue
-            room = request.max_tokens - request.num_output_tokens - 1
-            draft = self.proposer.propose(request.token_ids, min(self.proposer.k, room))
-            self.scheduler.draft(seq, draft)
+            self.scheduler.draft(seq, self.proposer.propose(seq.request.token_ids, k))
+            if not seq.draft:
+                self._skip([seq], "no_match")
 
-    def _speculation_pays(self, running: int) -> bool:
-        """Few sequences run (with many, the batch's rows are real work already), and the pool
-        has room for each one's next block and a draft's block, and one over."""
-        return running <= self.spec_max_batch and self.blocks.num_free >= 2 * running + 1
+    def _chances(self, seq: DraftSequence) -> list[float]:
+        """The chance each draft token would be kept, for as many as the answer has room for."""
+        request = seq.request
+        room = request.max_tokens - request.num_output_tokens - 1
+        return seq.acceptance.chances(min(self.proposer.k, room))
+
+    def _skip(self, seqs: list[DraftSequence], reason: str) -> None:
+        """Decoding sequences that get no draft this iteration, and why."""
+        self.stats.skipped[reason] += len(seqs)
+        for seq in seqs:
+            seq.acceptance.plain_steps += 1
 
     def _steps(self, work: Work) -> list[Step]:
         steps = super()._steps(work)
@@ -156,6 +186,7 @@ class SpeculativeEngine(PagedEngine):
             stats.by_position[position] += 1
         seq.drafted += proposed
         seq.accepted += accepted
+        seq.acceptance.verified(proposed, accepted, self.probe_after)
         self._verified[seq.request.trace_id] = (proposed, accepted)
 
     def _log_fields(self, seq: Sequence) -> dict[str, object]:
@@ -232,4 +263,18 @@ class SpecCollector:
                 "gateway_spec_accepted_tokens", "Draft tokens accepted.", stats.accepted
             ),
             by_position,
+            self._skipped(stats.skipped),
         ]
+
+    @staticmethod
+    def _skipped(skipped: Counter[str]) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "gateway_spec_skipped",
+            "Decode steps of a sequence without a draft, by reason: acceptance (its drafts are "
+            "kept too rarely), cost (rows too dear at this batch size even for a sure draft), "
+            "no_match (the lookup found nothing), pool (too few free KV blocks).",
+            labels=["reason"],
+        )
+        for reason in SKIP_REASONS:
+            family.add_metric([reason], skipped[reason])
+        return family

@@ -4,7 +4,8 @@ Every test below is step 7's own (imported, not copied), and every name they bui
 with is swapped for step 8's: `PagedEngine` -> `SpeculativeEngine`, `EngineConfig` ->
 `SpeculativeConfig`. So that speculation really runs in each of them, and not only where the
 text happens to repeat, the proposer always proposes: prompt lookup's draft where it has one,
-else the last token repeated (mostly wrong: rejections and rollbacks in every test). Step 7's
+else the last token repeated (mostly wrong: rejections and rollbacks in every test), and rows
+cost nothing, so every sequence drafts at every decode step whatever its acceptance. Step 7's
 assertions must hold as they are: greedy tokens equal transformers', the pool drains to empty,
 preemption, cancellation, prefix caching, n > 1 and fault isolation work. One is left out:
 `test_n_choices_share_the_prompts_blocks_and_compute_it_once` counts the rows computed, and
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import pytest
 
+import step8_speculative.engine as step8_engine
 import tests.test_step7_edges as edges
 import tests.test_step7_paged_engine as paged
+from step8_speculative.draft_policy import RowCosts
 from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
 from step8_speculative.proposer import PromptLookup
 from tests.test_step7_edges import (  # noqa: F401 (collected here, with the fixture below)
@@ -75,6 +78,8 @@ def speculating(monkeypatch, request):
             engines.append(self)
 
     monkeypatch.setattr(PromptLookup, "propose", always)
+    free_rows = lambda *args, **kwargs: RowCosts({1: 1.0})  # noqa: E731 (any draft pays)
+    monkeypatch.setattr(step8_engine, "measure_row_costs", free_rows)
     for module in (paged, edges):
         monkeypatch.setattr(module, "PagedEngine", Recorded)
         monkeypatch.setattr(module, "EngineConfig", SpeculativeConfig)

@@ -18,6 +18,7 @@ from common.model import load_model
 from common.request import Request
 from common.sampling import Sampler, SamplingParams
 from step7_real_kv.engine import EngineConfig, PagedEngine
+from step8_speculative.draft_policy import Acceptance, RowCosts, measure_row_costs, plan_drafts
 from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
 from step8_speculative.proposer import PromptLookup, ProposerConfig
 from step8_speculative.verify import verify
@@ -26,6 +27,10 @@ from tests.test_step6_backpressure import metric
 from tests.test_step7_paged_engine import reference
 
 REPEATING = [11, 12, 13, 14, 15, 16, 17, 18] * 4  # prompt lookup finds long drafts here
+FREE = RowCosts({1: 1.0})  # a row costs nothing: every draft with any chance pays
+DEAR = RowCosts({1: 1.0, 2: 2.0})  # a row costs a whole iteration: no draft pays
+SOME = RowCosts({1: 1.0, 2: 1.3})  # each row 0.3 of an iteration of one sequence
+STEP = RowCosts({1: 1.0, 8: 1.0, 9: 3.0, 16: 4.0})  # up to 8 rows alike, then dear
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +52,12 @@ def run(engine, lm, prompts, max_tokens: int, **sampling) -> list[Request]:
     return asyncio.run(go())
 
 
-def spec(lm, **config) -> SpeculativeEngine:
-    settings = {"block_size": 4, "num_kv_blocks": 128, "spec_max_batch": 64, **config}
-    return SpeculativeEngine(lm, SpeculativeConfig(**settings))
+def spec(lm, costs: RowCosts = FREE, **config) -> SpeculativeEngine:
+    """Step 8's engine; its rows cost as `costs` says (FREE: it drafts wherever it can)."""
+    settings = {"block_size": 4, "num_kv_blocks": 128, **config}
+    engine = SpeculativeEngine(lm, SpeculativeConfig(**settings))
+    engine.row_costs = costs
+    return engine
 
 
 def plain(lm, **config) -> PagedEngine:
@@ -142,6 +150,7 @@ def test_n_greedy_choices_share_the_prompt_and_each_speculates(tiny_lm):
 
     config = SpeculativeConfig(block_size=4, num_kv_blocks=128)
     engine = SpeculativeEngine(tiny_lm, config)
+    engine.row_costs = FREE
     three, _, blocks = run_counting(engine, lambda: choices_of(tiny_lm, REPEATING, 3, 20))
     expected = reference(tiny_lm, REPEATING, 20)
     assert [r.output_ids for r in three] == [expected] * 3
@@ -188,9 +197,10 @@ def test_a_grammar_complete_inside_an_accepted_run_ends_the_answer_where_step7_d
 # ---------------------------------------------------------------- where speculation stops
 
 
-def verified_at_first_decode(lm, running: int, **config) -> int:
+def verified_at_first_decode(lm, running: int, **config) -> SpeculativeEngine:
     """`running` 8-token prompts prefilled in one iteration, then one decode iteration with a
-    proposer that always proposes: how many sequences were verified in it (0: none drafted)."""
+    proposer that always proposes: the engine, whose stats say how many sequences were verified
+    in it (0: none drafted)."""
     engine = spec(lm, **config)
     engine.proposer.propose = lambda tokens, k=None: [7] * (k or 5)
 
@@ -200,20 +210,54 @@ def verified_at_first_decode(lm, running: int, **config) -> int:
         await engine.step()  # every prompt in, a first token each: now all decode
         assert [s.num_pending for s in engine.scheduler.running] == [1] * running
         await engine.step()
-        return engine.stats.verifications
+        return engine
 
     return asyncio.run(go())
 
 
 @pytest.mark.parametrize(
-    ("spec_max_batch", "running", "verified"),
-    [(0, 1, 0), (1, 1, 1), (2, 2, 2), (2, 3, 0), (3, 3, 3)],
-)
-def test_speculation_runs_up_to_spec_max_batch_sequences_and_not_one_more(
-    tiny_lm, spec_max_batch, running, verified
-):
-    got = verified_at_first_decode(tiny_lm, running, spec_max_batch=spec_max_batch)
-    assert got == verified
+    ("running", "costs", "verified"),
+    [
+        (1, FREE, 1), (3, FREE, 3),  # rows for nothing: everyone drafts
+        (1, DEAR, 0), (3, DEAR, 0),  # a row as dear as an iteration: no one does
+        (1, STEP, 1), (2, STEP, 2),  # 1 + 5 rows, 2 + 6 rows: within the cheap 8
+        (8, STEP, 0),  # 8 decodes fill the cheap rows: a draft row would cost 2 iterations
+    ],
+)  # fmt: skip
+def test_drafts_only_where_rows_are_cheap_at_this_batch_size(tiny_lm, running, costs, verified):
+    """New sequences probe (their drafts taken as sure); whether they do depends only on
+    what a row costs at this batch size."""
+    engine = verified_at_first_decode(tiny_lm, running, costs=costs, max_num_seqs=8)
+    assert engine.stats.verifications == verified
+    assert engine.stats.skipped["cost"] == running - verified
+
+
+def test_row_costs_are_the_runners_own_forward_passes(tiny_lm):
+    """measure_row_costs times the engine's runner on batches of n rows, every row sampled
+    (as a draft's are); an engine that drafts has such a table, one that does not skips it."""
+    engine = spec(tiny_lm)
+    runner, seen = engine.runner, []
+    forward = runner.forward
+
+    def counting(batch):
+        logits = forward(batch)
+        seen.append((batch.num_tokens, logits.shape[0]))
+        return logits
+
+    runner.forward = counting
+    costs = measure_row_costs(runner, block_size=4, num_blocks=5, counts=(1, 3, 16, 17))
+    assert costs.rows == [1, 3, 16]  # 17 rows need 3 pieces of 8 rows: 6 blocks of 4, not 5
+    assert seen == [(1, 1), (3, 3), (16, 16)] * 3  # a warm-up round and 2 timed
+    assert all(s > 0 for s in costs.seconds)
+    assert sorted(costs.seconds) == costs.seconds
+    assert spec(tiny_lm, num_speculative_tokens=0).row_costs.rows == [1]
+
+
+def test_a_row_count_timed_slower_than_a_larger_one_is_cut_to_it():
+    """Others' work only adds time: a point slower than a larger one is taken as the larger."""
+    costs = RowCosts({1: 1.0, 2: 5.0, 4: 2.0, 8: 3.0})
+    assert costs.seconds == [1.0, 2.0, 2.0, 3.0]
+    assert costs.time(3) == 2.0 and costs.time(6) == 2.5 and costs.time(16) == 5.0
 
 
 @pytest.mark.parametrize(
@@ -222,8 +266,90 @@ def test_speculation_runs_up_to_spec_max_batch_sequences_and_not_one_more(
 def test_no_draft_while_the_pool_is_tight(tiny_lm, running, num_kv_blocks, verified):
     """Each 8-token prompt holds 2 blocks of 4; drafts need 2 free blocks per running sequence
     (its next block and its draft's) and one over: 3 free for one, 5 for two."""
-    got = verified_at_first_decode(tiny_lm, running, num_kv_blocks=num_kv_blocks)
-    assert got == verified
+    engine = verified_at_first_decode(tiny_lm, running, num_kv_blocks=num_kv_blocks)
+    assert engine.stats.verifications == verified
+    assert engine.stats.skipped["pool"] == running - verified
+
+
+# ---------------------------------------------------------------- each sequence's acceptance
+
+
+def test_plan_drafts_takes_the_rows_that_raise_tokens_per_second():
+    sure, likely, unlikely = [1.0] * 5, [0.8**j for j in range(1, 6)], [0.2**j for j in range(1, 6)]
+    assert plan_drafts([sure], FREE) == [5]
+    assert plan_drafts([unlikely], FREE) == [5]  # free rows: any chance pays
+    assert plan_drafts([sure, sure], DEAR) == [0, 0]
+    # 0.8, 0.64, 0.51, 0.41: the 4th row would take 2.95 / 1.9 tokens per iteration to 3.36 / 2.2
+    assert plan_drafts([likely], SOME) == [3]
+    assert plan_drafts([unlikely], SOME) == [0]  # 0.2 < 0.3
+    assert plan_drafts([likely, unlikely], STEP) == [5, 1]  # 8 rows: the best 6 chances
+    assert plan_drafts([], SOME) == []
+
+
+def test_acceptance_follows_the_drafts_and_probes_less_after_misses():
+    acceptance = Acceptance()
+    assert acceptance.probing and acceptance.chances(2) == [1.0, 1.0]  # new: a probe
+    acceptance.verified(5, 0, probe_after=4)
+    assert not acceptance.probing and acceptance.alpha == pytest.approx(1 / 3)
+    acceptance.plain_steps = 4
+    assert acceptance.probing  # waited long enough
+    acceptance.verified(5, 0, probe_after=4)
+    assert acceptance.wait == 8  # the probe missed: twice as long
+    acceptance.verified(5, 5, probe_after=4)
+    assert acceptance.wait == 4 and acceptance.alpha > 0.5
+
+
+def draft_lengths(lm, prompt: list[int], max_tokens: int, propose, **config) -> list[int]:
+    """One request alone; the draft verified in each of its decode iterations (0: none)."""
+    engine = spec(lm, **{"block_size": 16, **config})  # (a draft may take one block more)
+    engine.proposer.propose = propose
+    lengths = []
+
+    async def go():
+        request = make_request(lm, prompt, max_tokens)
+        await engine.submit(request)
+        await engine.step()  # the prompt, and the first token
+        while engine.scheduler.has_work:
+            drafted = engine.stats.drafted
+            await engine.step()
+            lengths.append(engine.stats.drafted - drafted)
+        return request
+
+    request = asyncio.run(go())
+    assert request.output_ids == reference(lm, prompt, max_tokens)
+    return lengths
+
+
+def test_a_sequence_whose_drafts_miss_stops_and_probes_again_ever_less_often(tiny_lm):
+    """Every draft wrong, a row 0.3 of an iteration: the first draft is a probe (5), alpha
+    falls below 0.3 and drafting stops (after one draft of 1 at alpha 1/3); after 4 plain steps
+    a probe again, which misses, then after 8, then 16."""
+    prompt = [5, 6, 7]
+    answer = reference(tiny_lm, prompt, 60)
+
+    def wrong(tokens, k=5):
+        return [answer[len(tokens) - len(prompt)] + 1] * k
+
+    lengths = draft_lengths(tiny_lm, prompt, 60, wrong, costs=SOME, spec_probe_after=4)
+    probes = [i for i, n in enumerate(lengths) if n == 5]
+    assert probes[0] == 0
+    assert probes[:4] == [0, 6, 15, 32]  # 1 draft of 1, then 4, 8, 16 plain steps between
+    assert lengths[1] == 1 and sum(lengths) == 5 * len(probes) + 1
+
+
+def test_a_sequence_whose_drafts_hit_keeps_drafting_and_lengthens(tiny_lm):
+    """Every draft right, the same costs: a probe of 5, then as alpha grows 4 and back to 5,
+    never none."""
+    prompt = [5, 6, 7]
+    answer = reference(tiny_lm, prompt, 60)
+
+    def right(tokens, k=5):
+        return answer[len(tokens) - len(prompt) :][:k]
+
+    lengths = draft_lengths(tiny_lm, prompt, 60, right, costs=SOME, spec_probe_after=4)
+    assert lengths[0] == 5 and 0 not in lengths[:-1]  # (the last may have no room left)
+    shortest = lengths.index(min(lengths[:-2]))
+    assert min(lengths[:-2]) < 5 and 5 in lengths[shortest:-2]  # shortened, then lengthened
 
 
 # ---------------------------------------------------------------- sampling: the distribution
@@ -376,6 +502,9 @@ def test_the_server_counts_drafts_and_answers_as_step7(start_server, tiny_model_
     accepted = metric(server.url, "gateway_spec_accepted_tokens_total")
     assert 0 < accepted <= metric(server.url, "gateway_spec_drafted_tokens_total")
     assert metric(server.url, "gateway_spec_accepted_by_position_total", position="1") > 0
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    for reason in ("acceptance", "cost", "no_match", "pool"):
+        assert f'gateway_spec_skipped_total{{reason="{reason}"}}' in text
     assert "drafted=" in server.log() and "accepted=" in server.log()
     # The bench reads the same counters, to report acceptance per level.
     from bench.runner import speculation
