@@ -10,6 +10,11 @@ heaviest aten ops, for the reader who wants to go one level down.
 
     python -m bench.step7_profile --users 1,16,64 --iterations 20
     python -m bench.step7_profile --users 16 --json bench/charts/step7-profile.json
+    python -m bench.step7_profile --prefill 1500 --repeats 5
+
+`--prefill N` profiles a long prompt instead: one unique prompt of N tokens at a time into an
+idle engine, answered with one token (the bench's long-prompt workload, in-process), so that
+the time is the prefill's: its chunks, each part of them, and the prompt tokens per second.
 
 What it cannot see: the HTTP side (the event loop writing SSE, uvicorn) and the waits between
 the loop and the worker thread. For those, profile the running server under the bench's load
@@ -232,6 +237,92 @@ async def profile_level(
     }
 
 
+def unique_prompt(lm: LoadedModel, tokens: int, seed: int) -> list[int]:
+    """`tokens` ids drawn from the vocabulary by `seed`: a prompt that shares no prefix with
+    another seed's, so the prefix cache never shortens its prefill."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = int(lm.config.vocab_size)
+    return torch.randint(1000, vocab, (tokens,), generator=generator).tolist()
+
+
+async def prefill_once(eng: PagedEngine, request: Request) -> tuple[float, int]:
+    """One request alone through the engine until its first token: seconds, iterations."""
+    await eng.submit(request)
+    started, iterations = time.perf_counter(), 0
+    while not request.finished:
+        await eng.step()
+        iterations += 1
+    return time.perf_counter() - started, iterations
+
+
+async def profile_prefill(
+    lm: LoadedModel, tokens: int, repeats: int, ops: int, config: EngineConfig
+) -> dict:
+    """`repeats` unique prompts of `tokens` tokens, one after another (one warm-up first),
+    each answered with one token: the median prefill and each part's median, in ms."""
+    eng = PagedEngine(lm, config)
+    params = SamplingParams(temperature=0.0)
+
+    def request(seed: int) -> Request:
+        return Request(unique_prompt(lm, tokens, seed), params, 1, lm.tokenizer, set())
+
+    await prefill_once(eng, request(0))  # warm-up: oneDNN's first calls at these shapes
+    walls, parts, timer = [], defaultdict(list), Timer()
+    with instrumented(lm, eng, timer):
+        for seed in range(1, repeats + 1):
+            timer.seconds.clear()
+            timer.on = True
+            wall, iterations = await prefill_once(eng, request(seed))
+            timer.on = False
+            walls.append(wall)
+            for part in PARTS:
+                parts[part].append(1000 * timer.seconds[part])
+            parts[OTHER].append(1000 * wall - sum(timer.seconds[p] * 1000 for p in PARTS))
+        top_ops = await prefill_aten_ops(eng, request(repeats + 1), ops) if ops else []
+    wall = median(walls)
+    return {
+        "prompt_tokens": tokens,
+        "iterations": iterations,
+        "chunk_tokens": eng.scheduler.max_num_batched_tokens,
+        "prefill_ms": 1000 * wall,
+        "prefill_ms_all": [round(1000 * w, 1) for w in walls],
+        "prompt_tokens_per_s": tokens / wall,
+        "parts_ms": {part: median(values) for part, values in parts.items()},
+        "matmuls": {path: n / repeats for path, n in sorted(timer.matmuls.items())},
+        "backends": eng.runner.backends,
+        "top_aten_ops": top_ops,
+    }
+
+
+async def prefill_aten_ops(eng: PagedEngine, request: Request, count: int) -> list[dict]:
+    """torch.profiler over one more prefill: the heaviest aten ops by self CPU time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        await prefill_once(eng, request)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [
+        {"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3}
+        for e in events[:count]
+    ]
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def print_prefill(result: dict) -> None:
+    print(f"| part | ms per {result['prompt_tokens']}-token prefill (median) |")
+    print("| --- | --- |")
+    for part, ms in result["parts_ms"].items():
+        if ms >= 0.05:
+            print(f"| {part} | {ms:.1f} |")
+    print(f"| **prefill (ms)** | **{result['prefill_ms']:.1f}** |")
+    print(f"| prompt tokens/s | {result['prompt_tokens_per_s']:.0f} |")
+    print(f"\n{result['iterations']} iterations of up to {result['chunk_tokens']} tokens; "
+          f"every run (ms): {result['prefill_ms_all']}")  # fmt: skip
+    for op in result["top_aten_ops"]:
+        print(f"  {op['self_ms']:8.1f} ms  {op['calls']:5d} calls  {op['op']}")
+
+
 async def aten_ops(eng: PagedEngine, count: int, iterations: int = 5) -> list[dict]:
     """torch.profiler over a few more iterations: the heaviest aten ops by self CPU time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -308,11 +399,30 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="instead: time one token's matmuls at 1..N rows, stored blocks against oneDNN",
     )
+    p.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="instead: profile the prefill of unique prompts of N tokens, one at a time",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="prompts timed for --prefill")
+    p.add_argument("--budget", type=int, default=0, help="max_num_batched_tokens (0: default)")
     args = p.parse_args(argv)
     lm = load_model(ServerConfig(dtype="float32"))
+    budget = {"max_num_batched_tokens": args.budget} if args.budget else {}
     config = EngineConfig(
-        linear_backend=args.linear_backend, kernels=args.kernels, weight_format=args.weight_format
+        linear_backend=args.linear_backend,
+        kernels=args.kernels,
+        weight_format=args.weight_format,
+        **budget,
     )
+    if args.prefill:
+        result = asyncio.run(profile_prefill(lm, args.prefill, args.repeats, args.ops, config))
+        print_prefill(result)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2))
+        return
     if args.linear_rows:
         table = linear_rows(lm, config, args.linear_rows)
         print("| rows | stored blocks (ms) | oneDNN float32 (ms) | faster |")
