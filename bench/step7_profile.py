@@ -245,14 +245,15 @@ def unique_prompt(lm: LoadedModel, tokens: int, seed: int) -> list[int]:
     return torch.randint(1000, vocab, (tokens,), generator=generator).tolist()
 
 
-async def prefill_once(eng: PagedEngine, request: Request) -> tuple[float, int]:
-    """One request alone through the engine until its first token: seconds, iterations."""
+async def prefill_once(eng: PagedEngine, request: Request) -> tuple[float, float, int]:
+    """One request alone through the engine until its first token: seconds of wall clock and
+    of this process's CPU time (on a shared machine the steadier of the two), iterations."""
     await eng.submit(request)
-    started, iterations = time.perf_counter(), 0
+    started, cpu, iterations = time.perf_counter(), time.process_time(), 0
     while not request.finished:
         await eng.step()
         iterations += 1
-    return time.perf_counter() - started, iterations
+    return time.perf_counter() - started, time.process_time() - cpu, iterations
 
 
 async def profile_prefill(
@@ -267,14 +268,15 @@ async def profile_prefill(
         return Request(unique_prompt(lm, tokens, seed), params, 1, lm.tokenizer, set())
 
     await prefill_once(eng, request(0))  # warm-up: oneDNN's first calls at these shapes
-    walls, parts, timer = [], defaultdict(list), Timer()
+    walls, cpus, parts, timer = [], [], defaultdict(list), Timer()
     with instrumented(lm, eng, timer):
         for seed in range(1, repeats + 1):
             timer.seconds.clear()
             timer.on = True
-            wall, iterations = await prefill_once(eng, request(seed))
+            wall, cpu, iterations = await prefill_once(eng, request(seed))
             timer.on = False
             walls.append(wall)
+            cpus.append(cpu)
             for part in PARTS:
                 parts[part].append(1000 * timer.seconds[part])
             parts[OTHER].append(1000 * wall - sum(timer.seconds[p] * 1000 for p in PARTS))
@@ -286,6 +288,8 @@ async def profile_prefill(
         "chunk_tokens": eng.scheduler.max_num_batched_tokens,
         "prefill_ms": 1000 * wall,
         "prefill_ms_all": [round(1000 * w, 1) for w in walls],
+        "cpu_ms": 1000 * median(cpus),
+        "threads": torch.get_num_threads(),
         "prompt_tokens_per_s": tokens / wall,
         "parts_ms": {part: median(values) for part, values in parts.items()},
         "matmuls": {path: n / repeats for path, n in sorted(timer.matmuls.items())},
@@ -317,6 +321,7 @@ def print_prefill(result: dict) -> None:
             print(f"| {part} | {ms:.1f} |")
     print(f"| **prefill (ms)** | **{result['prefill_ms']:.1f}** |")
     print(f"| prompt tokens/s | {result['prompt_tokens_per_s']:.0f} |")
+    print(f"| CPU time (ms, {result['threads']} threads) | {result['cpu_ms']:.0f} |")
     print(f"\n{result['iterations']} iterations of up to {result['chunk_tokens']} tokens; "
           f"every run (ms): {result['prefill_ms_all']}")  # fmt: skip
     for op in result["top_aten_ops"]:
@@ -406,22 +411,27 @@ def main(argv: list[str] | None = None) -> None:
         help="instead: profile the prefill of unique prompts of N tokens, one at a time",
     )
     p.add_argument("--repeats", type=int, default=5, help="prompts timed for --prefill")
-    p.add_argument("--budget", type=int, default=0, help="max_num_batched_tokens (0: default)")
+    p.add_argument(
+        "--max-prefill-tokens", type=int, default=0, help="as step 7's --max-prefill-tokens"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model(ServerConfig(dtype="float32"))
-    budget = {"max_num_batched_tokens": args.budget} if args.budget else {}
     config = EngineConfig(
         linear_backend=args.linear_backend,
         kernels=args.kernels,
         weight_format=args.weight_format,
-        **budget,
+        max_prefill_tokens=args.max_prefill_tokens,
     )
     if args.prefill:
         result = asyncio.run(profile_prefill(lm, args.prefill, args.repeats, args.ops, config))
         print_prefill(result)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2))
+            meta = {"machine_class": machine.this_machine(), "torch": torch.__version__}
+            args.json.write_text(json.dumps({"meta": meta, **result}, indent=2))
         return
     if args.linear_rows:
         table = linear_rows(lm, config, args.linear_rows)

@@ -373,3 +373,50 @@ def test_a_long_prompt_on_the_real_model_matches_generate(real_lm, budget):
     prompt = real_lm.tokenizer.encode(text, add_special_tokens=False)[:1200]
     outputs, _, _ = run_engine(real_lm, [prompt], 8, max_num_batched_tokens=budget)
     assert outputs[0] == reference(real_lm, prompt, 8)
+
+
+# ---------------------------------------------------------------- the prefill-only budget
+
+
+def chunks_of(lm, prompts: list[list[int]], max_tokens: int, **engine_args) -> list[list[int]]:
+    """The new tokens of every sequence, iteration by iteration, as the scheduler gave them."""
+    engine = PagedEngine(lm, EngineConfig(block_size=4, num_kv_blocks=256, **engine_args))
+    iterations: list[list[int]] = []
+    schedule = engine.scheduler.schedule
+
+    def recorded():
+        work = schedule()
+        iterations.append([n for _, n in work])
+        return work
+
+    engine.scheduler.schedule = recorded  # type: ignore[method-assign]
+    run_engine(lm, prompts, max_tokens, engine=engine)
+    return iterations
+
+
+def test_a_lone_long_prompt_takes_the_prefill_budget_in_one_chunk(tiny_lm):
+    prompt = list(range(1000, 1300))  # 300 tokens
+    assert chunks_of(tiny_lm, [prompt], 2, max_num_batched_tokens=64)[:5] == [[64]] * 4 + [[44]]
+    assert chunks_of(tiny_lm, [prompt], 2, max_num_batched_tokens=64, max_prefill_tokens=512)[
+        :2
+    ] == [[300], [1]]
+
+
+def test_the_prefill_budget_waits_while_a_stream_has_begun(tiny_lm):
+    """A second long prompt arriving while the first decodes gets max_num_batched_tokens."""
+    short, long = list(range(1000, 1010)), list(range(2000, 2300))
+
+    async def go():
+        engine = PagedEngine(
+            tiny_lm,
+            EngineConfig(
+                block_size=4, num_kv_blocks=256, max_num_batched_tokens=64, max_prefill_tokens=512
+            ),
+        )
+        first = make_request(tiny_lm, short, 20)
+        engine.scheduler.add(first)
+        await engine.step()  # the short prompt, whole: its answer has begun
+        engine.scheduler.add(make_request(tiny_lm, long, 2))
+        return [n for _, n in engine.scheduler.schedule()]
+
+    assert asyncio.run(go()) == [1, 63]  # the decode, then what is left of 64
