@@ -285,7 +285,7 @@ async def profile_prefill(
     return {
         "prompt_tokens": tokens,
         "iterations": iterations,
-        "chunk_tokens": eng.scheduler.max_num_batched_tokens,
+        "chunk_tokens": eng.scheduler.max_prefill_tokens,  # max_num_batched_tokens, or more
         "prefill_ms": 1000 * wall,
         "prefill_ms_all": [round(1000 * w, 1) for w in walls],
         "cpu_ms": 1000 * median(cpus),
