@@ -430,8 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         print_prefill(result)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            meta = {"machine_class": machine.this_machine(), "torch": torch.__version__}
-            args.json.write_text(json.dumps({"meta": meta, **result}, indent=2))
+            run = {"machine_class": machine.this_machine(), "torch": torch.__version__}
+            args.json.write_text(json.dumps({"meta": run, **result}, indent=2))
         return
     if args.linear_rows:
         table = linear_rows(lm, config, args.linear_rows)
