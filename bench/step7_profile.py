@@ -299,9 +299,19 @@ async def profile_prefill(
 
 
 async def prefill_aten_ops(eng: PagedEngine, request: Request, count: int) -> list[dict]:
-    """torch.profiler over one more prefill: the heaviest aten ops by self CPU time."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        await prefill_once(eng, request)
+    """torch.profiler over one more prefill: the heaviest aten ops by self CPU time. The
+    engine's forward runs on this thread meanwhile: the profiler records the thread it
+    started on, not asyncio.to_thread's worker."""
+
+    async def inline(fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    saved, asyncio.to_thread = asyncio.to_thread, inline
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            await prefill_once(eng, request)
+    finally:
+        asyncio.to_thread = saved
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return [
         {"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3}
