@@ -10,6 +10,11 @@ heaviest aten ops, for the reader who wants to go one level down.
 
     python -m bench.step7_profile --users 1,16,64 --iterations 20
     python -m bench.step7_profile --users 16 --json bench/charts/step7-profile.json
+    python -m bench.step7_profile --prefill 1500 --repeats 5
+
+`--prefill N` profiles a long prompt instead: one unique prompt of N tokens at a time into an
+idle engine, answered with one token (the bench's long-prompt workload, in-process), so that
+the time is the prefill's: its chunks, each part of them, and the prompt tokens per second.
 
 What it cannot see: the HTTP side (the event loop writing SSE, uvicorn) and the waits between
 the loop and the worker thread. For those, profile the running server under the bench's load
@@ -233,6 +238,107 @@ async def profile_level(
     }
 
 
+def unique_prompt(lm: LoadedModel, tokens: int, seed: int) -> list[int]:
+    """`tokens` ids drawn from the vocabulary by `seed`: a prompt that shares no prefix with
+    another seed's, so the prefix cache never shortens its prefill."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = int(lm.config.vocab_size)
+    return torch.randint(1000, vocab, (tokens,), generator=generator).tolist()
+
+
+async def prefill_once(eng: PagedEngine, request: Request) -> tuple[float, float, int]:
+    """One request alone through the engine until its first token: seconds of wall clock and
+    of this process's CPU time (on a shared machine the steadier of the two), iterations."""
+    await eng.submit(request)
+    started, cpu, iterations = time.perf_counter(), time.process_time(), 0
+    while not request.finished:
+        await eng.step()
+        iterations += 1
+    return time.perf_counter() - started, time.process_time() - cpu, iterations
+
+
+async def profile_prefill(
+    lm: LoadedModel, tokens: int, repeats: int, ops: int, config: EngineConfig
+) -> dict:
+    """`repeats` unique prompts of `tokens` tokens, one after another (one warm-up first),
+    each answered with one token: the median prefill and each part's median, in ms."""
+    eng = PagedEngine(lm, config)
+    params = SamplingParams(temperature=0.0)
+
+    def request(seed: int) -> Request:
+        return Request(unique_prompt(lm, tokens, seed), params, 1, lm.tokenizer, set())
+
+    await prefill_once(eng, request(0))  # warm-up: oneDNN's first calls at these shapes
+    walls, cpus, parts, timer = [], [], defaultdict(list), Timer()
+    with instrumented(lm, eng, timer):
+        for seed in range(1, repeats + 1):
+            timer.seconds.clear()
+            timer.on = True
+            wall, cpu, iterations = await prefill_once(eng, request(seed))
+            timer.on = False
+            walls.append(wall)
+            cpus.append(cpu)
+            for part in PARTS:
+                parts[part].append(1000 * timer.seconds[part])
+            parts[OTHER].append(1000 * wall - sum(timer.seconds[p] * 1000 for p in PARTS))
+        top_ops = await prefill_aten_ops(eng, request(repeats + 1), ops) if ops else []
+    wall = median(walls)
+    return {
+        "prompt_tokens": tokens,
+        "iterations": iterations,
+        "chunk_tokens": eng.scheduler.max_prefill_tokens,  # max_num_batched_tokens, or more
+        "prefill_ms": 1000 * wall,
+        "prefill_ms_all": [round(1000 * w, 1) for w in walls],
+        "cpu_ms": 1000 * median(cpus),
+        "threads": torch.get_num_threads(),
+        "prompt_tokens_per_s": tokens / wall,
+        "parts_ms": {part: median(values) for part, values in parts.items()},
+        "matmuls": {path: n / repeats for path, n in sorted(timer.matmuls.items())},
+        "backends": eng.runner.backends,
+        "top_aten_ops": top_ops,
+    }
+
+
+async def prefill_aten_ops(eng: PagedEngine, request: Request, count: int) -> list[dict]:
+    """torch.profiler over one more prefill: the heaviest aten ops by self CPU time. The
+    engine's forward runs on this thread meanwhile: the profiler records the thread it
+    started on, not asyncio.to_thread's worker."""
+
+    async def inline(fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    saved, asyncio.to_thread = asyncio.to_thread, inline
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            await prefill_once(eng, request)
+    finally:
+        asyncio.to_thread = saved
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [
+        {"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3}
+        for e in events[:count]
+    ]
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def print_prefill(result: dict) -> None:
+    print(f"| part | ms per {result['prompt_tokens']}-token prefill (median) |")
+    print("| --- | --- |")
+    for part, ms in result["parts_ms"].items():
+        if ms >= 0.05:
+            print(f"| {part} | {ms:.1f} |")
+    print(f"| **prefill (ms)** | **{result['prefill_ms']:.1f}** |")
+    print(f"| prompt tokens/s | {result['prompt_tokens_per_s']:.0f} |")
+    print(f"| CPU time (ms, {result['threads']} threads) | {result['cpu_ms']:.0f} |")
+    print(f"\n{result['iterations']} iterations of up to {result['chunk_tokens']} tokens; "
+          f"every run (ms): {result['prefill_ms_all']}")  # fmt: skip
+    for op in result["top_aten_ops"]:
+        print(f"  {op['self_ms']:8.1f} ms  {op['calls']:5d} calls  {op['op']}")
+
+
 async def aten_ops(eng: PagedEngine, count: int, iterations: int = 5) -> list[dict]:
     """torch.profiler over a few more iterations: the heaviest aten ops by self CPU time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -296,11 +402,35 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="instead: time one token's matmuls at 1..N rows, stored blocks against oneDNN",
     )
+    p.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="instead: profile the prefill of unique prompts of N tokens, one at a time",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="prompts timed for --prefill")
+    p.add_argument(
+        "--max-prefill-tokens", type=int, default=0, help="as step 7's --max-prefill-tokens"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model(ServerConfig(dtype="float32"))
     config = EngineConfig(
-        linear_backend=args.linear_backend, kernels=args.kernels, weight_format=args.weight_format
+        linear_backend=args.linear_backend,
+        kernels=args.kernels,
+        weight_format=args.weight_format,
+        max_prefill_tokens=args.max_prefill_tokens,
     )
+    if args.prefill:
+        result = asyncio.run(profile_prefill(lm, args.prefill, args.repeats, args.ops, config))
+        print_prefill(result)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            run = {"machine_class": machine.this_machine(), "torch": torch.__version__}
+            args.json.write_text(json.dumps({"meta": run, **result}, indent=2))
+        return
     if args.linear_rows:
         table = linear_rows(lm, config, args.linear_rows)
         print("| rows | stored blocks (ms) | oneDNN float32 (ms) | faster |")

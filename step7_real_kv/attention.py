@@ -78,15 +78,18 @@ def decode_attention(
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A chunk of n new tokens after `cached` earlier ones, causal. q: [n, heads, dim];
-    k, v: [cached + n, kv_heads, dim] -> [n, heads, dim]."""
-    n, heads, dim = q.shape
-    context, kv_heads = k.shape[:2]
-    group = heads // kv_heads
-    # [n, kv_heads, group, dim] -> [kv_heads, group * n, dim]: row r is query r % n
-    q = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * n, dim)
-    # token i of the chunk sits at position cached + i and sees keys 0..cached + i
-    causal = torch.ones(n, context, dtype=torch.bool, device=q.device).tril(context - n)
-    out = F.scaled_dot_product_attention(
-        q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=causal.repeat(group, 1)
-    )  # [kv_heads, group * n, dim]
-    return out.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
+    k, v: [cached + n, kv_heads, dim] -> [n, heads, dim].
+
+    One SDPA call over [1, heads, n, dim] against [1, kv_heads, context, dim]: enable_gqa lets
+    query head h read kv head h // group (repeat_kv's pairing) without a copy. In this 4-D form
+    SDPA on a CPU runs its flash kernel (keys in blocks, softmax kept online, several times
+    faster at these lengths: the README's "Long prompts"); a 3-D call can only take the math
+    kernel, which builds every [n, context] score matrix whole."""
+    n, context = q.shape[0], k.shape[0]
+    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
+    if context == n:  # no cached prefix: plain causal, and the blocks above the diagonal skipped
+        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=True)
+    else:  # token i of the chunk sits at position cached + i and sees keys 0..cached + i
+        causal = torch.ones(n, context, dtype=torch.bool, device=q.device).tril(context - n)
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal, enable_gqa=True)
+    return out[0].transpose(0, 1)  # [n, heads, dim]

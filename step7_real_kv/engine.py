@@ -218,7 +218,7 @@ class PagedEngine:
             Iteration(
                 self.timeline.next_number(), clock.start, phases, steps,
                 preempted=[s.request.trace_id for s in self.scheduler.preempted],
-                finished=retired, budget=self.scheduler.max_num_batched_tokens,
+                finished=retired, budget=self.scheduler.budget,
                 kv_used=self.blocks.num_blocks - self.blocks.num_free,
                 kv_total=self.blocks.num_blocks, waiting=load.waiting, running=load.running,
                 cpu_s=clock.cpu(),

@@ -8,7 +8,10 @@ Step 3 fixed a batch when it started. Here the batch is rebuilt every iteration:
   sequence cap (max_num_seqs) and the free blocks allow; each starts after the longest prefix
   the block manager already holds;
 - a long prompt takes only what is left of the budget: it is prefilled in chunks across
-  iterations, side by side with the decodes, instead of stalling them;
+  iterations, side by side with the decodes, instead of stalling them; an iteration in which
+  no sequence decodes stalls no stream, so it may have a bigger budget (max_prefill_tokens,
+  off by default): a lone long prompt in one chunk, its matmuls on more rows at once (the
+  README's "Long prompts");
 - when a running sequence needs a block and none is free, the youngest running sequence is
   preempted: its blocks are freed and it goes back to the front of the queue, WAITING again.
   Its tokens (prompt and output so far) are kept, so later it is prefilled again, mostly from
@@ -43,6 +46,12 @@ Work = list[tuple[Sequence, int]]  # (sequence, new tokens this iteration)
 class SchedulerConfig(ConfigPart):
     max_num_batched_tokens: int = knob(256, "new tokens per iteration: decodes + prefill chunks")
     max_num_seqs: int = knob(64, "sequences running at once")
+    max_prefill_tokens: int = knob(
+        0,
+        "new tokens of an iteration in which no sequence decodes, e.g. 2048: a lone long "
+        "prompt in one chunk (0, or anything below max_num_batched_tokens: "
+        "max_num_batched_tokens)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,6 +66,8 @@ class Scheduler:
         self.blocks = blocks
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
+        self.max_prefill_tokens = max(config.max_prefill_tokens, self.max_num_batched_tokens)
+        self.budget = self.max_num_batched_tokens  # the last iteration's, for the timeline
         self.waiting: deque[Sequence] = deque()  # arrival order, preempted ones at the front
         self.running: list[Sequence] = []  # admission order: the last is the youngest
         # n > 1: the other choices of a request wait here for its first choice (the leader)
@@ -149,13 +160,20 @@ class Scheduler:
     def schedule(self) -> Work:
         self.admitted = {}  # let in this iteration: cached prompt tokens
         self.preempted = []  # preempted this iteration
-        budget = self.max_num_batched_tokens
+        budget = self.budget = self._budget()
         preemptions_before = self.num_preemptions
         work = self._schedule_running(budget)
         budget -= sum(n for _, n in work)
         if self.num_preemptions == preemptions_before:  # no newcomers while the pool is short
             work += self._admit_waiting(budget)
         return work
+
+    def _budget(self) -> int:
+        """New tokens this iteration: max_num_batched_tokens while a running sequence has
+        begun its answer (its stream waits for the whole iteration), else max_prefill_tokens."""
+        if any(seq.request.output_ids for seq in self.running):
+            return self.max_num_batched_tokens
+        return self.max_prefill_tokens
 
     def _schedule_running(self, budget: int) -> Work:
         work: Work = []

@@ -5,6 +5,7 @@ boundaries, prefix-cache hits, chunked prefill, preemption and recomputation."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,6 +97,24 @@ def test_paged_attention_equals_dense(cached, n):
         mask = (torch.arange(pad.shape[1]) < cached + n)[None]
         pk, pv = pool.gather(0, pad)
         torch.testing.assert_close(decode_attention(q, pk, pv, mask)[0], expected[0])
+
+
+@pytest.mark.parametrize("cached, n", [(0, 300), (700, 300), (37, 600)])
+def test_a_long_prefill_chunk_attends_as_dense_attention_does(cached, n):
+    """The model's shapes (9 query heads on 3 kv heads, 64 dims) at lengths where SDPA's flash
+    kernel works in blocks of keys: without a cached prefix the causal form, after one the
+    mask, each equal to the dense reference."""
+    torch.manual_seed(cached + n)
+    block_size, context = 16, cached + n
+    pool = PagedKVCache(1, num_blocks=80, block_size=block_size, num_kv_heads=3, head_dim=64)
+    table = torch.randperm(80)[: -(-context // block_size)].tolist()  # scattered blocks
+    k, v = torch.randn(context, 3, 64), torch.randn(context, 3, 64)
+    slots = torch.tensor(slot_numbers(table, 0, context, block_size))
+    pool.write(0, slots, k, v)
+    q = torch.randn(n, 9, 64)
+    paged_k, paged_v = pool.gather(0, slots)
+    expected = dense_attention(q, k, v, cached)
+    torch.testing.assert_close(prefill_attention(q, paged_k, paged_v), expected)
 
 
 # ---------------------------------------------------------------- exactness on the tiny model
@@ -335,3 +354,69 @@ def test_each_backend_alone_is_exact_too(tiny_lm, backends, request):
     assert engine.runner.backends["kernels"] == kernels
     assert engine.runner.backends["linear"].startswith("onednn" if linear == "auto" else "torch")
     assert outputs == [reference(tiny_lm, p, 10) for p in PROMPTS]
+
+
+# ---------------------------------------------------------------- a long prompt, the real model
+
+
+@pytest.fixture(scope="module")
+def real_lm(real_model_dir):
+    return load_model(ServerConfig(model=str(real_model_dir), dtype="float32"))
+
+
+@pytest.mark.parametrize("budget", [256, 2048])
+def test_a_long_prompt_on_the_real_model_matches_generate(real_lm, budget):
+    """About 1,200 tokens of prose, prefilled in 256-token chunks (each after a cached
+    prefix: the masked form) or in one (the causal form), with the server's default speed
+    layer: the greedy tokens are transformers'."""
+    text = (Path(__file__).parent.parent / "step7_real_kv" / "README.md").read_text()
+    prompt = real_lm.tokenizer.encode(text, add_special_tokens=False)[:1200]
+    outputs, _, _ = run_engine(real_lm, [prompt], 8, max_num_batched_tokens=budget)
+    assert outputs[0] == reference(real_lm, prompt, 8)
+
+
+# ---------------------------------------------------------------- the prefill-only budget
+
+
+def chunks_of(lm, prompts: list[list[int]], max_tokens: int, **engine_args) -> list[list[int]]:
+    """The new tokens of every sequence, iteration by iteration, as the scheduler gave them."""
+    engine = PagedEngine(lm, EngineConfig(block_size=4, num_kv_blocks=256, **engine_args))
+    iterations: list[list[int]] = []
+    schedule = engine.scheduler.schedule
+
+    def recorded():
+        work = schedule()
+        iterations.append([n for _, n in work])
+        return work
+
+    engine.scheduler.schedule = recorded  # type: ignore[method-assign]
+    run_engine(lm, prompts, max_tokens, engine=engine)
+    return iterations
+
+
+def test_a_lone_long_prompt_takes_the_prefill_budget_in_one_chunk(tiny_lm):
+    prompt = list(range(1000, 1300))  # 300 tokens
+    assert chunks_of(tiny_lm, [prompt], 2, max_num_batched_tokens=64)[:5] == [[64]] * 4 + [[44]]
+    assert chunks_of(tiny_lm, [prompt], 2, max_num_batched_tokens=64, max_prefill_tokens=512)[
+        :2
+    ] == [[300], [1]]
+
+
+def test_the_prefill_budget_waits_while_a_stream_has_begun(tiny_lm):
+    """A second long prompt arriving while the first decodes gets max_num_batched_tokens."""
+    short, long = list(range(1000, 1010)), list(range(2000, 2300))
+
+    async def go():
+        engine = PagedEngine(
+            tiny_lm,
+            EngineConfig(
+                block_size=4, num_kv_blocks=256, max_num_batched_tokens=64, max_prefill_tokens=512
+            ),
+        )
+        first = make_request(tiny_lm, short, 20)
+        engine.scheduler.add(first)
+        await engine.step()  # the short prompt, whole: its answer has begun
+        engine.scheduler.add(make_request(tiny_lm, long, 2))
+        return [n for _, n in engine.scheduler.schedule()]
+
+    assert asyncio.run(go()) == [1, 63]  # the decode, then what is left of 64
