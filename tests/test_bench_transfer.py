@@ -7,15 +7,17 @@ from __future__ import annotations
 from bench import publish, transfer
 from bench.measured import publish_measurement
 
+# The prefill side's counters (sent) after the decode side's (received), as a page of an
+# engine that does both lists them: the reader must pick by label, not keep the last.
 PAGE = """\
 # HELP gateway_kv_transfer_blocks_total KV blocks handed over.
 # TYPE gateway_kv_transfer_blocks_total counter
-gateway_kv_transfer_blocks_total{direction="sent"} 7.0
 gateway_kv_transfer_blocks_total{direction="received"} 162.0
+gateway_kv_transfer_blocks_total{direction="sent"} 7.0
 # HELP gateway_kv_transfer_bytes_total Bytes of KV blocks handed over.
 # TYPE gateway_kv_transfer_bytes_total counter
-gateway_kv_transfer_bytes_total{direction="sent"} 1.0
 gateway_kv_transfer_bytes_total{direction="received"} 1.1943936e+08
+gateway_kv_transfer_bytes_total{direction="sent"} 1.0
 # HELP gateway_kv_transfer_seconds_total Time spent fetching KV blocks.
 # TYPE gateway_kv_transfer_seconds_total counter
 gateway_kv_transfer_seconds_total 0.5
