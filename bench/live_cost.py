@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import re
 import signal
 import statistics
 import subprocess
@@ -43,7 +41,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.provenance import ForeignCpu, git_facts, library_versions, machine_facts
+from bench.measured import Entries, publish_measurement, valid_name
+from bench.provenance import ForeignCpu
 from bench.servers import ROOT, StepServer, discover_steps, select_steps
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -212,43 +211,20 @@ def _median(rows: list[dict], key: str) -> str:
     return f"{statistics.median(values):.2f}" if values else "-"
 
 
-def results(rows: list[dict], step: str, args: argparse.Namespace, argv: list[str]) -> dict:
-    """The run in the bench's results format: one entry for each side, one level."""
+def entries(rows: list[dict], step: str, users: int) -> Entries:
+    """One entry for each side, `STEP` and `STEP+page`, at the users' level; the summary holds
+    the median of the rounds of every number all of that side's rounds have."""
 
-    def entry(name: str, watched: bool) -> dict:
-        side = [r for r in rows if r["watched"] is watched]
+    def side(watched: bool) -> dict[int, dict]:
+        mine = [r for r in rows if r["watched"] is watched]
         summary = {
-            key: statistics.median(r[key] for r in side)
-            for key in side[0]
-            if key not in ("watched",) and all(r.get(key) is not None for r in side)
+            key: statistics.median(r[key] for r in mine)
+            for key in mine[0]
+            if key != "watched" and all(r.get(key) is not None for r in mine)
         }
-        level = {"concurrency": args.users, "users": args.users, "summary": summary,
-                 "rounds": side}  # fmt: skip
-        return {"step": name, "status": "ok", "levels": [level]}
+        return {users: {"summary": summary, "rounds": mine}}
 
-    meta = {**git_facts(), "machine": machine_facts(), "versions": library_versions(),
-            "command": "python -m bench.live_cost " + " ".join(argv)}  # fmt: skip
-    config = {k: v for k, v in vars(args).items() if k not in ("api_key", "read")}
-    return {
-        "schema": 1,
-        "meta": meta,
-        "config": config,
-        "steps": [entry(step, False), entry(step + "+page", True)],
-    }
-
-
-def publish(data: dict, table: str, name: str) -> Path:
-    folder = ROOT / "bench" / "charts" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(data, indent=1) + "\n")
-    meta = data["meta"]
-    head = (
-        f"`{meta['command']}` at {(meta['commit'] or 'unknown')[:7]}"
-        f"{' (dirty tree)' if meta['dirty'] else ''}, machine "
-        f"`{meta['machine']['machine_class']}`.\n\n"
-    )
-    (folder / "table.md").write_text(head + table + "\n")
-    return folder
+    return {step: side(False), step + "+page": side(True)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish", default="", metavar="NAME", help="bench/charts/NAME")
     parser.add_argument("--read", action="store_true", help=argparse.SUPPRESS)  # the reader
     args = parser.parse_args(argv)
-    if args.publish and not re.fullmatch(r"[A-Za-z0-9._-]+", args.publish):
+    if args.publish and not valid_name(args.publish):
         parser.error("--publish takes a folder name under bench/charts, like live-cost")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     if args.read:
@@ -293,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     table = report(rows, args)
     print(table)
     if args.publish:
-        folder = publish(results(rows, step, args, argv), table, args.publish)
+        config = {k: v for k, v in vars(args).items() if k not in ("api_key", "read")}
+        command = "python -m bench.live_cost " + " ".join(argv)
+        found = entries(rows, step, args.users)
+        folder = publish_measurement(args.publish, found, table, command, config, ROOT)
         print(f"[live_cost] published {folder}", flush=True)
     return 0
 

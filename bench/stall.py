@@ -15,6 +15,12 @@ receives. Meanwhile one kind of abuse is sent, all at once:
 The number reported is the largest gap between two chunks of a healthy stream while the abuse
 was in flight (and, for comparison, the largest gap of the same streams without abuse). The
 goal: under 250 ms each time.
+
+`--publish NAME` writes bench/charts/NAME/results.json (bench/measured.py): an entry for each
+abuse, `STEP:ABUSE`, at the level of the streams' count (3), whose summary holds the row printed
+for it (`largest_gap_s`, `largest_gap_quiet_s`, `token_s`, and `gap_engine` and
+`quiet_gap_engine`, what the engine's iterations covered of each gap), so that a README quotes
+`<!-- bench:fig NAME step7_real_kv:half-open@3 largest_gap_ms .0f -->`.
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ from pathlib import Path
 
 import httpx
 
-from bench.servers import StepServer, discover_steps, select_steps
+from bench.measured import Entries, publish_measurement, valid_name
+from bench.servers import ROOT, StepServer, discover_steps, select_steps
 
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 ABUSES = ("big-prompts", "many-messages", "half-open")
+STREAMS = 3  # healthy streams in every measurement
 
 
 @dataclass
@@ -127,7 +135,7 @@ async def half_open(url: str, count: int, hold_s: float) -> list[int]:
 
 
 async def measure(
-    url: str, abuse: str, streams: int = 3, max_tokens: int = 400, quiet_s: float = 1.0
+    url: str, abuse: str, streams: int = STREAMS, max_tokens: int = 400, quiet_s: float = 1.0
 ) -> dict:
     """Largest gaps of `streams` healthy streams, in a quiet window of `quiet_s` and under
     `abuse`, and the median gap of the quiet window (`token_s`: how fast this machine, as busy
@@ -233,18 +241,56 @@ async def send_attack(url: str, abuse: str) -> list[int]:
     raise ValueError(f"unknown abuse {abuse!r}; one of {ABUSES}")
 
 
+def entries(rows: list[dict], step: str) -> Entries:
+    """One entry for each abuse, `STEP:ABUSE`, at the streams' level: the row is the summary
+    but for the statuses (a list, which no figure reads), kept beside it."""
+    found: Entries = {}
+    for row in rows:
+        summary = {k: v for k, v in row.items() if k not in ("abuse", "statuses")}
+        found[f"{step}:{row['abuse']}"] = {
+            STREAMS: {"summary": summary, "statuses": row["statuses"]}
+        }
+    return found
+
+
+def report(rows: list[dict]) -> str:
+    """The rows as a table: the largest gaps, and how much of the abuse's the engine covered."""
+    lines = [
+        "| abuse | largest gap ms | in iterations ms | outside ms | longest iteration ms "
+        "(CPU ms) | quiet: largest gap ms | token ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        engine = row.get("gap_engine") or {}
+        longest = engine.get("longest_iteration") or {}
+        iteration = f"{longest.get('ms', '-')} ({longest.get('cpu_ms', '-')})"
+        cells = [row["abuse"], _ms(row["largest_gap_s"]), engine.get("in_iterations_ms", "-"),
+                 engine.get("outside_ms", "-"), iteration, _ms(row["largest_gap_quiet_s"]),
+                 _ms(row["token_s"])]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.stall", description=__doc__.strip())
     parser.add_argument("--step", default="7", help="the step to start (number or folder)")
     parser.add_argument("--url", default="", help="measure a running server instead")
     parser.add_argument("--abuse", default=",".join(ABUSES), help=f"comma-separated: {ABUSES}")
     parser.add_argument("--goal-ms", type=float, default=250.0, help="the largest gap allowed")
+    parser.add_argument("--publish", default="", metavar="NAME", help="bench/charts/NAME")
     parser.add_argument("--attack", default="", help=argparse.SUPPRESS)  # the abuse process
     args = parser.parse_args(argv)
+    if args.publish and not valid_name(args.publish):
+        parser.error("--publish takes a folder name under bench/charts, like stall-7")
     if args.attack:
         print(json.dumps(asyncio.run(send_attack(args.url.rstrip("/"), args.attack))))
         return 0
-    server = None
+    server, step = None, "server"  # a server started elsewhere is named so in what is published
     url = args.url.rstrip("/")
     if not url:
         (step,) = select_steps(discover_steps(), args.step)
@@ -253,18 +299,27 @@ def main(argv: list[str] | None = None) -> int:
         server = StepServer(step, "float32", log)
         server.wait_ready(300)
         url = server.url
-    failed = False
+    rows: list[dict] = []
     try:
         for abuse in args.abuse.split(","):
             print(f"[stall] {abuse} ...", flush=True)
             row = asyncio.run(measure(url, abuse))
             verdict = "ok" if row["largest_gap_s"] * 1000 < args.goal_ms else "OVER THE GOAL"
-            failed |= verdict != "ok"
             print(f"[stall] {json.dumps(row)} {verdict}", flush=True)
+            rows.append(row)
     finally:
         if server is not None:
             server.stop()
-    return 1 if failed else 0
+    table = report(rows)
+    print(table)
+    if args.publish:
+        command = "python -m bench.stall " + " ".join(argv)
+        config = {"step": step, "abuse": args.abuse, "goal_ms": args.goal_ms, "streams": STREAMS}
+        folder = publish_measurement(
+            args.publish, entries(rows, step), table, command, config, ROOT
+        )
+        print(f"[stall] published {folder}", flush=True)
+    return 1 if any(row["largest_gap_s"] * 1000 >= args.goal_ms for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from bench import live_cost, publish
+from bench.measured import publish_measurement
 
 
 def test_rounds_alternate_abba() -> None:
@@ -49,18 +50,17 @@ def test_every_round_sends_the_same_prompts_past_the_response_cache() -> None:
     assert len(set(seen[0])) == len(seen[0])  # a new question each request, within a round
 
 
-def test_published_run_is_read_by_figure_markers(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(live_cost, "ROOT", tmp_path)
-    args = argparse.Namespace(users=16, seconds=60.0, max_tokens=64, tag="t", api_key="k")
+def test_published_run_is_read_by_figure_markers(tmp_path) -> None:
+    args = argparse.Namespace(users=16, seconds=60.0, max_tokens=64, tag="t")
     rows = [
         {"watched": False, "output_tok_s": 100.0, "events": 0, "foreign_cpu": 0.01},
         {"watched": True, "output_tok_s": 90.0, "events": 300, "foreign_cpu": 0.02},
         {"watched": True, "output_tok_s": 94.0, "events": 300, "foreign_cpu": 0.0},
         {"watched": False, "output_tok_s": 104.0, "events": 0, "foreign_cpu": 0.0},
     ]
-    data = live_cost.results(rows, "step7_real_kv", args, ["--publish", "lc"])
-    assert "api_key" not in data["config"]
-    live_cost.publish(data, live_cost.report(rows, args), "lc")
+    found = live_cost.entries(rows, "step7_real_kv", args.users)
+    table = live_cost.report(rows, args)
+    publish_measurement("lc", found, table, "python -m bench.live_cost", {}, root=tmp_path)
     ratio = "lc step7_real_kv+page@16/step7_real_kv@16 output_tok_s .3f"
     assert publish.figure(ratio, root=tmp_path) == "0.902"  # medians 92 / 102
     assert publish.figure("lc step7_real_kv@16 output_tok_s", root=tmp_path) == "102.0"
