@@ -33,17 +33,15 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 
-from bench.measured import Entries, publish_measurement, valid_name
+from bench.measured import Entries, finish, target, valid_name
 from bench.provenance import ForeignCpu
-from bench.servers import ROOT, StepServer, discover_steps, select_steps
+from bench.servers import ROOT, discover_steps, select_steps
 
 MODEL = "SmolLM2-135M-Instruct"
 SYSTEM = (
@@ -247,33 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.read:
         return read_feed(args.url.rstrip("/"), headers)
     args.tag = uuid.uuid4().hex[:8]  # the run's: the same prompts in every round
-    server, url, step = None, args.url.rstrip("/"), args.url
-    if not url:
-        (step,) = select_steps(discover_steps(), args.step)
-        log = Path(tempfile.mkdtemp(prefix="live-cost-")) / f"{step}.log"
-        print(f"[live_cost] starting {step} (log: {log})", flush=True)
-        server = StepServer(step, "float32", log)
-        server.wait_ready(300)
-        url = server.url
-    server_cpu = server.cpu_seconds if server is not None else (lambda: 0.0)
+    step = args.url or select_steps(discover_steps(), args.step)[0]
     rows = []
-    try:
+    with target(args.url, step, "live_cost") as (url, server):
+        server_cpu = server.cpu_seconds if server is not None else (lambda: 0.0)
         asyncio.run(load(url, headers, args, args.warmup))  # not counted
         for watched in round_order(args.rounds):
             row = one_round(url, headers, args, watched, server_cpu)
             print(f"[live_cost] {row}", flush=True)
             rows.append(row)
-    finally:
-        if server is not None:
-            server.stop()
-    table = report(rows, args)
-    print(table)
-    if args.publish:
-        config = {k: v for k, v in vars(args).items() if k not in ("api_key", "read")}
-        command = "python -m bench.live_cost " + " ".join(argv)
-        found = entries(rows, step, args.users)
-        folder = publish_measurement(args.publish, found, table, command, config, ROOT)
-        print(f"[live_cost] published {folder}", flush=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("api_key", "read")}
+    found = entries(rows, step, args.users)
+    finish("live_cost", argv, report(rows, args), args.publish, found, config)
     return 0
 
 

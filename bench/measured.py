@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.provenance import git_facts, library_versions, machine_facts
-from bench.servers import ROOT
+from bench.servers import ROOT, StepServer
 
 # entry name -> level (users, streams, ...) -> the level's fields: `summary` (a metric name ->
 # number, or a dict of them that a dotted metric name reads) and any more the tool keeps
@@ -66,3 +69,37 @@ def _heading(meta: dict) -> str:
         f"{' (dirty tree)' if meta['dirty'] else ''}, machine "
         f"`{meta['machine']['machine_class']}`.\n\n"
     )
+
+
+# ---------------------------------------------------------------- what every tool does around it
+
+
+@contextmanager
+def target(
+    url: str, step: str, tool: str, ready_s: float = 300
+) -> Iterator[tuple[str, StepServer | None]]:
+    """The server a measurement runs against: the one at `url`, or else `step` started for it
+    (float32, its log in a new temporary folder) and stopped after, whatever happens."""
+    if url:
+        yield url.rstrip("/"), None
+        return
+    log = Path(tempfile.mkdtemp(prefix=f"{tool}-")) / f"{step}.log"
+    print(f"[{tool}] starting {step} (log: {log})", flush=True)
+    server = StepServer(step, "float32", log)
+    try:
+        server.wait_ready(ready_s)
+        yield server.url, server
+    finally:
+        server.stop()
+
+
+def finish(
+    tool: str, argv: list[str], table: str, name: str, entries: Entries, config: dict
+) -> None:
+    """Prints the tool's table and, with `--publish NAME`, publishes the run under the command
+    that made it (`python -m bench.TOOL ARGS`)."""
+    print(table)
+    if name:
+        command = f"python -m bench.{tool} " + " ".join(argv)
+        folder = publish_measurement(name, entries, table, command, config)
+        print(f"[{tool}] published {folder}", flush=True)

@@ -31,15 +31,13 @@ import json
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 
-from bench.measured import Entries, publish_measurement, valid_name
-from bench.servers import ROOT, StepServer, discover_steps, select_steps
+from bench.measured import Entries, finish, target, valid_name
+from bench.servers import discover_steps, select_steps
 
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = "/v1/chat/completions"
@@ -290,35 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.attack:
         print(json.dumps(asyncio.run(send_attack(args.url.rstrip("/"), args.attack))))
         return 0
-    server, step = None, "server"  # a server started elsewhere is named so in what is published
-    url = args.url.rstrip("/")
-    if not url:
-        (step,) = select_steps(discover_steps(), args.step)
-        log = Path(tempfile.mkdtemp(prefix="stall-")) / f"{step}.log"
-        print(f"[stall] starting {step} (log: {log})", flush=True)
-        server = StepServer(step, "float32", log)
-        server.wait_ready(300)
-        url = server.url
+    # a server started elsewhere is named "server" in what is published
+    step = select_steps(discover_steps(), args.step)[0] if not args.url else "server"
     rows: list[dict] = []
-    try:
+    with target(args.url, step, "stall") as (url, _):
         for abuse in args.abuse.split(","):
             print(f"[stall] {abuse} ...", flush=True)
             row = asyncio.run(measure(url, abuse))
             verdict = "ok" if row["largest_gap_s"] * 1000 < args.goal_ms else "OVER THE GOAL"
             print(f"[stall] {json.dumps(row)} {verdict}", flush=True)
             rows.append(row)
-    finally:
-        if server is not None:
-            server.stop()
-    table = report(rows)
-    print(table)
-    if args.publish:
-        command = "python -m bench.stall " + " ".join(argv)
-        config = {"step": step, "abuse": args.abuse, "goal_ms": args.goal_ms, "streams": STREAMS}
-        folder = publish_measurement(
-            args.publish, entries(rows, step), table, command, config, ROOT
-        )
-        print(f"[stall] published {folder}", flush=True)
+    config = {"step": step, "abuse": args.abuse, "goal_ms": args.goal_ms, "streams": STREAMS}
+    finish("stall", argv, report(rows), args.publish, entries(rows, step), config)
     return 1 if any(row["largest_gap_s"] * 1000 >= args.goal_ms for row in rows) else 0
 
 

@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import uuid
-from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.measured import Entries, publish_measurement, valid_name
-from bench.servers import ROOT, StepServer
+from bench.measured import Entries, finish, target, valid_name
 
 MODEL = "SmolLM2-135M-Instruct"
 STEP = "step10_disaggregated"
@@ -167,25 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--publish takes a folder name under bench/charts, like transfer")
     if args.prompts < 1 or args.tokens < 1:
         parser.error("--prompts and --tokens are at least 1")
-    server, url = None, args.url.rstrip("/")
-    if not url:
-        log = Path(tempfile.mkdtemp(prefix="transfer-")) / f"{STEP}.log"
-        print(f"[transfer] starting {STEP} (log: {log})", flush=True)
-        server = StepServer(STEP, "float32", log)
-        server.wait_ready(600)
-        url = server.url
-    try:
+    with target(args.url, STEP, "transfer", ready_s=600) as (url, _):
         rows = measure(url, args)
-    finally:
-        if server is not None:
-            server.stop()
-    table = report(rows)
-    print(table)
-    if args.publish:
-        command = "python -m bench.transfer " + " ".join(argv)
-        config = {k: v for k, v in vars(args).items() if k != "publish"}
-        folder = publish_measurement(args.publish, entries(rows), table, command, config, ROOT)
-        print(f"[transfer] published {folder}", flush=True)
+    config = {k: v for k, v in vars(args).items() if k != "publish"}
+    finish("transfer", argv, report(rows), args.publish, entries(rows), config)
     return 0
 
 
