@@ -129,9 +129,23 @@ def threads_of(pid: int) -> list[int]:
     return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
 
 
-def sample(pid: int, tids: list[int], period: float, stop: IO = sys.stdin) -> list[dict]:
+def trace_iterations(trace: dict) -> list[tuple[float, float]]:
+    """[start, end] in time.monotonic() seconds of each iteration in a GET /debug/timeline
+    trace (its timestamps are microseconds from `otherData.origin_s`, on the same clock)."""
+    origin = trace["otherData"]["origin_s"]
+    return sorted(
+        (origin + e["ts"] / 1e6, origin + (e["ts"] + e["dur"]) / 1e6)
+        for e in trace["traceEvents"]
+        if e["ph"] == "X" and e["pid"] == 1 and e["name"].startswith("iteration ")
+    )
+
+
+def sample(
+    pid: int, tids: list[int], period: float, stop: IO = sys.stdin
+) -> tuple[list[dict], float]:
     """Read every thread's schedstat and stat each `period` seconds until `stop` is readable
-    (or ends). The files stay open: a pread at 0 makes the kernel write them afresh."""
+    (or ends), and the seconds on CPU that took (the sampler's cost to the work it watches).
+    The files stay open: a pread at 0 makes the kernel write them afresh."""
     files = {}
     for tid in tids:
         base = f"/proc/{pid}/task/{tid}"
@@ -139,33 +153,41 @@ def sample(pid: int, tids: list[int], period: float, stop: IO = sys.stdin) -> li
             files[tid] = (os.open(f"{base}/schedstat", os.O_RDONLY), os.open(f"{base}/stat", 0))
         except FileNotFoundError:  # the thread ended meanwhile
             continue
-    samples = []
-    while True:
-        row = {}
-        t = time.monotonic()
-        for tid, (sched, stat) in files.items():
-            try:
-                on_cpu, ready = cpu_ns(os.pread(sched, 256, 0).decode())
-                row[tid] = [on_cpu, last_cpu(os.pread(stat, 4096, 0).decode()), ready]
-            except (OSError, ValueError):  # the thread ended
-                continue
-        samples.append({"t": t, "threads": row})
-        if select.select([stop], [], [], period)[0]:
-            return samples
+    samples, stopped, cpu = [], False, time.process_time()
+    while not stopped:
+        samples.append(read_all(files))
+        if not samples[1:]:
+            print("ready", flush=True)  # the watched work may start: the first sample is in
+        stopped = bool(select.select([stop], [], [], period)[0])
+    samples.append(read_all(files))  # the work ended before the stop: cover its last part
+    return samples, time.process_time() - cpu
+
+
+def read_all(files: dict[int, tuple[int, int]]) -> dict:
+    """One sample: the time, and each thread's [ns on CPU, last CPU, ns ready]."""
+    row = {}
+    t = time.monotonic()
+    for tid, (sched, stat) in files.items():
+        try:
+            on_cpu, ready = cpu_ns(os.pread(sched, 256, 0).decode())
+            row[tid] = [on_cpu, last_cpu(os.pread(stat, 4096, 0).decode()), ready]
+        except (OSError, ValueError):  # the thread ended
+            continue
+    return {"t": t, "threads": row}
 
 
 def level_record(
     samples: list[dict], bounds: list[tuple[float, float]], named: dict[int, str],
-    cpus: list[int], drawn: int = 3,
+    cpus: list[int], drawn: int = 3, other: str = "pool",
 ) -> dict:  # fmt: skip
     """One level's numbers from its samples and its iterations' [start, end]: each iteration's
-    split, their mean, the threads that ran (`named` roles; any other that ran >= 1% is "pool"),
+    split, their mean, the threads that ran (`named` roles; any other that ran >= 1% is `other`),
     and the first `drawn` iterations' intervals in ms from the first one's start, to draw."""
     found = intervals(samples)
     spans = by_span(found)
     each = [split(spans, s, e, cpus) for s, e in bounds]
     summary = {key: mean_of([it[key] for it in each]) for key in each[0]}
-    roles = {tid: named.get(tid, "pool") for tid, share in summary["thread_busy"].items()
+    roles = {tid: named.get(tid, other) for tid, share in summary["thread_busy"].items()
              if share >= 0.01 or tid in named}  # fmt: skip
     t0, t1 = bounds[0][0], bounds[min(drawn, len(bounds)) - 1][1]
     window = [[i.tid, 1000 * (i.start - t0), 1000 * (i.end - t0), round(i.busy, 3), i.cpu]
@@ -193,18 +215,20 @@ def mean_of(dicts: list[dict]) -> dict:
 class Sampler:
     """The sampler process around a block of work: start(), then stop() returns its samples."""
 
-    def __init__(self, tids: list[int], period: float = 0.001) -> None:
-        self.tids, self.period = tids, period
+    def __init__(self, tids: list[int], period: float = 0.001, pid: int | None = None) -> None:
+        self.tids, self.period, self.pid = tids, period, pid or os.getpid()
         self.proc: subprocess.Popen | None = None
         self.cpu_s = 0.0  # the sampler's own time on CPU: its cost to the work it watches
 
     def start(self) -> None:
-        args = [sys.executable, "-m", "bench.cores", "--sample", str(os.getpid())]
+        args = [sys.executable, "-m", "bench.cores", "--sample", str(self.pid)]
         args += ["--period", str(self.period), *map(str, self.tids)]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent
         )
-        time.sleep(0.5)  # its interpreter starts; the first samples land before the work
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline() != b"ready\n":  # its first sample is in
+            raise RuntimeError("the sampler did not start: see its error above")
 
     def stop(self) -> list[dict]:
         assert self.proc is not None
@@ -223,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("tids", type=int, nargs="*", help="its threads (default: all)")
     args = p.parse_args(argv)
     tids = args.tids or threads_of(args.sample)
-    samples = sample(args.sample, tids, args.period)
-    json.dump({"samples": samples, "cpu_s": time.process_time()}, sys.stdout)
+    samples, cpu_s = sample(args.sample, tids, args.period)
+    json.dump({"samples": samples, "cpu_s": cpu_s}, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def summary_line(level: dict) -> str:
     shares = " · ".join(f"{n} busy {100 * busy[n]:.0f}%" for n in sorted(busy, reverse=True))
     ready = level["summary"]["ready_waiting"]["threads"]
     return (
-        f"{level['users']} users, {level['iteration_ms']:.0f} ms per iteration; cores: "
+        f"{level['users']} sequences, {level['iteration_ms']:.0f} ms per iteration; cores: "
         f"{shares} of its time; threads ready but off a core: {100 * ready:.0f}%"
     )
 
@@ -82,7 +82,8 @@ def draw(record: dict, out: Path) -> None:
     axes[-1, 0].set_xlabel("ms from the first drawn iteration's start")
     machine = record.get("machine", {}).get("machine_class", "?")
     commit = (record.get("git", {}).get("commit") or "?")[:7]
-    fig.suptitle(f"Cores during step 7's decode iterations ({machine}, {commit})", fontsize=10)
+    where = "a step 7 server's" if record.get("source") == "server" else "step 7's decode"
+    fig.suptitle(f"Cores during {where} iterations ({machine}, {commit})", fontsize=10)
     fig.text(0.01, 0.005, record.get("command", ""), fontsize=7, color="#555555")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,11 @@ heaviest aten ops, for the reader who wants to go one level down.
 share of each iteration with 2, 1 and 0 cores busy:
 
     python -m bench.step7_profile --cores --users 16,64
+    python -m bench.step7_profile --cores --server http://127.0.0.1:8000 --pid PID --seconds 5
+
+With `--server` it samples a running step 7 server's process instead, while a load runs against
+it (`python -m bench.loadgen --host URL --users 16 --run-time 30`), and takes the iterations'
+start and end from its GET /debug/timeline: the same numbers with the HTTP side in the process.
 
 `--prefill N` profiles a long prompt instead: one unique prompt of N tokens at a time into an
 idle engine, answered with one token (the bench's long-prompt workload, in-process), so that
@@ -45,6 +50,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import httpx
 import torch
 import torch.nn.functional as F
 
@@ -291,25 +297,52 @@ async def profile_cores(lm: LoadedModel, users: int, iterations: int, config: En
     return {"users": users, "sampler_cpu_share": sampler.cpu_s / window, **record}
 
 
-def run_cores(lm: LoadedModel, levels: list[int], iterations: int, config: EngineConfig,
-              out: Path) -> None:  # fmt: skip
-    """--cores: every level's record into out/cores.json, its picture into out/cores.png."""
-    results = [asyncio.run(profile_cores(lm, users, iterations, config)) for users in levels]
+def server_cores(url: str, pid: int, seconds: float) -> dict:
+    """A running server's threads sampled for `seconds`; its iterations from its timeline."""
+    sampler = cores.Sampler(cores.threads_of(pid), pid=pid)
+    sampler.start()
+    time.sleep(seconds)
+    samples = sampler.stop()
+    trace = httpx.get(f"{url}/debug/timeline", timeout=30).raise_for_status().json()
+    t0, t1 = samples[0]["t"], samples[-1]["t"]
+    bounds = [(s, e) for s, e in cores.trace_iterations(trace) if t0 <= s and e <= t1]
+    if not bounds:
+        raise SystemExit("no iteration ran while sampling: is a load running against it?")
+    sequences = [e["args"]["sequences"] for e in trace["traceEvents"]
+                 if e["ph"] == "X" and e["pid"] == 1 and e["name"].startswith("iteration ")
+                 and t0 <= trace["otherData"]["origin_s"] + e["ts"] / 1e6]  # fmt: skip
+    cpus = sorted(os.sched_getaffinity(pid))
+    record = cores.level_record(samples, bounds, {}, cpus, other="server thread")
+    users = round(sum(sequences) / max(len(sequences), 1))  # sequences per iteration, mean
+    return {"users": users, "sampler_cpu_share": sampler.cpu_s / (t1 - t0), **record}
+
+
+def run_cores(lm: LoadedModel | None, levels: list[int], iterations: int,
+              config: EngineConfig, out: Path, server: dict | None = None) -> None:  # fmt: skip
+    """--cores: every level's record into out/cores.json, its picture into out/cores.png
+    (out/cores-server.* for a server's)."""
+    if server is not None:
+        results, name = [server_cores(**server)], "cores-server"
+    else:
+        assert lm is not None
+        results = [asyncio.run(profile_cores(lm, users, iterations, config)) for users in levels]
+        name = "cores"
     record = {
         "command": shlex.join(["python", "-m", "bench.step7_profile", *sys.argv[1:]]),
         "machine": provenance.machine_facts(),
         "git": provenance.git_facts(),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "source": "server" if server else "in-process",
+        "threads": None if server else torch.get_num_threads(),  # a server's: its own config
         "period_s": 0.001,
         "levels": results,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cores.json").write_text(json.dumps(record, indent=1))
-    record = json.loads((out / "cores.json").read_text())  # as a reader of the file sees it
-    cores_chart.draw(record, out / "cores.png")
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+    record = json.loads((out / f"{name}.json").read_text())  # as a reader of the file sees it
+    cores_chart.draw(record, out / f"{name}.png")
     print_cores(record["levels"])
-    print(f"wrote {out / 'cores.json'} and {out / 'cores.png'}")
+    print(f"wrote {out / name}.json and {out / name}.png")
 
 
 def print_cores(levels: list[dict]) -> None:
@@ -508,9 +541,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--out", type=Path, default=Path("bench/charts/step7-cores"), help="where --cores writes"
     )
+    p.add_argument("--server", help="with --cores: a running step 7 server's URL to sample")
+    p.add_argument("--pid", type=int, default=0, help="with --server: its process id")
+    p.add_argument("--seconds", type=float, default=5.0, help="with --server: seconds sampled")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cores and args.server:
+        if not args.pid:
+            p.error("--server needs --pid, the server's process id")
+        server = {"url": args.server.rstrip("/"), "pid": args.pid, "seconds": args.seconds}
+        return run_cores(None, [], 0, EngineConfig(), args.out, server)
     lm = load_model(ServerConfig(dtype="float32"))
     config = EngineConfig(
         linear_backend=args.linear_backend,

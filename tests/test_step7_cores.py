@@ -183,3 +183,19 @@ def test_profile_cores_runs_on_the_tiny_model(tiny_model_dir):
     assert "calls the ops" in level["roles"].values()
     assert sum(level["summary"]["cores_busy"].values()) == pytest.approx(1.0, abs=0.05)
     assert 0 <= level["sampler_cpu_share"] < 1
+
+
+def test_a_servers_iterations_come_from_its_timeline_on_the_monotonic_clock():
+    trace = {
+        "otherData": {"clock": "time.monotonic", "origin_s": 100.0},
+        "traceEvents": [
+            {"name": "iteration 2", "ph": "X", "pid": 1, "tid": 0, "ts": 5000.0, "dur": 2000.0},
+            {"name": "iteration 1", "ph": "X", "pid": 1, "tid": 0, "ts": 0.0, "dur": 4000.0},
+            {"name": "decode", "ph": "X", "pid": 2, "tid": 1, "ts": 0.0, "dur": 4000.0},
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": 0, "ts": 0, "args": {}},
+        ],
+    }
+    assert cores.trace_iterations(trace) == [
+        (100.0, pytest.approx(100.004)),
+        (pytest.approx(100.005), pytest.approx(100.007)),
+    ]
