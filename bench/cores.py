@@ -15,6 +15,11 @@ when its threads were on CPU for at least half of it). 1 core busy is the serial
 between ops, the loop thread's hand-over, ops too small to be split. 0 is waiting: the thread hop,
 or another process holding the cores.
 
+A thread that waits spinning is on CPU: torch's OpenMP (libgomp) lets its pool's threads spin
+for a while after a parallel region before they sleep, so a worker waiting for the next region
+counts as busy. `OMP_WAIT_POLICY=passive` in the environment makes them sleep at once, which
+shows the work alone (and changes its timing); the record keeps the variables it ran with.
+
     python -m bench.cores --sample PID TID...   (what the profiler starts; reads until stdin ends)
 """
 

@@ -335,6 +335,7 @@ def run_cores(lm: LoadedModel | None, levels: list[int], iterations: int,
         "source": "server" if server else "in-process",
         "threads": None if server else torch.get_num_threads(),  # a server's: its own config
         "period_s": 0.001,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
         "levels": results,
     }
     out.mkdir(parents=True, exist_ok=True)
