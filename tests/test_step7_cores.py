@@ -199,3 +199,37 @@ def test_a_servers_iterations_come_from_its_timeline_on_the_monotonic_clock():
         (100.0, pytest.approx(100.004)),
         (pytest.approx(100.005), pytest.approx(100.007)),
     ]
+
+
+def test_server_cores_samples_a_running_server_between_its_timeline_iterations(
+    start_server, tiny_model_dir
+):
+    import httpx
+
+    from bench.step7_profile import server_cores
+
+    server = start_server(
+        "step7_real_kv", GATEWAY_MODEL=str(tiny_model_dir), GATEWAY_RESPONSE_CACHE="false"
+    )
+    done = threading.Event()
+
+    def load() -> None:  # one request after another, long enough to span the sampling
+        body = {
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 400,
+        }
+        while not done.is_set():
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        level = server_cores(server.url, server.proc.pid, seconds=1.0)
+    finally:
+        done.set()
+        worker.join()
+    assert level["iterations"] > 5
+    assert level["users"] == 1
+    assert set(level["roles"].values()) == {"server thread"}
+    assert sum(level["summary"]["cores_busy"].values()) == pytest.approx(1.0, abs=0.05)
