@@ -12,6 +12,17 @@ heaviest aten ops, for the reader who wants to go one level down.
     python -m bench.step7_profile --users 16 --json bench/charts/step7-profile.json
     python -m bench.step7_profile --prefill 1500 --repeats 5
 
+`--cores` samples instead how busy each core and each thread is during decode iterations (every
+1 ms, from a separate process: bench/cores.py) and draws it (bench/cores_chart.py), with the
+share of each iteration with 2, 1 and 0 cores busy:
+
+    python -m bench.step7_profile --cores --users 16,64
+    python -m bench.step7_profile --cores --server http://127.0.0.1:8000 --pid PID --seconds 5
+
+With `--server` it samples a running step 7 server's process instead, while a load runs against
+it (`python -m bench.loadgen --host URL --users 16 --run-time 30`), and takes the iterations'
+start and end from its GET /debug/timeline: the same numbers with the HTTP side in the process.
+
 `--prefill N` profiles a long prompt instead: one unique prompt of N tokens at a time into an
 idle engine, answered with one token (the bench's long-prompt workload, in-process), so that
 the time is the prefill's: its chunks, each part of them, and the prompt tokens per second.
@@ -27,6 +38,10 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
+import shlex
+import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -35,10 +50,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import httpx
 import torch
 import torch.nn.functional as F
 
-from bench import machine
+from bench import cores, cores_chart, machine, provenance
 from bench.workload import load_workload
 from common.config import ServerConfig
 from common.model import LoadedModel, load_model
@@ -238,6 +254,111 @@ async def profile_level(
     }
 
 
+async def decoding(
+    lm: LoadedModel, users: int, max_tokens: int, config: EngineConfig
+) -> PagedEngine:
+    """An engine with `users` sequences past their prompts and a few decode iterations run."""
+    eng = PagedEngine(lm, config)
+    for request in make_requests(lm, users, max_tokens):
+        await eng.submit(request)
+    while eng.scheduler.waiting or any(
+        s.num_computed < s.request.num_prompt_tokens for s in eng.scheduler.running
+    ):
+        await eng.step()
+    for _ in range(3):  # warm-up: oneDNN's first calls at these shapes, the pool's threads
+        await eng.step()
+    return eng
+
+
+async def profile_cores(lm: LoadedModel, users: int, iterations: int, config: EngineConfig) -> dict:
+    """`iterations` decode iterations at `users`, each thread's time on CPU sampled meanwhile."""
+    eng = await decoding(lm, users, iterations + 64, config)
+    named = {threading.get_native_id(): "event loop"}
+    compute = eng._compute
+
+    def on_its_thread(*args: Any) -> Any:  # which thread calls the ops: asyncio.to_thread's
+        named[threading.get_native_id()] = "calls the ops"
+        return compute(*args)
+
+    eng._compute = on_its_thread  # type: ignore[method-assign,assignment]
+    sampler = cores.Sampler(cores.threads_of(os.getpid()))
+    sampler.start()
+    bounds = []
+    for _ in range(iterations):
+        start = time.monotonic()
+        await eng.step()
+        bounds.append((start, time.monotonic()))
+    samples = sampler.stop()
+    if len(eng.scheduler.running) != users:  # the picture must be of healthy work
+        raise RuntimeError("requests ended early: see the log above")
+    cpus = sorted(os.sched_getaffinity(0))
+    record = cores.level_record(samples, bounds, named, cpus)
+    window = samples[-1]["t"] - samples[0]["t"]
+    return {"users": users, "sampler_cpu_share": sampler.cpu_s / window, **record}
+
+
+def server_cores(url: str, pid: int, seconds: float) -> dict:
+    """A running server's threads sampled for `seconds`; its iterations from its timeline."""
+    sampler = cores.Sampler(cores.threads_of(pid), pid=pid)
+    sampler.start()
+    time.sleep(seconds)
+    samples = sampler.stop()
+    trace = httpx.get(f"{url}/debug/timeline", timeout=30).raise_for_status().json()
+    t0, t1 = samples[0]["t"], samples[-1]["t"]
+    bounds = [(s, e) for s, e in cores.trace_iterations(trace) if t0 <= s and e <= t1]
+    if not bounds:
+        raise SystemExit("no iteration ran while sampling: is a load running against it?")
+    sequences = [e["args"]["sequences"] for e in trace["traceEvents"]
+                 if e["ph"] == "X" and e["pid"] == 1 and e["name"].startswith("iteration ")
+                 and t0 <= trace["otherData"]["origin_s"] + e["ts"] / 1e6]  # fmt: skip
+    cpus = sorted(os.sched_getaffinity(pid))
+    record = cores.level_record(samples, bounds, {}, cpus, other="server thread")
+    users = round(sum(sequences) / max(len(sequences), 1))  # sequences per iteration, mean
+    return {"users": users, "sampler_cpu_share": sampler.cpu_s / (t1 - t0), **record}
+
+
+def run_cores(lm: LoadedModel | None, levels: list[int], iterations: int,
+              config: EngineConfig, out: Path, server: dict | None = None) -> None:  # fmt: skip
+    """--cores: every level's record into out/cores.json, its picture into out/cores.png
+    (out/cores-server.* for a server's)."""
+    if server is not None:
+        results, name = [server_cores(**server)], "cores-server"
+    else:
+        assert lm is not None
+        results = [asyncio.run(profile_cores(lm, users, iterations, config)) for users in levels]
+        name = "cores"
+    record = {
+        "command": shlex.join(["python", "-m", "bench.step7_profile", *sys.argv[1:]]),
+        "machine": provenance.machine_facts(),
+        "git": provenance.git_facts(),
+        "torch": torch.__version__,
+        "source": "server" if server else "in-process",
+        "threads": None if server else torch.get_num_threads(),  # a server's: its own config
+        "period_s": 0.001,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
+        "levels": results,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+    record = json.loads((out / f"{name}.json").read_text())  # as a reader of the file sees it
+    cores_chart.draw(record, out / f"{name}.png")
+    print_cores(record["levels"])
+    print(f"wrote {out / name}.json and {out / name}.png")
+
+
+def print_cores(levels: list[dict]) -> None:
+    print("| users | iteration (ms) | 2 cores busy | 1 core | 0 cores | per core | threads ready "
+          "but off a core | sampler |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for lv in levels:
+        busy = lv["summary"]["cores_busy"]
+        per_core = ", ".join(f"{100 * v:.0f}%" for v in lv["summary"]["core_busy"].values())
+        print(f"| {lv['users']} | {lv['iteration_ms']:.1f} | {100 * busy['2']:.0f}% | "
+              f"{100 * busy['1']:.0f}% | {100 * busy['0']:.0f}% | {per_core} | "
+              f"{100 * lv['summary']['ready_waiting']['threads']:.0f}% | "
+              f"{100 * lv['sampler_cpu_share']:.0f}% of a core |")  # fmt: skip
+
+
 def unique_prompt(lm: LoadedModel, tokens: int, seed: int) -> list[int]:
     """`tokens` ids drawn from the vocabulary by `seed`: a prompt that shares no prefix with
     another seed's, so the prefix cache never shortens its prefill."""
@@ -413,9 +534,25 @@ def main(argv: list[str] | None = None) -> None:
         "--max-prefill-tokens", type=int, default=0, help="as step 7's --max-prefill-tokens"
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--cores",
+        action="store_true",
+        help="instead: sample each thread's and core's busy time during decode iterations",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("bench/charts/step7-cores"), help="where --cores writes"
+    )
+    p.add_argument("--server", help="with --cores: a running step 7 server's URL to sample")
+    p.add_argument("--pid", type=int, default=0, help="with --server: its process id")
+    p.add_argument("--seconds", type=float, default=5.0, help="with --server: seconds sampled")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cores and args.server:
+        if not args.pid:
+            p.error("--server needs --pid, the server's process id")
+        server = {"url": args.server.rstrip("/"), "pid": args.pid, "seconds": args.seconds}
+        return run_cores(None, [], 0, EngineConfig(), args.out, server)
     lm = load_model(ServerConfig(dtype="float32"))
     config = EngineConfig(
         linear_backend=args.linear_backend,
@@ -423,6 +560,9 @@ def main(argv: list[str] | None = None) -> None:
         weight_format=args.weight_format,
         max_prefill_tokens=args.max_prefill_tokens,
     )
+    if args.cores:
+        levels = [int(u) for u in args.users.split(",")]
+        return run_cores(lm, levels, args.iterations, config, args.out)
     if args.prefill:
         result = asyncio.run(profile_prefill(lm, args.prefill, args.repeats, args.ops, config))
         print_prefill(result)
