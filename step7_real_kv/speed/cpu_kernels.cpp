@@ -529,32 +529,54 @@ inline void q8_0_weights(const uint8_t* block, Vec w[4]) {
 
 constexpr int kParts = kBlockWeights / kVector;  // registers per block
 
-// y[r, n] for R rows of x and the output rows [begin, end): each block's weights are computed
+// With AVX-512 and up to 6 rows of x, two weight rows are computed per pass: their blocks'
+// unpacking chains are independent, so one's lookups overlap the other's, and each load of x
+// serves both. At 7 and 8 rows the two weight rows' 2 * R * 2 accumulators no longer fit in
+// the 32 registers (it ran slower), and AVX2's 16 registers have no room for them at all.
+constexpr int kPairedRowsUpTo = kVector == 16 ? 6 : 0;
+
+// y[r, n .. n + N) for R rows of x and N weight rows from n: each block's weights are computed
 // once and used for all R rows while they are in registers.
+template <int R, int N, bool Q4>
+void weight_rows(const float* x, int64_t in, const uint8_t* blocks, int64_t row_bytes, float* y,
+                 int64_t out, int64_t n) {
+  const int64_t num_blocks = in / kBlockWeights;
+  Vec acc[N][R][kParts];
+  for (int i = 0; i < N; ++i)
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < kParts; ++k) acc[i][r][k] = zero();
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    Vec w[N][kParts];
+    for (int i = 0; i < N; ++i) {
+      const uint8_t* row = blocks + (n + i) * row_bytes;
+      if constexpr (Q4) q4_1_weights(row + b * kQ4_1Bytes, w[i]);
+      else q8_0_weights(row + b * kQ8_0Bytes, w[i]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* xs = x + r * in + b * kBlockWeights;
+      for (int k = 0; k < kParts; ++k) {
+        const Vec xk = load(xs + k * kVector);
+        for (int i = 0; i < N; ++i) acc[i][r][k] = fmadd(xk, w[i][k], acc[i][r][k]);
+      }
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    for (int r = 0; r < R; ++r) {
+      Vec sum = acc[i][r][0];
+      for (int k = 1; k < kParts; ++k) sum = add(sum, acc[i][r][k]);
+      y[r * out + n + i] = total(sum);
+    }
+  }
+}
+
+// y[r, n] for R rows of x and the output rows [begin, end).
 template <int R, bool Q4>
 void block_rows(const float* x, int64_t in, const uint8_t* blocks, int64_t row_bytes,
                 float* y, int64_t out, int64_t begin, int64_t end) {
-  const int64_t num_blocks = in / kBlockWeights;
-  for (int64_t n = begin; n < end; ++n) {
-    const uint8_t* row = blocks + n * row_bytes;
-    Vec acc[R][kParts];
-    for (int r = 0; r < R; ++r)
-      for (int k = 0; k < kParts; ++k) acc[r][k] = zero();
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      Vec w[kParts];
-      if constexpr (Q4) q4_1_weights(row + b * kQ4_1Bytes, w);
-      else q8_0_weights(row + b * kQ8_0Bytes, w);
-      for (int r = 0; r < R; ++r) {
-        const float* xs = x + r * in + b * kBlockWeights;
-        for (int k = 0; k < kParts; ++k) acc[r][k] = fmadd(load(xs + k * kVector), w[k], acc[r][k]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      Vec sum = acc[r][0];
-      for (int k = 1; k < kParts; ++k) sum = add(sum, acc[r][k]);
-      y[r * out + n] = total(sum);
-    }
-  }
+  int64_t n = begin;
+  if constexpr (R <= kPairedRowsUpTo)
+    for (; n + 2 <= end; n += 2) weight_rows<R, 2, Q4>(x, in, blocks, row_bytes, y, out, n);
+  for (; n < end; ++n) weight_rows<R, 1, Q4>(x, in, blocks, row_bytes, y, out, n);
 }
 
 template <bool Q4>
