@@ -416,6 +416,12 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w) {
 // rounded, then + m rounded: `exact` stops the compiler from fusing the two into one rounding),
 // then multiplied into every row of x, in float32. Only the order of the sums differs from a
 // float32 matmul's, as with small_linear.
+//
+// The blocks are memory-light enough that making the weights, not reading them, set the speed
+// at one row: a Q4_1 block has only 16 distinct weights, so with AVX-512 each block's 16
+// values d * q + m (q = 0..15) are computed once into one register and its 32 weights are
+// looked up in it by their nibbles (q4_1_weights): the same floats, in fewer instructions.
+// AVX2's registers hold half a table, and there each weight is still converted on its own.
 
 namespace {
 
@@ -439,7 +445,6 @@ inline V exact(V v) {
 #if defined(__AVX512F__)
 constexpr int kVector = 16;  // floats in a register: a block is two registers
 using Vec = __m512;
-inline Vec bytes_to_floats(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
 inline Vec signed_bytes_to_floats(__m128i b) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 }
@@ -451,13 +456,29 @@ inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec zero() { return _mm512_setzero_ps(); }
 inline float total(Vec v) { return _mm512_reduce_add_ps(v); }
 
-// The 32 weights of one Q4_1 block, in 2 registers of 16.
+// The 16 values a Q4_1 block's weights can take, d * q + m for q = 0..15, one per lane: the
+// same two roundings as each weight's own d * q + m, done once per block instead of per weight.
+// d and m (two float16s side by side) are converted together from one 4-byte broadcast, then
+// spread by lane: fewer shuffles than converting and broadcasting each.
+inline Vec q4_1_table(const uint8_t* block) {
+  const Vec iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int32_t dm_bits;
+  std::memcpy(&dm_bits, block, 4);
+  const Vec dm = _mm512_cvtph_ps(_mm256_set1_epi32(dm_bits));  // d, m, d, m, ...
+  return add(exact(mul(_mm512_moveldup_ps(dm), iota)), _mm512_movehdup_ps(dm));
+}
+
+// The 32 weights of one Q4_1 block, in 2 registers of 16, looked up in the block's table: each
+// byte widened to a 32-bit lane is an index whose low 4 bits are weight j's nibble (vpermps
+// reads only those 4 bits, so no mask), and shifted right by 4 it is weight j + 16's. Per block
+// that is one widening, one shift and two lookups, where converting each weight took two
+// widenings, two masks, two int->float conversions, two multiplies and two adds.
 inline void q4_1_weights(const uint8_t* block, Vec w[2]) {
-  const Vec d = splat(half_at(block)), m = splat(half_at(block + 2));
-  const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  w[0] = add(exact(mul(d, bytes_to_floats(_mm_and_si128(qs, nibble)))), m);
-  w[1] = add(exact(mul(d, bytes_to_floats(_mm_and_si128(_mm_srli_epi16(qs, 4), nibble)))), m);
+  const Vec table = q4_1_table(block);
+  const __m512i qs =
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4)));
+  w[0] = _mm512_permutexvar_ps(qs, table);
+  w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(qs, 4), table);
 }
 
 inline void q8_0_weights(const uint8_t* block, Vec w[2]) {
@@ -485,7 +506,8 @@ inline float total(Vec v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-// The 32 weights of one Q4_1 block, in 4 registers of 8.
+// The 32 weights of one Q4_1 block, in 4 registers of 8, each converted on its own: a register
+// of 8 holds only half of a 16-entry table (AVX-512's lookup above).
 inline void q4_1_weights(const uint8_t* block, Vec w[4]) {
   const Vec d = splat(half_at(block)), m = splat(half_at(block + 2));
   const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
@@ -507,32 +529,54 @@ inline void q8_0_weights(const uint8_t* block, Vec w[4]) {
 
 constexpr int kParts = kBlockWeights / kVector;  // registers per block
 
-// y[r, n] for R rows of x and the output rows [begin, end): each block's weights are computed
+// With AVX-512 and up to 6 rows of x, two weight rows are computed per pass: their blocks'
+// unpacking chains are independent, so one's lookups overlap the other's, and each load of x
+// serves both. At 7 and 8 rows the two weight rows' 2 * R * 2 accumulators no longer fit in
+// the 32 registers (it ran slower), and AVX2's 16 registers have no room for them at all.
+constexpr int kPairedRowsUpTo = kVector == 16 ? 6 : 0;
+
+// y[r, n .. n + N) for R rows of x and N weight rows from n: each block's weights are computed
 // once and used for all R rows while they are in registers.
+template <int R, int N, bool Q4>
+void weight_rows(const float* x, int64_t in, const uint8_t* blocks, int64_t row_bytes, float* y,
+                 int64_t out, int64_t n) {
+  const int64_t num_blocks = in / kBlockWeights;
+  Vec acc[N][R][kParts];
+  for (int i = 0; i < N; ++i)
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < kParts; ++k) acc[i][r][k] = zero();
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    Vec w[N][kParts];
+    for (int i = 0; i < N; ++i) {
+      const uint8_t* row = blocks + (n + i) * row_bytes;
+      if constexpr (Q4) q4_1_weights(row + b * kQ4_1Bytes, w[i]);
+      else q8_0_weights(row + b * kQ8_0Bytes, w[i]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* xs = x + r * in + b * kBlockWeights;
+      for (int k = 0; k < kParts; ++k) {
+        const Vec xk = load(xs + k * kVector);
+        for (int i = 0; i < N; ++i) acc[i][r][k] = fmadd(xk, w[i][k], acc[i][r][k]);
+      }
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    for (int r = 0; r < R; ++r) {
+      Vec sum = acc[i][r][0];
+      for (int k = 1; k < kParts; ++k) sum = add(sum, acc[i][r][k]);
+      y[r * out + n + i] = total(sum);
+    }
+  }
+}
+
+// y[r, n] for R rows of x and the output rows [begin, end).
 template <int R, bool Q4>
 void block_rows(const float* x, int64_t in, const uint8_t* blocks, int64_t row_bytes,
                 float* y, int64_t out, int64_t begin, int64_t end) {
-  const int64_t num_blocks = in / kBlockWeights;
-  for (int64_t n = begin; n < end; ++n) {
-    const uint8_t* row = blocks + n * row_bytes;
-    Vec acc[R][kParts];
-    for (int r = 0; r < R; ++r)
-      for (int k = 0; k < kParts; ++k) acc[r][k] = zero();
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      Vec w[kParts];
-      if constexpr (Q4) q4_1_weights(row + b * kQ4_1Bytes, w);
-      else q8_0_weights(row + b * kQ8_0Bytes, w);
-      for (int r = 0; r < R; ++r) {
-        const float* xs = x + r * in + b * kBlockWeights;
-        for (int k = 0; k < kParts; ++k) acc[r][k] = fmadd(load(xs + k * kVector), w[k], acc[r][k]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      Vec sum = acc[r][0];
-      for (int k = 1; k < kParts; ++k) sum = add(sum, acc[r][k]);
-      y[r * out + n] = total(sum);
-    }
-  }
+  int64_t n = begin;
+  if constexpr (R <= kPairedRowsUpTo)
+    for (; n + 2 <= end; n += 2) weight_rows<R, 2, Q4>(x, in, blocks, row_bytes, y, out, n);
+  for (; n < end; ++n) weight_rows<R, 1, Q4>(x, in, blocks, row_bytes, y, out, n);
 }
 
 template <bool Q4>
