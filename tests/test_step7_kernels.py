@@ -613,6 +613,7 @@ def test_the_switch_is_where_the_blocks_stop_beating_onednn(
 
     clock = [0.0]
     monkeypatch.setattr(linear.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(linear, "_MEASURED", {})  # measured here, not remembered from before
     matrices = [TimedLinear(clock, per_row, onednn_ms) for _ in range(3)]
     assert linear.measure_block_rows(matrices) == expected
     linear.set_block_rows(matrices, 0)  # 0: measured

@@ -18,7 +18,13 @@ from common.model import load_model
 from common.request import Request
 from common.sampling import Sampler, SamplingParams
 from step7_real_kv.engine import EngineConfig, PagedEngine
-from step8_speculative.draft_policy import Acceptance, RowCosts, measure_row_costs, plan_drafts
+from step8_speculative.draft_policy import (
+    Acceptance,
+    RowCosts,
+    measure_row_costs,
+    plan_drafts,
+    time_row_costs,
+)
 from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
 from step8_speculative.proposer import PromptLookup, ProposerConfig
 from step8_speculative.verify import verify
@@ -233,8 +239,9 @@ def test_drafts_only_where_rows_are_cheap_at_this_batch_size(tiny_lm, running, c
 
 
 def test_row_costs_are_the_runners_own_forward_passes(tiny_lm):
-    """measure_row_costs times the engine's runner on batches of n rows, every row sampled
-    (as a draft's are); an engine that drafts has such a table, one that does not skips it."""
+    """time_row_costs times the engine's runner on batches of n rows, every row sampled (as a
+    draft's are); an engine that drafts has such a table, one that does not skips it; and
+    measure_row_costs times a runner's model once a process."""
     engine = spec(tiny_lm)
     runner, seen = engine.runner, []
     forward = runner.forward
@@ -245,9 +252,13 @@ def test_row_costs_are_the_runners_own_forward_passes(tiny_lm):
         return logits
 
     runner.forward = counting
-    costs = measure_row_costs(runner, block_size=4, num_blocks=5, counts=(1, 3, 16, 17))
+    costs = time_row_costs(runner, block_size=4, num_blocks=5, counts=(1, 3, 16, 17))
     assert costs.rows == [1, 3, 16]  # 17 rows need 3 pieces of 8 rows: 6 blocks of 4, not 5
     assert seen == [(1, 1), (3, 3), (16, 16)] * 3  # a warm-up round and 2 timed
+    seen.clear()
+    once = measure_row_costs(runner, block_size=4, num_blocks=5, counts=(2, 5))
+    again = measure_row_costs(spec(tiny_lm).runner, block_size=4, num_blocks=5, counts=(2, 5))
+    assert again is once and len(seen) == 2 * 3  # the second engine's table is the first's
     assert all(s > 0 for s in costs.seconds)
     assert sorted(costs.seconds) == costs.seconds
     assert spec(tiny_lm, num_speculative_tokens=0).row_costs.rows == [1]
