@@ -580,7 +580,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {r['rows']} | {r['blocks']:.2f} | {r['onednn']:.2f} | {faster} |")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"linear_rows": table}, indent=2))
+            meta = {"machine": provenance.machine_facts(), **provenance.git_facts(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads()}  # fmt: skip
+            args.json.write_text(json.dumps({"meta": meta, "linear_rows": table}, indent=2))
         return
     results = []
     for users in (int(u) for u in args.users.split(",")):
