@@ -53,6 +53,7 @@ from step10_disaggregated.scheduler import DisaggScheduler
 log = logging.getLogger("gateway")
 
 FAILURE_POLICIES = ("recompute", "fail")
+TRANSPORTS = ("http", "shm")  # http_connector.py
 
 
 @dataclass
@@ -79,6 +80,11 @@ class TransferConfig(ConfigPart):
         "when the prompt's blocks cannot be had (transfer failed, prefill engine gone): "
         "recompute (the prompt, on the decode engine) | fail (the request, 502)",
     )
+    kv_transport: str = knob(
+        "http",
+        "how a decode engine fetches the blocks from a prefill engine: http (in the answer, "
+        "over the socket: any machine) | shm (a file of /dev/shm: engines on one machine)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +92,8 @@ class TransferConfig(ConfigPart):
             raise ValueError("kv_lease_s must be > 0")
         if self.kv_transfer_failure not in FAILURE_POLICIES:
             raise ValueError(f"kv_transfer_failure is one of {FAILURE_POLICIES}")
+        if self.kv_transport not in TRANSPORTS:
+            raise ValueError(f"kv_transport is one of {TRANSPORTS}")
 
 
 @dataclass(frozen=True)
@@ -287,9 +295,17 @@ class TransferCollector:
         )
         for how, count in sorted(stats.ended.items()):
             ended.add_metric([how], count)
+        messages = CounterMetricFamily(
+            "gateway_kv_transfer_messages",
+            "Fetches of KV blocks answered, by the way the blocks went.",
+            labels=["via"],
+        )
+        for via in TRANSPORTS:
+            messages.add_metric([via], stats.messages[via])
         yield blocks
         yield nbytes
         yield ended
+        yield messages
         yield CounterMetricFamily(
             "gateway_kv_transfer_seconds", "Time spent fetching KV blocks.", value=stats.transfer_s
         )

@@ -33,7 +33,7 @@ class DisaggEngineWithHttp(DisaggEngine):
     """The disaggregated engine, fetching from other processes over HTTP."""
 
     def __init__(self, lm, config: DisaggConfig) -> None:
-        super().__init__(lm, config, HttpConnector())
+        super().__init__(lm, config, HttpConnector(via=config.kv_transport))
 
 
 class Server(step8.Server):

@@ -1,11 +1,18 @@
-"""The KV connector between processes: the decode engine pulls the blocks over HTTP from the
-prefill engine's own server (POST /v1/kv/fetch, then /v1/kv/release), on a TCP socket.
+"""The KV connector between processes: the decode engine asks the prefill engine's own server
+for the blocks (POST /v1/kv/fetch, then /v1/kv/release), and they come one of two ways:
 
-Why a socket and not shared memory: the two pools are separate processes that Kubernetes may
-place on separate machines (deploy/), and a socket reaches them there as on one machine, through
-the HTTP server each engine already runs. What it costs is a copy of every block through the
-kernel on each side (measured per prompt token in the README); shared memory would save those
-copies on one machine, and RDMA (vLLM's NixlConnector) saves them between machines.
+- `via="http"`: in the answer's body, over the TCP socket. It reaches a prefill engine
+  anywhere, as Kubernetes may place the two pools on separate machines (deploy/). What it costs
+  is a copy of every block through the kernel on each side, and the sender's event loop
+  writing the slices, on the same cores that decode.
+- `via="shm"`: the prefill engine writes the blocks into a file in /dev/shm (memory shared by
+  the processes of one machine) and answers with its path; the decode engine maps the file and
+  copies from it into its pool. One copy on each side and no socket: only for engines on one
+  machine (step 10's local pair). A prefill engine elsewhere has no such file to give: the
+  transfer fails and the failure policy decides.
+
+RDMA (vLLM's NixlConnector) is the third way, between machines without the kernel's copies.
+The cost per prompt token of each way is measured in the README (`python -m bench.transfer`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import mmap
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -27,17 +36,25 @@ from step10_disaggregated.kv_connector import (
     TransferParams,
     decode,
     encode,
+    remove_file,
 )
 
 SLICE = 1 << 20  # bytes of the message sent at a time
+
+
+VIAS = ("http", "shm")
+SHM_DIR = "/dev/shm"
 
 
 class HttpConnector:
     """KVConnector to the server named by `remote_host` and `remote_port` in the params. Each
     call is one POST on a fresh connection, sent from a worker thread (http.client blocks)."""
 
-    def __init__(self, timeout_s: float = 30.0) -> None:
+    def __init__(self, timeout_s: float = 30.0, via: str = "http") -> None:
+        if via not in VIAS:
+            raise ValueError(f"via is one of {VIAS}")
         self.timeout_s = timeout_s  # to connect, and for each read from the socket
+        self.via = via
 
     def _request(self, params: TransferParams, what: str, body: dict) -> tuple[str, dict]:
         try:
@@ -48,7 +65,9 @@ class HttpConnector:
         return url, {"remote_request_id": rid, **body}
 
     async def fetch(self, params: TransferParams, skip: int) -> KVBlocks:
-        url, body = self._request(params, "fetch", {"skip": skip})
+        url, body = self._request(params, "fetch", {"skip": skip, "via": self.via})
+        if self.via == "shm":
+            return await asyncio.to_thread(_fetch_mapped, url, body, self.timeout_s)
         message = await asyncio.to_thread(_fetch_whole, url, body, self.timeout_s)
         return decode(message)  # the keys and values stay where they were received
 
@@ -94,6 +113,28 @@ def _fetch_whole(url: str, body: dict, timeout_s: float) -> bytearray:
         return message
 
 
+def _fetch_mapped(url: str, body: dict, timeout_s: float) -> KVBlocks:
+    """POST /v1/kv/fetch with via shm: the answer names a file of /dev/shm holding the message;
+    map it (the keys and values are read from the shared pages where they lie) and unlink it,
+    so it goes when the mapping does."""
+    with _posted(url, body, timeout_s) as response:
+        answer = response.read()
+        if response.status != 200:
+            raise TransferError(f"{response.status} {answer[:200].decode(errors='replace')}")
+    try:
+        path = json.loads(answer)["path"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TransferError(f"a shm answer without a path: {exc}") from exc
+    if os.path.dirname(path) != SHM_DIR:
+        raise TransferError(f"a shm path outside {SHM_DIR}: {path!r}")
+    try:
+        with open(path, "r+b") as file:
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    finally:
+        remove_file(path)
+    return decode(mapped)
+
+
 def _release(url: str, body: dict, timeout_s: float) -> None:
     """POST /v1/kv/release. Neither the status nor the answer is checked: the lease ends either
     way, here or by expiring ({"released": false}: it had ended already)."""
@@ -109,13 +150,24 @@ async def fetch_route(http: HTTPRequest) -> Response:
     streamed in slices as the socket takes them."""
     leases = http.app.state.serving.engine.leases
     body = await _json(http)
+    via = body.get("via", "http")
+    if via not in VIAS:
+        raise APIError(f"via is one of {VIAS}", param="via")
     try:
-        with leases.lend(str(body["remote_request_id"]), int(body.get("skip", 0))) as lent:
-            blocks = await asyncio.to_thread(leases.gather, *lent)  # ~60 MB: off the loop
+        request_id = str(body["remote_request_id"])
+        with leases.lend(request_id, int(body.get("skip", 0))) as (names, block_ids):
+            if via == "shm":  # ~60 MB into shared memory, off the loop
+                path = await asyncio.to_thread(leases.gather_to_file, names, block_ids, SHM_DIR)
+            else:
+                blocks = await asyncio.to_thread(leases.gather, names, block_ids)  # off it too
     except TransferError as exc:
         raise APIError(str(exc), 404, code="kv_not_found") from None
     except (KeyError, ValueError, TypeError) as exc:
         raise APIError(f"bad KV fetch: {exc}", param="remote_request_id") from None
+    leases.stats.messages[via] += 1
+    if via == "shm":
+        leases.attach_file(request_id, path)  # if the reader never comes, the lease's end
+        return JSONResponse({"path": path})
     parts = encode(blocks)
     size = str(sum(part.nbytes for part in parts))
     return StreamingResponse(

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
 import struct
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -92,15 +95,28 @@ _ALIGN = 64
 def encode(blocks: KVBlocks) -> list[memoryview]:
     """The message in parts (header, keys, values), to be sent one after the other: the keys
     and values are views of the tensors' own memory, not copies."""
-    header = json.dumps(
+    head = header(blocks.names, list(blocks.k.shape), blocks.k.dtype)
+    return [memoryview(head), _raw(blocks.k), _raw(blocks.v)]
+
+
+def header(names: list[bytes], shape: list[int], dtype: torch.dtype) -> bytes:
+    """The message's start: the length, then the JSON header padded so the keys that follow
+    it lie on an aligned offset."""
+    text = json.dumps(
         {
-            "names": [n.hex() for n in blocks.names],
-            "shape": list(blocks.k.shape),
-            "dtype": str(blocks.k.dtype).removeprefix("torch."),
+            "names": [n.hex() for n in names],
+            "shape": shape,
+            "dtype": str(dtype).removeprefix("torch."),
         }
     ).encode()
-    header += b" " * (-(_HEADER.size + len(header)) % _ALIGN)
-    return [memoryview(_HEADER.pack(len(header)) + header), _raw(blocks.k), _raw(blocks.v)]
+    text += b" " * (-(_HEADER.size + len(text)) % _ALIGN)
+    return _HEADER.pack(len(text)) + text
+
+
+def remove_file(path: str) -> None:
+    """Unlink a shared-memory message, if its reader has not already."""
+    with suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -108,10 +124,11 @@ def _raw(t: torch.Tensor) -> memoryview:
     return t.contiguous().view(-1).view(torch.uint8).numpy().data
 
 
-def decode(message: bytes | bytearray) -> KVBlocks:
+def decode(message: bytes | bytearray | mmap.mmap) -> KVBlocks:
     """`encode`'s inverse; a message of the wrong length raises TransferError. The keys and
-    values are views into `message` when it is a bytearray (a copy of it otherwise)."""
-    buffer = message if isinstance(message, bytearray) else bytearray(message)
+    values are views into `message` when it is writable memory (a bytearray, a mapped file),
+    into a copy of it otherwise."""
+    buffer = message if isinstance(message, bytearray | mmap.mmap) else bytearray(message)
     try:
         (length,) = _HEADER.unpack_from(buffer)
         header = json.loads(buffer[_HEADER.size : _HEADER.size + length])

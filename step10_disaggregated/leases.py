@@ -11,6 +11,10 @@ reference goes is free again, and still findable by its name, like any freed blo
 
 from __future__ import annotations
 
+import math
+import mmap
+import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +26,7 @@ import torch
 from common.prefix import block_hashes
 from step7_real_kv.block_manager import BlockManager
 from step7_real_kv.paged_kv import PagedKVCache
-from step10_disaggregated.kv_connector import KVBlocks, TransferError
+from step10_disaggregated.kv_connector import KVBlocks, TransferError, header, remove_file
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Lease:
     block_ids: list[int]
     names: list[bytes]
     expires_at: float  # on the monotonic clock
+    files: list[str] = field(default_factory=list)  # shared-memory copies not yet taken
 
 
 @dataclass
@@ -40,6 +45,7 @@ class TransferStats:
     bytes_received: int = 0
     transfer_s: float = 0.0  # time the decode side spent fetching, in seconds
     ended: Counter[str] = field(default_factory=Counter)  # leases ended, by how
+    messages: Counter[str] = field(default_factory=Counter)  # fetches answered, by way (via)
 
 
 def handed_over_blocks(prompt_ids: list[int], block_size: int) -> int:
@@ -89,18 +95,54 @@ class Leases:
         self.stats.blocks_sent += len(block_ids)
         self.stats.bytes_sent += len(block_ids) * self.kv.bytes_per_block
 
-    def gather(self, names: list[bytes], block_ids: list[int]) -> KVBlocks:
-        """Copy blocks out of the pool into one new buffer, keys then values (the wire format's
-        order, so encode sends it as it lies). Reads only the pool: safe on a worker thread
-        while the blocks are lent, since nothing writes a full block that is referenced."""
+    def gather(
+        self, names: list[bytes], block_ids: list[int], out: torch.Tensor | None = None
+    ) -> KVBlocks:
+        """Copy blocks out of the pool into one buffer, keys then values (the wire format's
+        order, so encode sends it as it lies): a new one, or `out`, [2, layers, slots, kv_heads,
+        head_dim]. Reads only the pool: safe on a worker thread while the blocks are lent,
+        since nothing writes a full block that is referenced."""
         k, v = self.kv.k, self.kv.v
         size = self.blocks.block_size
-        out = k.new_empty((2, k.shape[0], len(block_ids) * size, *k.shape[2:]))
+        if out is None:
+            out = k.new_empty((2, k.shape[0], len(block_ids) * size, *k.shape[2:]))
         ids = torch.tensor(block_ids, dtype=torch.long)
         for pool, part in ((k, out[0]), (v, out[1])):
             # [layers, blocks, block_size * kv_heads * head_dim]: a block is one row per layer
             torch.index_select(by_block(pool, size), 1, ids, out=by_block(part, size))
         return KVBlocks(names, out[0], out[1])
+
+    def gather_to_file(self, names: list[bytes], block_ids: list[int], directory: str) -> str:
+        """The blocks as one message (kv_connector's format) in a new file of `directory`
+        (/dev/shm: memory shared with the other processes of this machine), written in place:
+        one copy out of the pool, as `gather` makes. Its path; the reader unlinks it."""
+        k = self.kv.k
+        shape = [k.shape[0], len(block_ids) * self.blocks.block_size, *k.shape[2:]]
+        head = header(names, shape, k.dtype)
+        size = len(head) + 2 * math.prod(shape) * k.element_size()
+        fd, path = tempfile.mkstemp(prefix="gateway-kv-", dir=directory)
+        try:
+            os.ftruncate(fd, size)
+            with mmap.mmap(fd, size) as mapped:
+                mapped[: len(head)] = head
+                out = torch.frombuffer(mapped, dtype=k.dtype, offset=len(head))
+                self.gather(names, block_ids, out.view(2, *shape))
+                del out  # the view goes before the mapping closes
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return path
+
+    def attach_file(self, request_id: str, path: str) -> None:
+        """`path` holds a copy of the lease's blocks: unlinked when the lease ends, if the
+        reader has not unlinked it (a decode engine that died before reading it)."""
+        lease = self.held.get(request_id)
+        if lease is None:
+            remove_file(path)
+        else:
+            lease.files.append(path)
 
     def release(self, request_id: str, how: str) -> bool:
         """Drop a lease's references; False when there was none (released before, expired)."""
@@ -108,6 +150,8 @@ class Leases:
         if lease is None:
             return False
         self.blocks.free(lease.block_ids)
+        for path in lease.files:
+            remove_file(path)
         self.stats.ended[how] += 1
         return True
 

@@ -1,10 +1,11 @@
 """Local engines for the two pools on one machine: step 10's engine_server processes on free
 ports, started and stopped with the router, configured as step 9's replicas are (its
 GATEWAY_* settings for the engines), plus each one's engine id and the transfer's lease and
-failure policy, and for a decode engine a small token budget (`decode_batched_tokens`): the
-short prompts it prefills itself (proxy.py) come one chunk at a time, so a burst of them cannot
-hold its decoding streams up for long. Every engine gets an equal share of the cores (one
-thread each on two), and goes when the router goes, even when it is killed."""
+failure policy, the way blocks move between them (`kv_transport`: shared memory, as both are on
+this machine), and for a decode engine a small prompt budget beside its decoding streams
+(`decode_prefill_chunk`): the short prompts it prefills itself (proxy.py) come a few tokens at
+a time, so they cannot hold its streams up for long. Every engine gets an equal share of the
+cores (one thread each on two), and goes when the router goes, even when it is killed."""
 
 from __future__ import annotations
 
@@ -44,15 +45,23 @@ class LocalEngines(LocalReplicas):
             env[f"{ENV_PREFIX}ENGINE_ID"] = f"{role}-{i}"
             env[f"{ENV_PREFIX}KV_LEASE_S"] = str(self.config.kv_lease_s)
             env[f"{ENV_PREFIX}KV_TRANSFER_FAILURE"] = self.config.kv_transfer_failure
-            if role == "decode" and self.config.decode_batched_tokens:
-                budget = str(self.config.decode_batched_tokens)
-                env[f"{ENV_PREFIX}MAX_NUM_BATCHED_TOKENS"] = budget
+            env[f"{ENV_PREFIX}KV_TRANSPORT"] = self.transport()
+            if role == "decode" and self.config.decode_prefill_chunk:
+                chunk = str(self.config.decode_prefill_chunk)
+                env[f"{ENV_PREFIX}PREFILL_CHUNK_WHILE_DECODING"] = chunk
             argv = [sys.executable, "-m", ENGINE]
             self.processes.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
             urls.append(f"http://127.0.0.1:{port}")
             log.info("started %s engine %s on port %d", role, ENGINE, port)
         self.urls += urls
         return urls
+
+    def transport(self) -> str:
+        """The configured way to move blocks when both pools are local (on this machine);
+        http when either is given by URL (it may be on another machine)."""
+        if self.config.prefill_upstreams or self.config.decode_upstreams:
+            return "http"
+        return self.config.kv_transport
 
     async def wait_ready(  # type: ignore[override]
         self, pools: list[UpstreamPool], client: httpx.AsyncClient, timeout_s: float

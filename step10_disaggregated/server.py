@@ -54,10 +54,16 @@ class PoolsConfig(ConfigPart):
         "engine itself, not handed over; 0: every prompt goes through the prefill pool",
     )
 
-    decode_batched_tokens: int = knob(
-        64,
-        "max_num_batched_tokens of the local decode engines: their iterations hold the decodes "
-        "and a short prompt's chunk at most; 0: the engine's own default",
+    decode_prefill_chunk: int = knob(
+        8,
+        "prefill_chunk_while_decoding of the local decode engines: the prompt tokens (the "
+        "short prompts they prefill, a handed-over prompt's last block) an iteration runs "
+        "beside the decoding streams; 0: the engine's own budget",
+    )
+    kv_transport: str = knob(
+        "shm",
+        "how the local decode engines fetch the blocks: shm (a file of /dev/shm: both pools "
+        "local, on this machine) | http; with either pool given by URL, http",
     )
 
     def __post_init__(self) -> None:
@@ -66,8 +72,8 @@ class PoolsConfig(ConfigPart):
             raise ValueError("prefill_replicas and decode_replicas must be at least 1")
         if self.local_prefill_chars < 0:
             raise ValueError("local_prefill_chars must be >= 0")
-        if self.decode_batched_tokens < 0:
-            raise ValueError("decode_batched_tokens must be >= 0")
+        if self.decode_prefill_chunk < 0:
+            raise ValueError("decode_prefill_chunk must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,8 @@ class ModelRunner:
             fast, self.lossy = fast_linears(
                 weights, linear_backend, batch_hint, kernels, stored, lossy
             )
-            set_block_rows(list(fast.values()), block_rows)
+            forward_order = [m for name, m in fast.items() if name != "lm_head"]
+            set_block_rows([*forward_order, fast["lm_head"]], block_rows)
             self.linear_paths = describe(fast["0.qkv"], list(fast.values()), bool(self.lossy))
             linears = dict(fast)
         self.ops: Ops = KernelOps(kernels) if kernels is not None else TorchOps()

@@ -53,8 +53,16 @@ class SchedulerConfig(ConfigPart):
         "max_num_batched_tokens)",
     )
 
+    prefill_chunk_while_decoding: int = knob(
+        0,
+        "prompt tokens an iteration runs beside sequences that are decoding (their streams "
+        "wait for the whole iteration), e.g. 16; 0: as many as max_num_batched_tokens holds",
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.prefill_chunk_while_decoding < 0:
+            raise ValueError("prefill_chunk_while_decoding must be >= 0")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -67,6 +75,8 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
         self.max_prefill_tokens = max(config.max_prefill_tokens, self.max_num_batched_tokens)
+        self.prefill_chunk_while_decoding = config.prefill_chunk_while_decoding
+        self.prompt_budget = self.max_num_batched_tokens  # this iteration's, for prompt tokens
         self.budget = self.max_num_batched_tokens  # the last iteration's, for the timeline
         self.waiting: deque[Sequence] = deque()  # arrival order, preempted ones at the front
         self.running: list[Sequence] = []  # admission order: the last is the youngest
@@ -161,6 +171,7 @@ class Scheduler:
         self.admitted = {}  # let in this iteration: cached prompt tokens
         self.preempted = []  # preempted this iteration
         budget = self.budget = self._budget()
+        self.prompt_budget = self._prompt_budget(budget)
         preemptions_before = self.num_preemptions
         work = self._schedule_running(budget)
         budget -= sum(n for _, n in work)
@@ -175,12 +186,34 @@ class Scheduler:
             return self.max_num_batched_tokens
         return self.max_prefill_tokens
 
+    def _prompt_budget(self, budget: int) -> int:
+        """Prompt tokens (prefill chunks, not decodes) this iteration may run: at most
+        prefill_chunk_while_decoding when it is set and a running sequence has begun its
+        answer, so a newcomer's prompt adds only a few rows to the decoding streams' iteration
+        (over more iterations: its own first token comes later)."""
+        decoding = any(seq.request.output_ids for seq in self.running)
+        if decoding and self.prefill_chunk_while_decoding:
+            return min(budget, self.prefill_chunk_while_decoding)
+        return budget
+
+    def _take(self, seq: Sequence, n: int) -> int:
+        """`n` of `seq`'s pending tokens, fewer if they are a prompt's chunk (more than the
+        one token a decode runs) beyond the iteration's prompt budget."""
+        if seq.request.num_tokens - seq.num_computed <= 1:
+            return n  # a decode (with its draft, step 8): never held back
+        n = min(n, self.prompt_budget)
+        self.prompt_budget -= n
+        return n
+
     def _schedule_running(self, budget: int) -> Work:
         work: Work = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_pending, budget)
+            n = self._take(seq, min(seq.num_pending, budget))
+            if n == 0:  # a prompt's chunk, and the prompt budget is spent: next iteration
+                i += 1
+                continue
             if not self._make_room(seq, seq.num_computed + n):
                 break  # `seq` was the youngest and had to go itself
             work.append((seq, n))
@@ -201,6 +234,8 @@ class Scheduler:
     def _admit_waiting(self, budget: int) -> Work:
         work: Work = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if self.prompt_budget == 0:
+                break  # newcomers start with a prompt's chunk: next iteration
             seq = self.waiting[0]
             if self._blocked == (seq, self.blocks.num_free):
                 break  # nothing was freed since it last did not fit
@@ -221,7 +256,7 @@ class Scheduler:
         keys = block_hashes(seq.token_ids[:-1], self.blocks.block_size)
         found = self.blocks.lookup(keys)
         cached = len(found) * self.blocks.block_size
-        n = min(seq.num_tokens - cached, budget)
+        n = min(seq.num_tokens - cached, budget, self.prompt_budget)
         need = self.blocks.blocks_for(cached + n) - len(found)
         if need > self.blocks.free_after_pinning(found):
             return None
@@ -231,6 +266,7 @@ class Scheduler:
         seq.num_computed = hit.num_tokens
         self.admitted[seq] = hit.num_tokens
         self._run(seq)
+        self.prompt_budget -= n
         return n
 
     def _run(self, seq: Sequence) -> None:

@@ -38,6 +38,7 @@ from common.request import Request
 from step7_real_kv.batch import Batch, build_batch
 from step7_real_kv.model_runner import ModelRunner
 from step7_real_kv.sequence import Sequence
+from step7_real_kv.speed.once import once
 
 DECAY = 0.8  # each verification's counts weigh this much less at the next: alpha follows the text
 ROW_COUNTS = (1, 2, 3, 4, 6, 8, 9, 12, 16, 24, 32, 48, 64)  # rows timed at start
@@ -119,21 +120,15 @@ def plan_drafts(chances: list[list[float]], costs: RowCosts) -> list[int]:
     return lengths
 
 
-# One timing a process for each model, thread count, matmul paths and pool shape: a process that
-# builds several engines (the tests, step 10's local pair) times once.
-_MEASURED: dict[tuple, RowCosts] = {}
-
-
 def measure_row_costs(
     runner: ModelRunner, block_size: int, num_blocks: int, counts: Iterable[int] = ROW_COUNTS
 ) -> RowCosts:
-    """t(n) for this runner's model here (`time_row_costs`), timed once a process."""
+    """t(n) for this runner's model here (`time_row_costs`), timed once a process for each
+    model, thread count, matmul paths and pool shape (step 7's speed/once.py)."""
     counts = tuple(counts)
     model = (runner.embed.data_ptr(), tuple(runner.embed.shape), runner.linear_paths)
-    key = (model, torch.get_num_threads(), block_size, num_blocks, counts)
-    if key not in _MEASURED:
-        _MEASURED[key] = time_row_costs(runner, block_size, num_blocks, counts)
-    return _MEASURED[key]
+    key = ("row_costs", model, torch.get_num_threads(), block_size, num_blocks, counts)
+    return once(key, lambda: time_row_costs(runner, block_size, num_blocks, counts))
 
 
 @torch.inference_mode()

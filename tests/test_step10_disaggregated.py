@@ -5,6 +5,8 @@ in the decode engine's prefix cache; leases freed on every path; faults handled 
 from __future__ import annotations
 
 import asyncio
+import mmap
+import os
 import threading
 
 import pytest
@@ -141,6 +143,37 @@ def test_blocks_out_and_in_are_equal_over_the_wire(tiny_lm):
         assert request.cached_prompt_tokens == 12  # admitted as a prefix-cache hit
         assert_pool_empty(prefill)
         assert_pool_empty(decode_engine)
+
+    asyncio.run(go())
+
+
+def test_blocks_in_shared_memory_are_the_wire_message(tiny_lm, tmp_path):
+    """gather_to_file writes the message encode sends, in place in a file (one copy out of the
+    pool); mapped and decoded it gives the same blocks; a file its reader never took goes when
+    the lease ends."""
+
+    async def go():
+        prefill, _ = engines(tiny_lm, kv_lease_s=5.0)
+        params = await prefill_phase(tiny_lm, prefill, PROMPT)
+        rid = params["remote_request_id"]
+        sent = prefill.leases.read(rid, 0)
+        with prefill.leases.lend(rid, 1) as lent:  # the blocks after the first
+            path = prefill.leases.gather_to_file(*lent, str(tmp_path))
+        with open(path, "rb") as file:
+            message = file.read()
+        skipped = KVBlocks(sent.names[1:], sent.k[:, BLOCK:], sent.v[:, BLOCK:])
+        assert message == b"".join(encode(skipped))
+        with open(path, "r+b") as file:
+            mapped = decode(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
+        assert mapped.names == sent.names[1:] and torch.equal(mapped.k, skipped.k)
+        prefill.leases.attach_file(rid, path)
+        lease = prefill.leases.held[rid]
+        assert prefill.leases.expire(now=lease.expires_at) == 1
+        assert not os.path.exists(path)  # never taken: gone with the lease
+        orphan = prefill.leases.gather_to_file(sent.names, lease.block_ids, str(tmp_path))
+        prefill.leases.attach_file("no such lease", orphan)
+        assert not os.path.exists(orphan)  # its lease ended already: removed at once
+        assert_pool_empty(prefill)
 
     asyncio.run(go())
 

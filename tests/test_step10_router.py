@@ -7,12 +7,14 @@ of `python -m step10_disaggregated` gone with it."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
 import openai
 import pytest
 
+from step10_disaggregated.http_connector import VIAS
 from tests.conftest import ServerProcess
 from tests.test_step9_router import metric, streamed_text
 
@@ -155,6 +157,35 @@ def test_the_prefill_answer_carries_kv_transfer_params(fleet):
     release = {"remote_request_id": params["remote_request_id"], "how": "cancelled"}
     assert httpx.post(prefill.url + "/v1/kv/release", json=release).json() == {"released": True}
     assert metric(prefill.url, "gateway_kv_blocks_used") == 0
+
+
+def test_blocks_through_shared_memory(tmp_path, tiny_model_dir, fleet):
+    """kv_transport=shm: the decode engine takes the blocks from a file of /dev/shm that the
+    prefill engine wrote, not from the socket; the answer is the same, the blocks are counted
+    as moved, and no file is left behind. A fetch asking for another way is refused."""
+    prefill = fleet[0]
+    decode = engine(tmp_path / "decode.log", tiny_model_dir, "shm", GATEWAY_KV_TRANSPORT="shm")
+    router = router_for(tmp_path / "router.log", prefill, decode)
+    try:
+        before = set(os.listdir("/dev/shm"))
+        sent = {v: metric(prefill.url, "gateway_kv_transfer_messages_total", via=v) for v in VIAS}
+        prompt = PROMPT + " Through shared memory."
+        answer = httpx.post(router.url + "/v1/completions", json=completion(prompt), timeout=60)
+        assert answer.json()["choices"][0]["text"] == alone(prefill, completion(prompt))
+        cached = answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        received = metric(decode.url, "gateway_kv_transfer_blocks_total", direction="received")
+        assert cached >= 48 and received == cached // 16  # every block taken in, none computed
+        after = {v: metric(prefill.url, "gateway_kv_transfer_messages_total", via=v) for v in VIAS}
+        assert after == {"shm": sent["shm"] + 1, "http": sent["http"]}
+        until(lambda: metric(prefill.url, "gateway_kv_leases_held") == 0)
+        left = {f for f in set(os.listdir("/dev/shm")) - before if f.startswith("gateway-kv-")}
+        assert not left
+        bad = {"remote_request_id": "x", "via": "pigeon"}
+        refused = httpx.post(prefill.url + "/v1/kv/fetch", json=bad)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "via"
+    finally:
+        router.stop()
+        decode.stop()
 
 
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
@@ -325,9 +356,10 @@ def test_the_router_timeline_puts_both_engines_on_one_axis(tmp_path, fleet):
     assert handed["ts"] <= min(e["ts"] for e in decode_span if e["ph"] != "M")
 
 
-def test_local_decode_engines_get_the_small_token_budget(monkeypatch):
-    """decode_batched_tokens reaches the decode engines only: a burst of short prompts prefilled
-    there comes one chunk at a time; the prefill engine keeps the engine's own budget."""
+def test_local_engines_get_the_prompt_budget_and_the_transport(monkeypatch):
+    """decode_prefill_chunk reaches the decode engines only (the prefill engine keeps its whole
+    budget for prompts); both local engines move blocks through shared memory, unless asked
+    otherwise or a pool is given by URL (it may be on another machine: http)."""
     from step10_disaggregated import replicas
     from step10_disaggregated.server import Config
 
@@ -338,10 +370,16 @@ def test_local_decode_engines_get_the_small_token_budget(monkeypatch):
             started[env["GATEWAY_ENGINE_ID"]] = env
 
     monkeypatch.setattr(replicas.subprocess, "Popen", Recorded)
-    engines = replicas.LocalEngines(Config(decode_batched_tokens=96))
+    engines = replicas.LocalEngines(Config(decode_prefill_chunk=12))
     engines.start("prefill"), engines.start("decode")
-    own = started["prefill-0"].get("GATEWAY_MAX_NUM_BATCHED_TOKENS")
-    assert started["decode-0"]["GATEWAY_MAX_NUM_BATCHED_TOKENS"] == "96" != own
+    chunk = "GATEWAY_PREFILL_CHUNK_WHILE_DECODING"
+    assert started["decode-0"][chunk] == "12" and chunk not in started["prefill-0"]
+    assert {e["GATEWAY_KV_TRANSPORT"] for e in started.values()} == {"shm"}
     started.clear()
-    replicas.LocalEngines(Config(decode_batched_tokens=0)).start("decode")
-    assert started["decode-0"].get("GATEWAY_MAX_NUM_BATCHED_TOKENS") == own
+    replicas.LocalEngines(Config(decode_prefill_chunk=0, kv_transport="http")).start("decode")
+    assert chunk not in started["decode-0"]
+    assert started["decode-0"]["GATEWAY_KV_TRANSPORT"] == "http"
+    started.clear()
+    remote = Config(prefill_upstreams="http://10.0.0.1:8000")
+    replicas.LocalEngines(remote).start("decode")
+    assert started["decode-0"]["GATEWAY_KV_TRANSPORT"] == "http"

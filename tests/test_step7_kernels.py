@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from step7_real_kv.paged_kv import PagedKVCache, slot_numbers
-from step7_real_kv.speed import cpu_kernels
+from step7_real_kv.speed import cpu_kernels, once
 from step7_real_kv.speed.linear import FastLinear
 from step7_real_kv.speed.stored_weights import (
     BLOCK_BYTES,
@@ -613,8 +613,40 @@ def test_the_switch_is_where_the_blocks_stop_beating_onednn(
 
     clock = [0.0]
     monkeypatch.setattr(linear.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(linear, "_MEASURED", {})  # measured here, not remembered from before
+    once.forget()  # measured here, not remembered from before
     matrices = [TimedLinear(clock, per_row, onednn_ms) for _ in range(3)]
     assert linear.measure_block_rows(matrices) == expected
     linear.set_block_rows(matrices, 0)  # 0: measured
     assert {m.block_rows for m in matrices} == {expected}
+    once.forget()
+
+
+def test_the_switch_is_measured_once_a_process(monkeypatch):
+    """A second engine on the same matrices and threads takes the first's row count (step 10's
+    local pair, the tests); other shapes or another thread count are measured anew; a count
+    given in the configuration is not measured at all."""
+    from step7_real_kv.speed import linear
+
+    once.forget()
+    calls = []
+
+    def fake_measure(matrices):
+        calls.append([m.weight.shape for m in matrices])
+        return 8 + len(calls)
+
+    monkeypatch.setattr(linear, "measure_block_rows", fake_measure)
+    first = [TimedLinear([0.0], 1.0, 20.0) for _ in range(2)]
+    second = [TimedLinear([0.0], 1.0, 20.0) for _ in range(2)]
+    assert linear.set_block_rows(first, 0) == 9
+    assert linear.set_block_rows(second, 0) == 9 and {m.block_rows for m in second} == {9}
+    assert len(calls) == 1
+    wider = [TimedLinear([0.0], 1.0, 20.0) for _ in range(3)]
+    assert linear.set_block_rows(wider, 0) == 10  # another set of matrices: measured
+    assert linear.set_block_rows(first, 5) == 5 and len(calls) == 2  # configured: not measured
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert linear.set_block_rows(first, 0) == 11  # another thread count: measured
+    finally:
+        torch.set_num_threads(threads)
+    once.forget()

@@ -420,3 +420,44 @@ def test_the_prefill_budget_waits_while_a_stream_has_begun(tiny_lm):
         return [n for _, n in engine.scheduler.schedule()]
 
     assert asyncio.run(go()) == [1, 63]  # the decode, then what is left of 64
+
+
+def test_prompt_chunks_beside_decoding_streams_are_capped(tiny_lm):
+    """prefill_chunk_while_decoding: while a stream decodes, the prompt tokens of an iteration
+    (a running prompt's chunk, a newcomer's first) are at most that many, all prompts together;
+    decodes are never held back; with no stream decoding the budget is whole again."""
+    short, long, other = list(range(1000, 1010)), list(range(2000, 2050)), [7, 8, 9, 10, 11]
+
+    async def go(cap: int) -> list[list[int]]:
+        engine = PagedEngine(
+            tiny_lm,
+            EngineConfig(
+                block_size=4,
+                num_kv_blocks=256,
+                max_num_batched_tokens=64,
+                prefill_chunk_while_decoding=cap,
+            ),
+        )
+        engine.scheduler.add(make_request(tiny_lm, short, 30))
+        await engine.step()  # the short prompt, whole: its answer has begun
+        engine.scheduler.add(make_request(tiny_lm, long, 2))
+        engine.scheduler.add(make_request(tiny_lm, other, 2))
+        chunks: list[list[int]] = []
+        schedule = engine.scheduler.schedule
+
+        def recorded():
+            work = schedule()
+            chunks.append([n for _, n in work])
+            return work
+
+        engine.scheduler.schedule = recorded  # type: ignore[method-assign]
+        for _ in range(5):
+            await engine.step()
+        return chunks
+
+    assert asyncio.run(go(12)) == [[1, 12], [1, 12], [1, 12], [1, 12], [1, 2, 5]]
+    assert asyncio.run(go(0))[0] == [1, 50, 5]  # off: the token budget alone
+    lone = list(range(3000, 3100))
+    assert chunks_of(tiny_lm, [lone], 2, max_num_batched_tokens=64, prefill_chunk_while_decoding=8)[
+        :2
+    ] == [[64], [36]]  # nothing decodes: the whole budget

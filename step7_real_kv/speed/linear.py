@@ -29,6 +29,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from step7_real_kv.speed.once import once
 from step7_real_kv.speed.stored_weights import StoredWeight, differences
 
 
@@ -159,23 +160,20 @@ def measure_block_rows(
     return best
 
 
-# One measurement a process for each thread count and set of matrices: a process that builds
-# several engines on one model (the tests, step 10's local pair) measures once.
-_MEASURED: dict[tuple, int] = {}
-
-
 def set_block_rows(linears: list[FastLinear], rows: int) -> int:
     """Every matrix switches from the blocks to oneDNN past `rows` rows, or past the rows
-    measured here when `rows` is 0 (the layers' matrices, in the forward's order, then the
-    vocabulary's)."""
+    measured here when `rows` is 0: `linears` in the forward's order, so that each is timed
+    reading from memory as a forward reads it. Measured once a process for each thread count
+    and set of matrices (once.py)."""
     if not rows:
         kinds = [getattr(getattr(m, "stored", None), "kind", None) for m in linears]
         shapes = tuple(zip((tuple(m.weight.shape) for m in linears), kinds, strict=True))
-        key = (torch.get_num_threads(), shapes)
-        if key not in _MEASURED:
+
+        def measure() -> int:
             with torch.inference_mode():
-                _MEASURED[key] = measure_block_rows([*linears[1:], linears[0]] if linears else [])
-        rows = _MEASURED[key]
+                return measure_block_rows(linears)
+
+        rows = once(("block_rows", torch.get_num_threads(), shapes), measure)
     for m in linears:
         m.block_rows = rows
     return rows
