@@ -2,6 +2,7 @@
 
     python -m bench.transfer                                   # starts step 10, 3 prompts
     python -m bench.transfer --prompts 3 --tokens 1300 --publish transfer
+    python -m bench.transfer --transport http                  # over the socket, not /dev/shm
     python -m bench.transfer --url http://127.0.0.1:8000       # a router already running
 
 Unique prompts of about `--tokens` tokens (each begins with a fresh tag, so no engine holds
@@ -23,6 +24,7 @@ prompts, so that a README quotes `<!-- bench:fig NAME step10_disaggregated@1 us_
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import uuid
@@ -158,12 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--block-size", type=int, default=BLOCK_SIZE, help="the engines' block_size"
     )
+    parser.add_argument(
+        "--transport",
+        choices=["shm", "http"],
+        default="",
+        help="the started router's kv_transport (default: its own, shm for its local engines)",
+    )
     parser.add_argument("--publish", default="", metavar="NAME", help="bench/charts/NAME")
     args = parser.parse_args(argv)
     if args.publish and not valid_name(args.publish):
         parser.error("--publish takes a folder name under bench/charts, like transfer")
     if args.prompts < 1 or args.tokens < 1:
         parser.error("--prompts and --tokens are at least 1")
+    if args.transport and args.url:
+        parser.error("--transport sets up the router it starts, not one at --url")
+    if args.transport:
+        os.environ["GATEWAY_KV_TRANSPORT"] = args.transport  # the router passes it on
     with target(args.url, STEP, "transfer", ready_s=600) as (url, _):
         rows = measure(url, args)
     config = {k: v for k, v in vars(args).items() if k != "publish"}
