@@ -160,23 +160,27 @@ LLAMACPP = Peer(
             ),
         ),
     ),
-    # 64 slots sharing a 65536-token context: 1024 tokens each. Any `model` name is accepted.
+    # 64 slots over one unified 65536-token KV buffer (-kvu): a slot takes what its sequence
+    # needs, so a 2,000-token prompt fits (split evenly, 64 slots would get 1024 tokens each).
+    # Any `model` name is accepted.
     command=_words(
         f"{{home}}/build/bin/llama-server -m {_F32_GGUF} --host 127.0.0.1 --port {{port}}"
-        " -t {cpus} -tb {cpus} -np 64 -c 65536 -cb --metrics"
+        " -t {cpus} -tb {cpus} -np 64 -c 65536 -kvu -cb --metrics"
     ),
     ready_timeout_s=120.0,
 )
 
 # The same build serving the GGUF as stored: Q4_1 layers and a Q8_0 embedding (llama.cpp's own
 # kernels, which quantize the activations to 8 bits: not token-identical to float32).
+# --no-repack: with its weights repacked at load (the AMX layout on a Xeon that has AMX), this
+# build died at start-up with a general protection fault; as stored, it serves.
 LLAMACPP_Q4 = Peer(
     name="llamacpp-q4",
     title="llamacpp-q4_1",
     install=LLAMACPP.install,
     command=_words(
         "{home}/build/bin/llama-server -m {gguf} --host 127.0.0.1 --port {port}"
-        " -t {cpus} -tb {cpus} -np 64 -c 65536 -cb --metrics"
+        " -t {cpus} -tb {cpus} -np 64 -c 65536 -kvu -cb --metrics --no-repack"
     ),
     ready_timeout_s=120.0,
     home_name="llamacpp",

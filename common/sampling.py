@@ -71,6 +71,13 @@ class Sampler:
         self._generator: torch.Generator | None = None
         self.last_logprobs: TokenLogprobs | None = None  # of the token `sample` returned last
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits (no bias, penalty or grammar): its token
+        is the row's argmax, which an engine may take for many rows in one call (`took`)."""
+        p = self.params
+        return p.greedy and not p.logit_bias and not p.penalized and self.constraint is None
+
     def sample(self, logits: torch.Tensor, output_ids: list[int] | None = None) -> int:
         """logits: [vocab] for the last position; output_ids: the tokens generated so far (for
         the penalties). Returns the chosen token id (its logprobs in `last_logprobs`)."""

@@ -307,17 +307,30 @@ class PagedEngine:
         self, seqs: list[Sequence], logits: torch.Tensor, forks: dict[Sequence, list[Request]]
     ) -> tuple[list[Sampled_], list[Forked]]:
         """logits: [len(seqs), vocab]. A token for each sequence, and for each choice that
-        forks from it (from the same row, with its own sampler)."""
+        forks from it (from the same row, with its own sampler). The rows of plain greedy
+        requests take their argmax from one call over every row (a call a row cost about 0.1 ms
+        each, 6 ms an iteration at 64 sequences); the others sample their row themselves."""
         sampled: list[Sampled_] = []
         forked: list[Forked] = []
-        for seq, row in zip(seqs, logits, strict=True):
-            sampled.append((seq, sample_or_error(seq.request, row)))
-            forked += [(seq, child, sample_or_error(child, row)) for child in forks.get(seq, [])]
+        requests = [[seq.request, *forks.get(seq, [])] for seq in seqs]
+        best = None
+        if any(r.sampler.plain_greedy for choices in requests for r in choices):
+            best = logits.argmax(dim=-1).tolist()
+        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
+            leader, *children = requests[i]
+            argmax = best[i] if best is not None else None
+            sampled.append((seq, sample_or_error(leader, row, argmax)))
+            forked += [(seq, child, sample_or_error(child, row, argmax)) for child in children]
         return sampled, forked
 
 
-def sample_or_error(request: Request, logits: torch.Tensor) -> Sampled:
+def sample_or_error(request: Request, logits: torch.Tensor, argmax: int | None = None) -> Sampled:
+    """The request's next token from its row (`argmax`: the row's, when already taken), or the
+    error its sampler raised."""
     try:
+        if argmax is not None and request.sampler.plain_greedy:
+            request.sampler.took(logits, argmax)  # its logprobs, if asked for
+            return argmax
         return request.sample(logits)
     except Exception as exc:  # reported on the loop, for this sequence only
         return exc

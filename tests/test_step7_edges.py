@@ -275,7 +275,7 @@ def test_a_choice_whose_sampling_fails_fails_alone(tiny_lm):
 
     def make():
         requests = choices_of(tiny_lm, prompt, 3, 8)
-        requests[2].sampler.sample = lambda *_: 1 / 0
+        requests[2].sampler.took = lambda *_: 1 / 0  # (greedy: its row's argmax taken in one call)
         return requests
 
     requests, _, _ = run_counting(engine, make)

@@ -227,7 +227,7 @@ def test_a_fault_while_sampling_fails_that_iteration_not_the_engine(tiny_lm):
     async def go():
         engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=32))
         broken = make_request(tiny_lm, PROMPTS[1], 5)
-        broken.sampler.sample = lambda *_: 1 / 0
+        broken.sampler.took = lambda *_: 1 / 0  # greedy: the argmax is taken, then `took`
         engine.scheduler.add(broken)
         await engine.step()  # used to escape the worker thread and end the engine's loop
         with pytest.raises(ZeroDivisionError):  # the client gets the error
@@ -313,7 +313,7 @@ def test_a_fault_in_one_sequence_fails_that_sequence_alone(tiny_lm):
         engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=64))
         healthy = [make_request(tiny_lm, p, 8) for p in (PROMPTS[0], PROMPTS[2])]
         bad_sampler = make_request(tiny_lm, PROMPTS[1], 8)
-        bad_sampler.sampler.sample = lambda *_: 1 / 0
+        bad_sampler.sampler.took = lambda *_: 1 / 0
         bad_text = make_request(tiny_lm, PROMPTS[3], 8)
         bad_text._detok.push = lambda token: [][token]  # IndexError while detokenizing
         for request in (healthy[0], bad_sampler, bad_text, healthy[1]):
@@ -461,3 +461,29 @@ def test_prompt_chunks_beside_decoding_streams_are_capped(tiny_lm):
     assert chunks_of(tiny_lm, [lone], 2, max_num_batched_tokens=64, prefill_chunk_while_decoding=8)[
         :2
     ] == [[64], [36]]  # nothing decodes: the whole budget
+
+
+def test_plain_greedy_rows_take_one_argmax_and_the_others_sample_themselves(tiny_lm):
+    """_sample takes the argmax of every row in one call for the requests that are plain greedy
+    (their own `sample` is not called), and lets a biased, a penalized or a sampling request
+    shape and choose from its own row; logprobs are still each request's."""
+
+    async def go():
+        engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=32))
+        plain = make_request(tiny_lm, [5, 6], 4, logprobs=2)
+        biased = make_request(tiny_lm, [5, 6], 4, logit_bias={7: 100.0})
+        penalized = make_request(tiny_lm, [5, 6], 4, presence_penalty=2.0)
+        sampling = make_request(tiny_lm, [5, 6], 4, temperature=1.0, seed=3)
+        requests = [plain, biased, penalized, sampling]
+        penalized.token_ids.append(3)  # an output token to penalize: 3, the argmax below
+        plain.sample = lambda *_: 1 / 0  # type: ignore[method-assign]  # not called
+        logits = torch.full((4, tiny_lm.config.vocab_size), -5.0)
+        logits[:, 3], logits[:, 4] = 2.0, 1.5  # argmax 3 on every row
+        seqs = [engine.scheduler.new_sequence(r) for r in requests]
+        sampled, _ = engine._sample(seqs, logits, {})
+        return [token for _, token in sampled], plain
+
+    tokens, plain = asyncio.run(go())
+    assert tokens[:3] == [3, 7, 4]  # argmax; the bias's token; 3 penalized below 4
+    assert isinstance(tokens[3], int)
+    assert plain.sampler.last_logprobs is not None and plain.sampler.last_logprobs.token_id == 3
