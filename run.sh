@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine that has only Python 3.10+.
 #
-#   ./run.sh serve [STEP] [--flag value ...]   set up, then run a step's server (default: step 8, see resolve_step)
+#   ./run.sh serve [STEP] [--flag value ...]   set up, then run a step's server (default: step 9, see resolve_step)
 #   ./run.sh test [PYTEST ARGS ...]            set up, then run the test suite
 #   ./run.sh bench [BENCH ARGS ...]            set up, then run the bench (python -m bench)
 #   ./run.sh setup                             only set up: .venv, packages, model
@@ -60,10 +60,11 @@ resolve_step() {
     if [ -z "$want" ]; then
         # Named, not the highest-numbered folder: the default is the step that serves a general
         # workload best on one machine (measured: step 10's README, "Which step ./run.sh serve
-        # runs"). Step 8, one engine on both cores, speculating: on the bench's chat workload it
-        # led steps 9 and 10 at 1 and 4 users and was within a fifth of them at 16, in half the
-        # memory; step 9 pays for several machines, step 10 for long prompts among streams.
-        echo step8_speculative
+        # runs"). Step 9, two step 8 engines of one thread each behind the router: on the
+        # bench's chat workload (bench/charts/serve-choice, f585923) it led step 8 by 15-23% at
+        # 4 and 16 users and trailed it by 8% at one, in twice the memory; step 10 pays for long
+        # prompts among streams.
+        echo step9_router
     elif [ -d "$want" ]; then
         echo "${want%/}"
     else

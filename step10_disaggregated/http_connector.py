@@ -8,8 +8,8 @@ for the blocks (POST /v1/kv/fetch, then /v1/kv/release), and they come one of tw
 - `via="shm"`: the prefill engine writes the blocks into a file in /dev/shm (memory shared by
   the processes of one machine) and answers with its path; the decode engine maps the file and
   copies from it into its pool. One copy on each side and no socket: only for engines on one
-  machine (step 10's local pair). A prefill engine elsewhere has no such file to give: the
-  transfer fails and the failure policy decides.
+  machine (step 10's local pair). Where that fails (no room in /dev/shm, a prefill engine on
+  another machine, whose file is not here) the decode engine asks again over the socket.
 
 RDMA (vLLM's NixlConnector) is the third way, between machines without the kernel's copies.
 The cost per prompt token of each way is measured in the README (`python -m bench.transfer`).
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import mmap
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -41,6 +42,8 @@ from step10_disaggregated.kv_connector import (
 
 SLICE = 1 << 20  # bytes of the message sent at a time
 
+
+log = logging.getLogger("gateway")
 
 VIAS = ("http", "shm")
 SHM_DIR = "/dev/shm"
@@ -67,7 +70,11 @@ class HttpConnector:
     async def fetch(self, params: TransferParams, skip: int) -> KVBlocks:
         url, body = self._request(params, "fetch", {"skip": skip, "via": self.via})
         if self.via == "shm":
-            return await asyncio.to_thread(_fetch_mapped, url, body, self.timeout_s)
+            try:
+                return await asyncio.to_thread(_fetch_mapped, url, body, self.timeout_s)
+            except TransferError as exc:  # no room in /dev/shm there, no such file here, ...
+                log.warning("KV blocks not had through /dev/shm (%s): over the socket", exc)
+                body = {**body, "via": "http"}
         message = await asyncio.to_thread(_fetch_whole, url, body, self.timeout_s)
         return decode(message)  # the keys and values stay where they were received
 

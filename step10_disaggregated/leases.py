@@ -122,7 +122,10 @@ class Leases:
         size = len(head) + 2 * math.prod(shape) * k.element_size()
         fd, path = tempfile.mkstemp(prefix="gateway-kv-", dir=directory)
         try:
-            os.ftruncate(fd, size)
+            try:  # the room, now: a full tmpfs would otherwise kill the writer (SIGBUS) mid-copy
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                raise TransferError(f"no room for {size} bytes in {directory}: {exc}") from exc
             with mmap.mmap(fd, size) as mapped:
                 mapped[: len(head)] = head
                 out = torch.frombuffer(mapped, dtype=k.dtype, offset=len(head))

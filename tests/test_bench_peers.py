@@ -75,7 +75,8 @@ def test_llama_server_serves_the_f32_gguf_it_wrote_with_64_slots(cache_dir):
     f32 = str(HOME / "SmolLM2-135M-Instruct.F32.gguf")
     assert argv[0] == str(HOME / "build/bin/llama-server")
     assert flag(argv, "-m") == f32 and flag(argv, "--port") == "8123"
-    assert flag(argv, "-np") == "64" and flag(argv, "-c") == "65536"
+    assert flag(argv, "-np") == "64" and flag(argv, "-c") == "131072"  # 2048 tokens a slot
+    assert "-kvu" not in argv  # split slots: a sequence attends over its own cells
     assert flag(argv, "-t") == str(os.cpu_count() or 1)
     quantize = [peers.fill(w, LLAMACPP, HOME) for w in LLAMACPP.install[-1].argv]
     assert quantize[1:] == [

@@ -178,6 +178,53 @@ def test_blocks_in_shared_memory_are_the_wire_message(tiny_lm, tmp_path):
     asyncio.run(go())
 
 
+def test_no_room_in_shared_memory_is_a_transfer_error_and_leaves_no_file(
+    tiny_lm, tmp_path, monkeypatch
+):
+    from step10_disaggregated import leases as leases_module
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    async def go():
+        prefill, _ = engines(tiny_lm)
+        params = await prefill_phase(tiny_lm, prefill, PROMPT)
+        monkeypatch.setattr(leases_module.os, "posix_fallocate", full)
+        lent = prefill.leases.lend(params["remote_request_id"], 0)
+        with lent as (names, block_ids), pytest.raises(TransferError, match="no room"):
+            prefill.leases.gather_to_file(names, block_ids, str(tmp_path))
+        assert os.listdir(tmp_path) == []
+        assert prefill.leases.held  # the lease stands: the blocks can still go another way
+        prefill.leases.release_all("stopped")
+
+    asyncio.run(go())
+
+
+def test_the_shared_memory_way_falls_back_to_the_socket(monkeypatch):
+    """A fetch through /dev/shm that fails (no room there, no such file here) asks again over
+    the socket, once."""
+    from step10_disaggregated import http_connector
+
+    blocks = KVBlocks([b"n" * 32], torch.zeros(2, 4, 1, 8), torch.ones(2, 4, 1, 8))
+    asked = []
+
+    def no_file(url, body, timeout_s):
+        asked.append(body["via"])
+        raise TransferError("no such file")
+
+    def whole(url, body, timeout_s):
+        asked.append(body["via"])
+        return bytearray(b"".join(encode(blocks)))
+
+    monkeypatch.setattr(http_connector, "_fetch_mapped", no_file)
+    monkeypatch.setattr(http_connector, "_fetch_whole", whole)
+    connector = http_connector.HttpConnector(via="shm")
+    params = {"remote_host": "127.0.0.1", "remote_port": 1, "remote_request_id": "r"}
+    got = asyncio.run(connector.fetch(params, 0))
+    assert asked == ["shm", "http"]
+    assert got.names == blocks.names and torch.equal(got.v, blocks.v)
+
+
 def test_a_bad_message_is_a_transfer_error():
     blocks = KVBlocks([b"x" * 32], torch.zeros(2, 4, 1, 8), torch.ones(2, 4, 1, 8))
     with pytest.raises(TransferError):
