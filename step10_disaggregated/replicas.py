@@ -2,16 +2,20 @@
 ports, started and stopped with the router, configured as step 9's replicas are (its
 GATEWAY_* settings for the engines), plus each one's engine id and the transfer's lease and
 failure policy, the way blocks move between them (`kv_transport`: shared memory, as both are on
-this machine), and for a decode engine a small prompt budget beside its decoding streams
-(`decode_prefill_chunk`): the short prompts it prefills itself (proxy.py) come a few tokens at
-a time, so they cannot hold its streams up for long. Every engine gets an equal share of the
-cores (one thread each on two), and goes when the router goes, even when it is killed."""
+this machine). A decode engine gets a small prompt budget beside its decoding streams
+(`decode_prefill_chunk`: the short prompts it prefills itself, proxy.py, come a few tokens at
+a time, so they cannot hold its streams up for long) and its own draft length
+(`decode_speculative_tokens`); a prefill engine runs at a lower priority (`prefill_nice`), so
+the streams' iterations get the cores first. Every engine gets an equal share of the cores
+(one thread each on two), and goes when the router goes, even when it is killed."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -46,11 +50,17 @@ class LocalEngines(LocalReplicas):
             env[f"{ENV_PREFIX}KV_LEASE_S"] = str(self.config.kv_lease_s)
             env[f"{ENV_PREFIX}KV_TRANSFER_FAILURE"] = self.config.kv_transfer_failure
             env[f"{ENV_PREFIX}KV_TRANSPORT"] = self.transport()
-            if role == "decode" and self.config.decode_prefill_chunk:
-                chunk = str(self.config.decode_prefill_chunk)
-                env[f"{ENV_PREFIX}PREFILL_CHUNK_WHILE_DECODING"] = chunk
+            if role == "decode":
+                drafts = str(self.config.decode_speculative_tokens)
+                env[f"{ENV_PREFIX}NUM_SPECULATIVE_TOKENS"] = drafts
+                if self.config.decode_prefill_chunk:
+                    chunk = str(self.config.decode_prefill_chunk)
+                    env[f"{ENV_PREFIX}PREFILL_CHUNK_WHILE_DECODING"] = chunk
+            nice = self.config.prefill_nice if role == "prefill" else 0
             argv = [sys.executable, "-m", ENGINE]
-            self.processes.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
+            self.processes.append(
+                subprocess.Popen(argv, env=env, preexec_fn=functools.partial(_start_child, nice))
+            )
             urls.append(f"http://127.0.0.1:{port}")
             log.info("started %s engine %s on port %d", role, ENGINE, port)
         self.urls += urls
@@ -77,9 +87,13 @@ class LocalEngines(LocalReplicas):
             await asyncio.sleep(0.25)
 
 
-def _die_with_parent() -> None:
+def _start_child(nice: int) -> None:
     """In the engine's process, before it runs: the kernel sends it SIGTERM when the router
     exits, however it exits (killed during start-up too, before it could stop its engines), so
-    no engine outlives its router. Linux only (prctl); elsewhere the router's own stop does."""
+    no engine outlives its router. Linux only (prctl); elsewhere the router's own stop does.
+    Then its niceness: a prefill engine's forward passes yield the cores to the decode
+    engine's."""
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if nice:
+        os.nice(nice)

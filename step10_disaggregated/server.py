@@ -55,10 +55,20 @@ class PoolsConfig(ConfigPart):
     )
 
     decode_prefill_chunk: int = knob(
-        8,
+        4,
         "prefill_chunk_while_decoding of the local decode engines: the prompt tokens (the "
         "short prompts they prefill, a handed-over prompt's last block) an iteration runs "
         "beside the decoding streams; 0: the engine's own budget",
+    )
+    decode_speculative_tokens: int = knob(
+        0,
+        "num_speculative_tokens of the local decode engines: their drafted rows lengthen "
+        "every stream's iteration, and steady inter-token latency is the decode pool's job",
+    )
+    prefill_nice: int = knob(
+        10,
+        "niceness of the local prefill engines: on shared cores the scheduler runs the decode "
+        "engine first, the prompts take the rest; 0: equal",
     )
     kv_transport: str = knob(
         "shm",
@@ -74,6 +84,10 @@ class PoolsConfig(ConfigPart):
             raise ValueError("local_prefill_chars must be >= 0")
         if self.decode_prefill_chunk < 0:
             raise ValueError("decode_prefill_chunk must be >= 0")
+        if self.decode_speculative_tokens < 0:
+            raise ValueError("decode_speculative_tokens must be >= 0")
+        if not 0 <= self.prefill_nice <= 19:
+            raise ValueError("prefill_nice must be between 0 and 19")
 
 
 @dataclass(frozen=True)

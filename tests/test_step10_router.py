@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -357,24 +359,39 @@ def test_the_router_timeline_puts_both_engines_on_one_axis(tmp_path, fleet):
 
 
 def test_local_engines_get_the_prompt_budget_and_the_transport(monkeypatch):
-    """decode_prefill_chunk reaches the decode engines only (the prefill engine keeps its whole
-    budget for prompts); both local engines move blocks through shared memory, unless asked
-    otherwise or a pool is given by URL (it may be on another machine: http)."""
+    """decode_prefill_chunk and decode_speculative_tokens reach the decode engines only (the
+    prefill engine keeps its whole budget for prompts); the prefill engine runs at
+    prefill_nice, the decode engine at the router's niceness; both local engines move blocks
+    through shared memory, unless asked otherwise or a pool is given by URL (it may be on
+    another machine: http)."""
     from step10_disaggregated import replicas
     from step10_disaggregated.server import Config
 
     started: dict[str, dict] = {}
+    before: dict[str, object] = {}
 
     class Recorded:
         def __init__(self, argv, env, preexec_fn):
             started[env["GATEWAY_ENGINE_ID"]] = env
+            before[env["GATEWAY_ENGINE_ID"]] = preexec_fn
 
+    popen = subprocess.Popen
     monkeypatch.setattr(replicas.subprocess, "Popen", Recorded)
-    engines = replicas.LocalEngines(Config(decode_prefill_chunk=12))
+    monkeypatch.delenv("GATEWAY_NUM_SPECULATIVE_TOKENS", raising=False)
+    engines = replicas.LocalEngines(Config(decode_prefill_chunk=12, decode_speculative_tokens=2))
     engines.start("prefill"), engines.start("decode")
-    chunk = "GATEWAY_PREFILL_CHUNK_WHILE_DECODING"
+    chunk, drafts = "GATEWAY_PREFILL_CHUNK_WHILE_DECODING", "GATEWAY_NUM_SPECULATIVE_TOKENS"
     assert started["decode-0"][chunk] == "12" and chunk not in started["prefill-0"]
+    assert started["decode-0"][drafts] == "2" and drafts not in started["prefill-0"]
     assert {e["GATEWAY_KV_TRANSPORT"] for e in started.values()} == {"shm"}
+
+    def niceness(engine_id: str) -> int:
+        probe = [sys.executable, "-c", "import os; print(os.nice(0))"]
+        with popen(probe, preexec_fn=before[engine_id], stdout=subprocess.PIPE) as child:
+            return int(child.communicate()[0])
+
+    assert niceness("prefill-0") == min(19, os.nice(0) + 10)
+    assert niceness("decode-0") == os.nice(0)
     started.clear()
     replicas.LocalEngines(Config(decode_prefill_chunk=0, kv_transport="http")).start("decode")
     assert chunk not in started["decode-0"]
