@@ -17,7 +17,9 @@ table:
 The fields: the run (a folder under bench/charts), a cell (the step as the run names it, `@`,
 the concurrency level) or a ratio of two cells (`/`), the metric (a key of the level's summary
 or of the level: `output_tok_s`, `ttft_p50_s`, `error_rate`, `errors`, `peak_rss_mb`, or a
-count by status, `statuses.200`; a `_ms` name reads the `_s` one in milliseconds), and a Python
+count by status, `statuses.200`; a `_ms` name reads the `_s` one in milliseconds; for a
+speculating step `acceptance`, the share of drafted tokens kept, and `tokens_per_verification`,
+as the tables count it), and a Python
 format spec (default `.1f`; `.0%` for a rate as a percentage). The unit or the `x` of a ratio
 stays outside the marker, in the prose.
 """
@@ -29,10 +31,15 @@ import re
 import shutil
 from pathlib import Path
 
-from bench.report import COLUMNS, table_row
+from bench.report import COLUMNS, table_row, tokens_per_verification
 from bench.servers import ROOT
 
 CHARTS = ("throughput.png", "latency.png", "ttft.png", "curves.png")
+# Figures computed from a speculating step's counts, with the one meaning the tables give them.
+DERIVED = {
+    "acceptance": lambda spec: spec["accepted"] / spec["drafted"],
+    "tokens_per_verification": tokens_per_verification,
+}
 
 
 def publish(results_dir: Path, root: Path = ROOT) -> list[Path]:
@@ -217,6 +224,9 @@ def _cell(results: dict, cell: str, metric: str, spec: str) -> float:
     if not found:
         raise FigureError(f"bench:fig {spec!r}: the run has no {step} at {level or '?'} users")
     summary = found["summary"]
+    spec_counts = found.get("speculation")
+    if metric in DERIVED and spec_counts and spec_counts.get("verifications"):
+        return DERIVED[metric](spec_counts)
     for source in (found, summary):  # the level's own keys (classes.stream...), its summary's
         value = _lookup(source, metric)
         if value is None and metric.endswith("_ms"):

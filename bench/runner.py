@@ -18,6 +18,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import correctness, peers, report
+from bench.iterations import draw as draw_iterations
+from bench.iterations import iterations
 from bench.profiles import CONCURRENCY_CAPS, Profile, plan_levels
 from bench.provenance import ForeignCpu, git_facts, library_versions, machine_facts
 from bench.records import Record
@@ -394,9 +396,11 @@ def save_timeline(url: str, after: int | None, folder: Path, tag: str) -> Path |
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{tag}.json"
     path.write_text(response.text)
-    for name, trace in engine_traces(response.json()).items():  # one picture per engine
+    for name, trace in engine_traces(response.json()).items():  # pictures per engine
         suffix = re.sub(r"[^A-Za-z0-9]+", "-", f"-{name}") if name else ""
         draw_timeline(trace, folder / f"{tag}{suffix}.png", title=f"{tag} {name}", count=160)
+        if its := iterations(trace):  # its iterations' time by rows (bench/iterations.py)
+            draw_iterations(its, folder / f"{tag}{suffix}-rows.png", title=f"{tag} {name}")
     return path
 
 

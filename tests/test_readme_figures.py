@@ -103,6 +103,26 @@ def test_a_marker_reads_a_cell_a_ratio_milliseconds_a_percentage_and_a_count(sit
     assert figure("full step3_batching@16 classes.stream.itl_p99_ms .0f", site) == "606"
 
 
+def test_a_speculating_steps_acceptance_and_tokens_per_verification_mean_what_its_table_says(
+    site,
+):
+    """One meaning per figure: the marker's tokens per verification is the table's (kept drafts
+    per verification plus the model's own token), computed from the level's counts."""
+    from bench.report import tokens_per_verification
+
+    run = json.loads((site / "bench/charts/full/results.json").read_text())
+    spec = {"drafted": 500, "accepted": 300, "verifications": 120}
+    run["steps"].append(_step("step8_speculative", 1, output_tok_s=50.0))
+    run["steps"][-1]["levels"][0]["speculation"] = spec
+    (site / "bench/charts/full/results.json").write_text(json.dumps(run))
+    assert figure("full step8_speculative@1 acceptance .0%", site) == "60%"
+    assert figure("full step8_speculative@1 tokens_per_verification .2f", site) == "3.50"
+    assert tokens_per_verification(spec) == 3.5
+    assert figure("full step8_speculative@1 speculation.accepted .0f", site) == "300"
+    with pytest.raises(FigureError, match="bench:fig"):  # step 3 drafts nothing
+        figure("full step3_batching@16 acceptance", site)
+
+
 @pytest.mark.parametrize(
     "spec",
     [

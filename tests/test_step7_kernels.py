@@ -131,6 +131,39 @@ def test_the_small_linear_kernel_equals_f_linear(kernels, rows):
 # ---------------------------------------------------------------- bad input raises, writes nothing
 
 
+def test_the_rows_of_one_chunk_read_the_pool_together_and_equal_each_row_alone(kernels):
+    """A prefill chunk's (or a verification's) rows are consecutive tokens of one sequence: the
+    kernel reads their keys and values once for the run (up to 8 rows), and every row's output
+    is bit for bit what the kernel gives that row by itself. Runs break at another sequence,
+    at a gap in the positions, and at a table that differs in a block the rows read."""
+    torch.manual_seed(3)
+    bs, heads, kv_heads, dim = 4, 9, 3, 64
+    pool, tables, _ = scattered_pool([40, 40, 40], bs, kv_heads, dim)
+    twin = list(tables[0])
+    twin[2] = tables[2][2]  # equal to the first sequence's table except its third block
+    rows = (
+        [(tables[0], n) for n in range(28, 40)]  # 12 tokens of a chunk: runs of 8 and 4
+        + [(tables[1], 7), (tables[1], 8), (tables[1], 10)]  # a gap after two
+        + [(tables[0], 17), (twin, 18)]  # the same lengths' pattern, a block differs
+        + [(tables[2], 1)]
+    )
+    width = max(len(t) for t, _ in rows)
+    table_tensor = torch.tensor([list(t) + [0] * (width - len(t)) for t, _ in rows])
+    lengths = torch.tensor([n for _, n in rows])
+    q = torch.randn(len(rows), heads, dim)
+    args = (pool.k[0], pool.v[0])
+    together = kernels.paged_attention_rows(q, *args, table_tensor, lengths, bs, dim**-0.5)
+    for i in range(len(rows)):
+        alone = kernels.paged_attention_rows(
+            q[i : i + 1], *args, table_tensor[i : i + 1], lengths[i : i + 1], bs, dim**-0.5
+        )
+        assert torch.equal(together[i], alone[0]), f"row {i}"
+        table, n = rows[i]
+        k, v = pool.gather(0, torch.tensor(slot_numbers(table, 0, n, bs)))
+        expected = one_query_attention(q[i], k, v)
+        torch.testing.assert_close(together[i], expected, rtol=1e-5, atol=1e-5)
+
+
 def attention_args(**change):
     """Good arguments for paged_attention_rows (2 rows, 8 blocks of 4), with some replaced."""
     torch.manual_seed(0)

@@ -200,3 +200,47 @@ def test_a_merged_trace_of_two_engines_is_drawn_one_engine_at_a_time(tiny_lm, tm
         assert (cells == want[0]).all() and args == want[1] and names == want[3]
         draw(split[name], tmp_path / "engine.png")
     assert engine_traces(docs["decode b:2"]) == {"": docs["decode b:2"]}
+
+
+def test_iterations_by_rows_read_the_engines_own_forward_passes(tiny_lm, tmp_path, capsys):
+    """bench.iterations: one entry per forward pass, its rows the tokens the model ran; the
+    table counts them by rows; a merged trace gives the engine asked for by its name's prefix;
+    a gzipped trace reads the same and the chart is drawn."""
+    import gzip
+
+    from bench import iterations
+    from step10_disaggregated.timelines import merge
+
+    engine = PagedEngine(tiny_lm, EngineConfig(block_size=4, num_kv_blocks=24))
+    ran: list[int] = []
+    forward = engine.runner.forward
+
+    def counting(batch):
+        ran.append(batch.num_tokens)
+        return forward(batch)
+
+    engine.runner.forward = counting
+
+    async def go():
+        for i in range(3):
+            await engine.submit(make_request(tiny_lm, list(range(40 + 15 * i, 52 + 15 * i)), 5))
+        while engine.scheduler.has_work:
+            await engine.step()
+
+    asyncio.run(go())
+    assert engine.timeline is not None
+    doc = json.loads(json.dumps(trace(*engine.timeline.snapshot())))
+    its = iterations.iterations(doc)
+    assert [i["rows"] for i in its] == ran
+    table = iterations.by_rows(its)
+    assert sum(t["n"] for t in table) == len(ran)
+    assert {t["rows"]: t["n"] for t in table} == {r: ran.count(r) for r in set(ran)}
+
+    other = {"traceEvents": [], "otherData": {"origin_s": doc["otherData"]["origin_s"]}}
+    name, picked = iterations.engine(merge({"prefill a:1": other, "decode b:2": doc}), "decode")
+    assert name == "decode b:2" and [i["rows"] for i in iterations.iterations(picked)] == ran
+    path = tmp_path / "trace.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(doc).encode()))
+    assert iterations.main([str(path), str(tmp_path / "rows.png")]) == 0
+    assert f"{len(ran)} iterations" in capsys.readouterr().out
+    assert (tmp_path / "rows.png").read_bytes()[:4] == b"\x89PNG"

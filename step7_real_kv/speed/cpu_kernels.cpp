@@ -22,7 +22,9 @@
 // thousand tokens), then a plain softmax, then the weighted sum of the values.
 //
 // A row is one query token: a decoding sequence's new token, or a token of a short prefill
-// chunk, which sees its own position and everything before it (`lengths`).
+// chunk, which sees its own position and everything before it (`lengths`). The rows of one
+// chunk (or of one step 8 verification) share a task too, up to 8 of them (`row_runs`): a few
+// tokens at the end of a long prompt read its keys and values once, not once a token.
 //
 // Arithmetic is float32 throughout; sums accumulate in 8 lanes, which the compiler turns into
 // AVX2 fused multiply-adds, 8 elements at a time.
@@ -146,6 +148,29 @@ inline void prefetch_block(const float* pool, int64_t first, int64_t block_size,
   }
 }
 
+// Consecutive rows that are consecutive tokens of one sequence (a prefill chunk, or step 8's
+// verification of a draft): each row's length one more than the row before, and the tables
+// equal over every block the shorter row reads. Such a run is one task per kv head: every key
+// and value row is read once for all its rows, not once per row, and each row's arithmetic is
+// what it would be alone (the same dots, the same order of sums). Runs stop at kMaxRun rows,
+// so that a long chunk still gives both threads work. Returns the runs' first rows, then batch.
+constexpr int64_t kMaxRun = 8;
+
+std::vector<int64_t> row_runs(const int64_t* tables, const int64_t* lens, int64_t batch,
+                              int64_t max_blocks, int64_t block_size) {
+  std::vector<int64_t> starts;
+  for (int64_t b = 0; b < batch; ++b) {
+    const bool joins =
+        b > 0 && b - starts.back() < kMaxRun && lens[b] == lens[b - 1] + 1 &&
+        std::equal(tables + (b - 1) * max_blocks,
+                   tables + (b - 1) * max_blocks + (lens[b - 1] + block_size - 1) / block_size,
+                   tables + b * max_blocks);
+    if (!joins) starts.push_back(b);
+  }
+  starts.push_back(batch);
+  return starts;
+}
+
 }  // namespace
 
 // q:            [B, heads, head_dim]          one query token per row
@@ -196,16 +221,22 @@ torch::Tensor paged_attention_rows(torch::Tensor q, torch::Tensor k_pool, torch:
   float* op = out.data_ptr<float>();
   const float scale_f = static_cast<float>(scale);
 
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;  // [group, context]
+  const std::vector<int64_t> runs = row_runs(tables, lens, batch, max_blocks, block_size);
+  const int64_t num_runs = static_cast<int64_t>(runs.size()) - 1;
+
+  at::parallel_for(0, num_runs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;  // [rows, group, context]
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, kv_head = task % kv_heads;
-      const int64_t context = lens[b];
-      const int64_t* table = tables + b * max_blocks;
-      const float* queries = qp + b * q_row_stride + kv_head * group * head_dim;  // [group, dim]
-      scores.assign(group * context, 0.0f);
-      // Scores: each key row is loaded once for the whole group. Block by block, so that no
-      // token pays for a division.
+      const int64_t run = task / kv_heads, kv_head = task % kv_heads;
+      const int64_t first_row = runs[run], rows = runs[run + 1] - first_row;
+      const int64_t last = first_row + rows - 1;  // the longest row: its table serves them all
+      const int64_t context = lens[last];
+      const int64_t* table = tables + last * max_blocks;
+      const int64_t lanes = rows * group;  // one (row, query head) pair per lane of scores
+      scores.assign(lanes * context, 0.0f);
+      // Scores: each key row is loaded once for every row of the run and every query head of
+      // the group; a row scores only the keys it sees (t < its length). Block by block, so
+      // that no token pays for a division.
       for (int64_t start = 0; start < context; start += block_size) {
         const int64_t first = table[start / block_size] * block_size;
         const int64_t n = std::min(block_size, context - start);
@@ -214,20 +245,25 @@ torch::Tensor paged_attention_rows(torch::Tensor q, torch::Tensor k_pool, torch:
                          kv_head, head_dim);
         for (int64_t j = 0; j < n; ++j) {
           const float* key = kp + ((first + j) * kv_heads + kv_head) * head_dim;
-          for (int64_t g = 0; g < group; ++g)
-            scores[g * context + start + j] = scale_f * dot(queries + g * head_dim, key, head_dim);
+          for (int64_t r = 0; r < rows; ++r) {
+            if (start + j >= lens[first_row + r]) continue;
+            const float* queries = qp + (first_row + r) * q_row_stride + kv_head * group * head_dim;
+            for (int64_t g = 0; g < group; ++g)
+              scores[(r * group + g) * context + start + j] =
+                  scale_f * dot(queries + g * head_dim, key, head_dim);
+          }
         }
       }
-      // Softmax per query head.
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * context;
-        const float top = *std::max_element(s, s + context);
+      // Softmax per row and query head, over the keys that row sees.
+      for (int64_t lane = 0; lane < lanes; ++lane) {
+        const int64_t seen = lens[first_row + lane / group];
+        float* s = scores.data() + lane * context;
+        const float top = *std::max_element(s, s + seen);
         float total = 0.0f;
-        for (int64_t t = 0; t < context; ++t) total += (s[t] = std::exp(s[t] - top));
-        for (int64_t t = 0; t < context; ++t) s[t] /= total;
+        for (int64_t t = 0; t < seen; ++t) total += (s[t] = std::exp(s[t] - top));
+        for (int64_t t = 0; t < seen; ++t) s[t] /= total;
       }
-      // Weighted sum of the values: each value row is loaded once for the whole group.
-      float* outputs = op + (b * heads + kv_head * group) * head_dim;  // [group, head_dim]
+      // Weighted sum of the values: each value row is loaded once for the whole run.
       for (int64_t start = 0; start < context; start += block_size) {
         const int64_t first = table[start / block_size] * block_size;
         const int64_t n = std::min(block_size, context - start);
@@ -236,8 +272,13 @@ torch::Tensor paged_attention_rows(torch::Tensor q, torch::Tensor k_pool, torch:
                          kv_head, head_dim);
         for (int64_t j = 0; j < n; ++j) {
           const float* value = vp + ((first + j) * kv_heads + kv_head) * head_dim;
-          for (int64_t g = 0; g < group; ++g)
-            add_scaled(outputs + g * head_dim, value, scores[g * context + start + j], head_dim);
+          for (int64_t r = 0; r < rows; ++r) {
+            if (start + j >= lens[first_row + r]) continue;
+            float* outputs = op + ((first_row + r) * heads + kv_head * group) * head_dim;
+            for (int64_t g = 0; g < group; ++g)
+              add_scaled(outputs + g * head_dim, value, scores[(r * group + g) * context + start + j],
+                         head_dim);
+          }
         }
       }
     }
