@@ -1,6 +1,7 @@
 """`python -m bench publish RESULTS_DIR`: put a run's table and charts where readers look.
 
-Copies table.md, results.json and the PNG charts into bench/charts/<name>/, where the name is
+Copies results.json and the PNG charts into bench/charts/<name>/ and writes its table.md from
+the results (so a note the report learned since the run is in it), where the name is
 the profile (`full`), or the profile and the workload for a workload other than the default
 (`full-decode`), then rewrites the part of each README between `<!-- bench:<name>:start -->` and
 `<!-- bench:<name>:end -->` (appending the section if it has none): the top README gets the
@@ -31,7 +32,7 @@ import re
 import shutil
 from pathlib import Path
 
-from bench.report import COLUMNS, table_row, tokens_per_verification
+from bench.report import COLUMNS, markdown, table_row, tokens_per_verification
 from bench.servers import ROOT
 
 CHARTS = ("throughput.png", "latency.png", "ttft.png", "curves.png")
@@ -48,10 +49,11 @@ def publish(results_dir: Path, root: Path = ROOT) -> list[Path]:
     profile = published_name(results)
     dest = root / "bench" / "charts" / profile
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("table.md", "results.json", *CHARTS):
+    for name in ("results.json", *CHARTS):
         if (results_dir / name).exists():
             shutil.copyfile(results_dir / name, dest / name)
-    table = (results_dir / "table.md").read_text()
+    table = markdown(results)  # the results as the report reads them now, notes included
+    (dest / "table.md").write_text(table)
     header, rows = _split(table)
     link = dest.relative_to(root).as_posix()
 

@@ -229,6 +229,9 @@ def _note(level: dict) -> str:
         )
     if level["summary"]["cut_off"]:
         notes.append(f"{level['summary']['cut_off']} cut off at the end")
+    busy = level.get("foreign_cpu")
+    if busy is not None and busy > BUSY_SHARE:
+        notes.append(f"other processes used {busy:.0%} of the CPU: not comparable")
     if not level["summary"]["completed"]:
         notes.append("no request completed")
     return "; ".join(notes)

@@ -354,3 +354,30 @@ def test_a_workload_run_is_published_beside_the_default_one(tmp_path):
     step = (root / "step7_real_kv" / "README.md").read_text()
     assert "## Bench (quick profile, mixed workload)" in step
     assert "(../bench/charts/quick-mixed/throughput.png)" in step
+
+
+def test_a_level_run_beside_another_job_is_marked_in_its_row_and_in_the_published_table(
+    tmp_path,
+):
+    """A level whose 'other CPU' passed the busy share says so in its own row, and publish
+    writes the table from the results, so the published copy says it even when the run's own
+    table.md predates the note."""
+    records = level_records()
+    busy = {"concurrency": 4, "users": 4, "extra_users": 2, "partial": False, "peak_rss_mb": 1,
+            "foreign_cpu": 0.39, "summary": summarise(records),
+            "classes": summarise_classes(records)}  # fmt: skip
+    workload = {"name": "mixed", "version": 1, "classes": []}
+    results = results_with(busy, workload)
+    assert "other processes used 39% of the CPU: not comparable" in report.markdown(results)
+    quiet = results_with({**busy, "foreign_cpu": 0.01}, workload)
+    assert "not comparable" not in report.markdown(quiet)
+    run = tmp_path / "run"
+    run.mkdir()
+    report.write_json(results, run)
+    (run / "table.md").write_text("an older table\n")
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "README.md").write_text("# Project\n")
+    publish.publish(run, root=root)
+    published = (root / "bench" / "charts" / "quick-mixed" / "table.md").read_text()
+    assert "not comparable" in published and "an older table" not in published

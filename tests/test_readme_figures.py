@@ -171,12 +171,12 @@ def test_an_edited_digit_in_a_copy_of_the_real_docs_fails_the_check(tmp_path):
     page = tmp_path / "step3_batching" / "README.md"
     page.parent.mkdir()
     text = (ROOT / "step3_batching" / "README.md").read_text()
-    start = text.index("<!-- bench:fig full step3_batching@16 output_tok_s")
+    start = text.index("<!-- bench:fig full step3_batching@64 output_tok_s")
     digit = text.index("-->", start) + 3  # the first character of the figure's text
     edited = "9" if text[digit] != "9" else "8"
     page.write_text(text[:digit] + edited + text[digit + 1 :])
     stale = stale_figures(tmp_path)
-    assert len(stale) == 1 and "step3_batching@16 output_tok_s" in stale[0]
+    assert len(stale) == 1 and "step3_batching@64 output_tok_s" in stale[0]
 
 
 def test_a_new_published_section_goes_before_try_it_which_stays_last(tmp_path):

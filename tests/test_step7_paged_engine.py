@@ -378,9 +378,9 @@ def test_a_long_prompt_on_the_real_model_matches_generate(real_lm, budget):
 # ---------------------------------------------------------------- the prefill-only budget
 
 
-def chunks_of(lm, prompts: list[list[int]], max_tokens: int, **engine_args) -> list[list[int]]:
-    """The new tokens of every sequence, iteration by iteration, as the scheduler gave them."""
-    engine = PagedEngine(lm, EngineConfig(block_size=4, num_kv_blocks=256, **engine_args))
+def recorded_schedule(engine: PagedEngine) -> list[list[int]]:
+    """From now on, the new tokens of every sequence, iteration by iteration, as the engine's
+    scheduler gives them (the list fills as the engine steps)."""
     iterations: list[list[int]] = []
     schedule = engine.scheduler.schedule
 
@@ -390,6 +390,13 @@ def chunks_of(lm, prompts: list[list[int]], max_tokens: int, **engine_args) -> l
         return work
 
     engine.scheduler.schedule = recorded  # type: ignore[method-assign]
+    return iterations
+
+
+def chunks_of(lm, prompts: list[list[int]], max_tokens: int, **engine_args) -> list[list[int]]:
+    """The new tokens of every sequence, iteration by iteration, as the scheduler gave them."""
+    engine = PagedEngine(lm, EngineConfig(block_size=4, num_kv_blocks=256, **engine_args))
+    iterations = recorded_schedule(engine)
     run_engine(lm, prompts, max_tokens, engine=engine)
     return iterations
 
@@ -442,15 +449,7 @@ def test_prompt_chunks_beside_decoding_streams_are_capped(tiny_lm):
         await engine.step()  # the short prompt, whole: its answer has begun
         engine.scheduler.add(make_request(tiny_lm, long, 2))
         engine.scheduler.add(make_request(tiny_lm, other, 2))
-        chunks: list[list[int]] = []
-        schedule = engine.scheduler.schedule
-
-        def recorded():
-            work = schedule()
-            chunks.append([n for _, n in work])
-            return work
-
-        engine.scheduler.schedule = recorded  # type: ignore[method-assign]
+        chunks = recorded_schedule(engine)
         for _ in range(5):
             await engine.step()
         return chunks
