@@ -61,9 +61,9 @@ resolve_step() {
         # Named, not the highest-numbered folder: the default is the step that serves a general
         # workload best on one machine (measured: step 10's README, "Which step ./run.sh serve
         # runs"). Step 9, two step 8 engines of one thread each behind the router: on the
-        # bench's chat workload (bench/charts/serve-choice, f585923) it led step 8 by 15-23% at
-        # 4 and 16 users and trailed it by 8% at one, in twice the memory; step 10 pays for long
-        # prompts among streams.
+        # bench's chat workload (bench/charts/full, 899b54b) it led step 8 by about a fifth at
+        # 4, 16 and 64 users and trailed it by 5% at one, in twice the memory; step 10 pays for
+        # long prompts among streams.
         echo step9_router
     elif [ -d "$want" ]; then
         echo "${want%/}"
