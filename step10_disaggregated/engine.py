@@ -4,15 +4,16 @@ One engine can play either part, and which one a request gets is said by its
 `kv_transfer_params` (the fields of vLLM's disaggregation proxy):
 
 - **prefill** (`do_remote_decode`): the request runs as usual (the proxy asks for one token);
-  as it ends, the full blocks of its prompt are put under a lease (leases.py) instead of being
+  as it ends, the blocks of its prompt are put under a lease (leases.py) instead of being
   freed, and the params the decode engine needs to fetch them are recorded for the answer
   (`KVTransfer.answer`);
 - **decode** (`do_remote_prefill`): before the request is queued, the engine asks its own prefix
   cache for the prompt's blocks, fetches only the ones it lacks through the connector
-  (kv_connector.py), writes them into fresh blocks of its pool and names them, then tells the
-  prefill engine it is done. The scheduler then admits the request as a prefix-cache hit: it
-  computes only the prompt's last partial block (at least its last token, for the logits) and
-  samples every output token itself, so greedy and seeded answers are step 7's.
+  (kv_connector.py), writes them into fresh blocks of its pool and names the full ones, then
+  tells the prefill engine it is done. The scheduler then admits the request as a prefix-cache
+  hit whose last, partial block was taken in too (scheduler.py): it computes only the prompt's
+  last token, for the logits, and samples every output token itself, so greedy and seeded
+  answers are step 7's.
 
 When the blocks cannot be had (the prefill engine gone, the lease expired, a bad reply), the
 policy `kv_transfer_failure` decides: `recompute` (the default) prefills the prompt here,
@@ -36,7 +37,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from common.config import ConfigPart, knob
 from common.errors import APIError
 from common.model import LoadedModel
-from common.prefix import block_hashes
 from common.request import Request
 from step7_real_kv.sequence import Sequence
 from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
@@ -47,7 +47,7 @@ from step10_disaggregated.kv_connector import (
     TransferError,
     TransferParams,
 )
-from step10_disaggregated.leases import Leases, by_block
+from step10_disaggregated.leases import Leases, by_block, handed_over
 from step10_disaggregated.scheduler import DisaggScheduler
 
 log = logging.getLogger("gateway")
@@ -149,14 +149,13 @@ class DisaggEngine(SpeculativeEngine):
     async def take_in(self, request: Request, params: TransferParams) -> bool:
         """Take in the prompt's blocks this engine lacks, pinned until the request runs; False
         when the request failed instead (policy `fail`)."""
-        size = self.blocks.block_size
-        keys = block_hashes(request.prompt_ids[:-1], size)
-        held = self.blocks.lookup(keys)
+        names, tail = handed_over(request.prompt_ids, self.blocks.block_size)
+        held = self.blocks.lookup(names[: len(names) - bool(tail)])  # a partial one: never
         self.blocks.share(held)  # ours from now on: nothing evicts them while we fetch
         how = "confirmed"
         try:
-            if len(held) < len(keys):
-                held += await self._fetch(params, keys, len(held))
+            if len(held) < len(names):
+                held += await self._fetch(params, names, len(held), tail)
         except asyncio.CancelledError:  # the caller is gone: nothing stays pinned for it
             how = "cancelled"
             self.blocks.free(held)
@@ -170,12 +169,15 @@ class DisaggEngine(SpeculativeEngine):
                 return False
         finally:
             await self._release(params, "cancelled" if request.cancelled else how)
-        self.scheduler.pin_until_running(request, held)
+        taken_tail = (held.pop(), tail) if tail and len(held) == len(names) else None
+        self.scheduler.pin_until_running(request, held, taken_tail)
         return True
 
-    async def _fetch(self, params: TransferParams, keys: list[bytes], skip: int) -> list[int]:
+    async def _fetch(
+        self, params: TransferParams, names: list[bytes], skip: int, tail: int
+    ) -> list[int]:
         """Fetch the blocks after the first `skip`, check they are this prompt's, and write
-        them into fresh blocks named like computed ones; their ids."""
+        them into fresh blocks, the full ones named like computed ones; their ids."""
         started = time.monotonic()
         try:
             got = await self.connector.fetch(params, skip)
@@ -183,11 +185,12 @@ class DisaggEngine(SpeculativeEngine):
             raise
         except Exception as exc:  # a transport's own error (a refused connection, a timeout)
             raise TransferError(f"{type(exc).__name__}: {exc}") from exc
-        if got.names != keys[skip:]:
+        if got.names != names[skip:]:
             raise TransferError("the blocks handed over are not this prompt's")
         block_ids = self._allocate(got)
         await self._copy_in_off_loop(got, block_ids)
-        self.blocks.name(got.names, block_ids)  # findable only once written
+        full = len(block_ids) - bool(tail)
+        self.blocks.name(got.names[:full], block_ids[:full])  # findable only once written
         stats = self.leases.stats
         stats.blocks_received += len(block_ids)
         stats.bytes_received += got.nbytes

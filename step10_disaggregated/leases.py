@@ -2,10 +2,10 @@
 with them, or until the lease runs out.
 
 When a request that asked for a remote decode (`kv_transfer_params.do_remote_decode`) finishes
-its prefill, `hold` takes one more reference to each full block of its prompt (block_manager's
-`share`), so the request's own end does not free them. Every way out drops that reference
-exactly once: the decode engine confirms (`release(..., "confirmed")`), cancels
-(`"cancelled"`), or never comes back (`expire`, after `kv_lease_s`). A block whose last
+its prefill, `hold` takes one more reference to each block of its prompt that the decode engine
+will take (block_manager's `share`), so the request's own end does not free them. Every way out
+drops that reference exactly once: the decode engine confirms (`release(..., "confirmed")`),
+cancels (`"cancelled"`), or never comes back (`expire`, after `kv_lease_s`). A block whose last
 reference goes is free again, and still findable by its name, like any freed block.
 """
 
@@ -48,10 +48,19 @@ class TransferStats:
     messages: Counter[str] = field(default_factory=Counter)  # fetches answered, by way (via)
 
 
-def handed_over_blocks(prompt_ids: list[int], block_size: int) -> int:
-    """How many full blocks of a prompt are handed over: those of all its tokens but the last,
-    which the decode engine computes itself, for its logits (as a prefix-cache hit would)."""
-    return len(prompt_ids[:-1]) // block_size
+def handed_over(prompt_ids: list[int], block_size: int) -> tuple[list[bytes], int]:
+    """The names of the blocks a prompt hands over, and how many tokens the last one holds
+    when it is partly filled (0 when it is full). What moves is every token of the prompt but
+    the last, which the decode engine computes itself, for its logits (vLLM's connectors do the
+    same): the full blocks, named by their chained hashes as in any prefix cache, then the
+    partial block of the rest, named by the hash of its tokens on the same chain. That last
+    name only checks that the block is this prompt's: no prefix cache names a partial block."""
+    tokens = prompt_ids[:-1]
+    names = block_hashes(tokens, block_size)
+    tail = len(tokens) - len(names) * block_size
+    if tail:
+        names += block_hashes(tokens[-tail:], tail, names[-1] if names else b"")
+    return names, tail
 
 
 class Leases:
@@ -61,11 +70,11 @@ class Leases:
         self.stats = TransferStats()
 
     def hold(self, request_id: str, prompt_ids: list[int], block_table: list[int]) -> Lease:
-        """Keep the full blocks of a computed prompt (named by the scheduler as it computed
-        them) for the decode engine."""
-        n = handed_over_blocks(prompt_ids, self.blocks.block_size)
-        block_ids = block_table[:n]
-        names = block_hashes(prompt_ids[: n * self.blocks.block_size], self.blocks.block_size)
+        """Keep the blocks of a computed prompt that the decode engine will take (all but the
+        last token's: `handed_over`). The partial block is nobody's once the request ends, and
+        nothing writes into it while the lease holds it."""
+        names, _ = handed_over(prompt_ids, self.blocks.block_size)
+        block_ids = block_table[: len(names)]
         self.blocks.share(block_ids)
         lease = Lease(block_ids, names, time.monotonic() + self.lease_s)
         self.release(request_id, "replaced")  # a request id used twice keeps one lease
@@ -101,7 +110,7 @@ class Leases:
         """Copy blocks out of the pool into one buffer, keys then values (the wire format's
         order, so encode sends it as it lies): a new one, or `out`, [2, layers, slots, kv_heads,
         head_dim]. Reads only the pool: safe on a worker thread while the blocks are lent,
-        since nothing writes a full block that is referenced."""
+        since nothing writes a leased block."""
         k, v = self.kv.k, self.kv.v
         size = self.blocks.block_size
         if out is None:

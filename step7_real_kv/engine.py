@@ -193,7 +193,9 @@ class PagedEngine:
         return [
             Step(
                 seq.request.trace_id,
-                "decode" if n == 1 and seq.num_computed == seq.num_tokens - 1 else "prefill",
+                "decode"
+                if n == 1 and seq.num_computed == seq.num_tokens - 1 and seq not in admitted
+                else "prefill",
                 n,
                 seq.num_computed,
                 cached=admitted.get(seq, 0),

@@ -24,9 +24,9 @@ from bench.pictures.__main__ import (
 )
 from common.config import ServerConfig
 from common.model import load_model
-from common.prefix import block_hashes
 from step7_real_kv.engine import EngineConfig, PagedEngine
 from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
+from step10_disaggregated.leases import handed_over
 
 
 @pytest.fixture(scope="module")
@@ -180,24 +180,30 @@ def handed(tiny_lm):
 
 
 def prompt_names(lm, prompt_id: str) -> list[bytes]:
-    """The chained names of the chat's handed-over blocks: all its tokens but the last."""
+    """The names of the chat's handed-over blocks: of all its tokens but the last, the full
+    blocks' chained hashes, then the partial block's."""
     (prompt,) = capture.prompts(prompt_id)
-    ids = capture.chat_request(lm, prompt, 1).prompt_ids
-    return block_hashes(ids[:-1], 16)
+    return handed_over(capture.chat_request(lm, prompt, 1).prompt_ids, 16)[0]
 
 
 def test_the_handover_drawn_is_the_engines_own(handed, tiny_lm):
     prefill, decode_engine, h = handed
     first, second = prompt_names(tiny_lm, handover.FIRST), prompt_names(tiny_lm, handover.SECOND)
     common = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
-    assert h.request == handover.SECOND and len(h.leased) == len(second) == 20
+    # 334 of its 335 tokens: 20 full blocks and a partial one of 14 tokens
+    assert h.request == handover.SECOND and len(h.leased) == len(second) == 21
+    assert h.partial == 14 and h.computed_on_decode == 1
     # the decode engine kept what the first chat left in its prefix cache, and took in the rest
     assert len(h.kept) == common == 16 and len(h.taken_in) == len(h.leased) - len(h.kept)
-    assert decode_engine.blocks.lookup(second) == h.kept + h.taken_in  # named in its cache
+    *full, partial = h.kept + h.taken_in
+    assert decode_engine.blocks.lookup(second) == full  # named in its cache, all but the last
     assert not set(h.kept) & set(h.taken_in)
-    # at the moment drawn: the prefill blocks held by the lease alone, the decode blocks named
+    assert h.moved_tokens == 4 * 16 + 14
+    # at the moment drawn: the prefill blocks held by the lease alone, the decode blocks its
+    # own, the full ones named (a partial block never is)
     assert all(h.prefill.ref_counts[b] == 1 for b in h.leased)
-    assert all(h.decode.ref_counts[b] == 1 and h.decode.findable[b] for b in h.kept + h.taken_in)
+    assert all(h.decode.ref_counts[b] == 1 and h.decode.findable[b] for b in full)
+    assert h.decode.ref_counts[partial] == 1 and not h.decode.findable[partial]
     assert h.release == "confirmed" and 0 < h.lease_left_s <= h.lease_s
     # what moved: the engines' own counters (the first chat moved all of its blocks)
     sent = prefill.leases.stats

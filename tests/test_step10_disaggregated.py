@@ -31,11 +31,11 @@ from step10_disaggregated.kv_connector import (
     decode,
     encode,
 )
-from step10_disaggregated.leases import block_slots
+from step10_disaggregated.leases import block_slots, handed_over
 from tests.engine_helpers import drain, make_request, until
 
 BLOCK = 4
-PROMPT = list(range(300, 314))  # 14 tokens: 3 full blocks handed over (13 // 4), 2 computed
+PROMPT = list(range(300, 314))  # 14 tokens: 13 handed over (3 full blocks, 1 token of a 4th)
 SMALL = {"block_size": BLOCK, "num_kv_blocks": 32, "num_speculative_tokens": 0}
 LONG = "The quick brown fox jumps over the lazy dog, and the dog sleeps on in the warm sun"
 
@@ -113,7 +113,7 @@ def test_blocks_out_and_in_are_equal_over_the_wire(tiny_lm):
         prefill, decode_engine = engines(tiny_lm)
         params = await prefill_phase(tiny_lm, prefill, PROMPT)
         lease = prefill.leases.held[params["remote_request_id"]]
-        assert params["remote_block_ids"] == lease.block_ids and len(lease.block_ids) == 3
+        assert params["remote_block_ids"] == lease.block_ids and len(lease.block_ids) == 4
         sent = prefill.leases.read(params["remote_request_id"], 0)
         slots = block_slots(lease.block_ids, BLOCK)
         torch.testing.assert_close(sent.k, prefill.kv.k[:, slots], rtol=0, atol=0)
@@ -122,25 +122,36 @@ def test_blocks_out_and_in_are_equal_over_the_wire(tiny_lm):
         assert parts[1].nbytes == sent.k.nbytes and parts[0].nbytes % 64 == 0  # keys aligned
         message = bytearray(b"".join(parts))
         wired = decode(message)
-        assert wired.names == block_hashes(PROMPT[:12], BLOCK)
+        assert wired.names == handed_over(PROMPT, BLOCK)[0]
+        assert wired.names[:3] == block_hashes(PROMPT[:12], BLOCK)
         assert torch.equal(wired.k, sent.k) and torch.equal(wired.v, sent.v)
-        message[-4:] = bytes(4)  # the tensors are views of the received buffer, not copies
-        assert wired.v.view(-1)[-1] == 0 and sent.v.view(-1)[-1] != 0
+        values = parts[0].nbytes + parts[1].nbytes  # where the values start
+        message[values : values + 4] = bytes(4)  # the tensors are views of the buffer, not copies
+        assert wired.v.view(-1)[0] == 0 and sent.v.view(-1)[0] != 0
         request = make_request(tiny_lm, PROMPT, 3)
         token = KV_TRANSFER.set(KVTransfer(params))
         await decode_engine.submit(request)
         KV_TRANSFER.reset(token)
         assert decode_engine.scheduler.import_pins  # pinned while it waits ...
+        ((_, (tail_block, tail)),) = decode_engine.scheduler.import_tails.items()
+        assert tail == 1  # the 13th token, in the partial block
         await decode_engine.step()
         assert not decode_engine.scheduler.import_pins  # ... the scheduler's pins once it runs
+        assert not decode_engine.scheduler.import_tails
+        (seq,) = decode_engine.scheduler.running
+        assert seq.block_table[3] == tail_block  # the partial block is the sequence's ...
+        assert seq.num_computed == len(PROMPT)  # ... so one row ran: the prompt's last token
+        slot = tail_block * BLOCK  # the 13th token's keys and values, as the prefill computed
+        assert torch.equal(decode_engine.kv.k[:, slot], sent.k[:, 12])
+        assert torch.equal(decode_engine.kv.v[:, slot], sent.v[:, 12])
         while decode_engine.scheduler.has_work:
             await decode_engine.step()
         taken = decode_engine.blocks.lookup(block_hashes(PROMPT[:12], BLOCK))
         assert len(taken) == 3  # named in the decode engine's prefix cache
         got = block_slots(taken, BLOCK)
-        assert torch.equal(decode_engine.kv.k[:, got], sent.k)
-        assert torch.equal(decode_engine.kv.v[:, got], sent.v)
-        assert request.cached_prompt_tokens == 12  # admitted as a prefix-cache hit
+        assert torch.equal(decode_engine.kv.k[:, got], sent.k[:, :12])
+        assert torch.equal(decode_engine.kv.v[:, got], sent.v[:, :12])
+        assert request.cached_prompt_tokens == 13  # admitted as a prefix-cache hit, and more
         assert_pool_empty(prefill)
         assert_pool_empty(decode_engine)
 
@@ -238,10 +249,10 @@ def test_only_the_blocks_the_decode_engine_lacks_move(tiny_lm):
         params = await prefill_phase(tiny_lm, prefill, PROMPT)
         request = make_request(tiny_lm, PROMPT, 2)
         await run(decode_engine, request, params)
-        assert prefill.leases.stats.blocks_sent == 1
-        assert decode_engine.leases.stats.blocks_received == 1
-        assert decode_engine.leases.stats.bytes_received == decode_engine.kv.bytes_per_block
-        assert request.cached_prompt_tokens == 12
+        assert prefill.leases.stats.blocks_sent == 2  # the third full block and the partial
+        assert decode_engine.leases.stats.blocks_received == 2
+        assert decode_engine.leases.stats.bytes_received == 2 * decode_engine.kv.bytes_per_block
+        assert request.cached_prompt_tokens == 13
         assert_pool_empty(prefill)
         assert_pool_empty(decode_engine)
 
@@ -282,7 +293,7 @@ def test_a_lease_nobody_confirms_expires_and_frees_its_blocks(tiny_lm):
         prefill, _ = engines(tiny_lm, kv_lease_s=5.0)
         params = await prefill_phase(tiny_lm, prefill, PROMPT)
         lease = prefill.leases.held[params["remote_request_id"]]
-        assert prefill.blocks.num_free == prefill.blocks.num_blocks - 3  # held for the decode
+        assert prefill.blocks.num_free == prefill.blocks.num_blocks - 4  # held for the decode
         assert prefill.leases.expire(now=lease.expires_at - 0.01) == 0
         assert prefill.leases.expire(now=lease.expires_at) == 1
         assert prefill.leases.stats.ended["expired"] == 1
@@ -411,7 +422,7 @@ def test_the_loop_keeps_running_while_the_blocks_are_written(tiny_lm):
         decode_engine.go_on.set()
         await submitted
         await drain(request)
-        assert request.cached_prompt_tokens == 12
+        assert request.cached_prompt_tokens == 13
         assert_pool_empty(decode_engine)
         return other.output_ids
 
@@ -430,7 +441,7 @@ def test_blocks_cancelled_mid_copy_are_freed_once_the_copy_is_done(tiny_lm):
         with pytest.raises(asyncio.CancelledError):
             await submitted
         # still being written: not free for anyone else yet
-        assert decode_engine.blocks.num_free == decode_engine.blocks.num_blocks - 3
+        assert decode_engine.blocks.num_free == decode_engine.blocks.num_blocks - 4
         decode_engine.go_on.set()
         await until(lambda: decode_engine.blocks.num_free == decode_engine.blocks.num_blocks)
         assert prefill.leases.stats.ended["cancelled"] == 1
@@ -482,7 +493,7 @@ def test_the_timelines_show_the_hand_over_and_the_blocks_taken_in(tiny_lm):
         assert [span.how for span in spans.values()] == ["handed over"]
         iterations, spans = decode_engine.timeline.snapshot()
         first = iterations[0].steps[0]
-        assert (first.request_id, first.kind, first.cached) == (request.trace_id, "prefill", 12)
+        assert (first.request_id, first.kind, first.cached) == (request.trace_id, "prefill", 13)
         assert spans[request.trace_id].how == "length"
 
     asyncio.run(go())

@@ -80,15 +80,17 @@ def _grid(ax, refs: list[int], x0: float, rows: int, side: str, colour) -> dict:
 
 
 def _transfer_label(h: Handover) -> str:
-    tokens = len(h.taken_in) * h.block_size
-    return (f"{len(h.taken_in)} blocks moved ──►\n{tokens} tokens × {h.bytes_per_token:,} B\n"
-            f"= {h.moved_bytes:,} B\n\nlease: held, then {h.release}")  # fmt: skip
+    slots = len(h.taken_in) * h.block_size
+    return (f"{len(h.taken_in)} blocks moved ──►\n{h.moved_tokens} tokens in {slots} slots\n"
+            f"× {h.bytes_per_token:,} B = {h.moved_bytes:,} B\n\n"
+            f"lease: held, then {h.release}")  # fmt: skip
 
 
 def _prompt_strips(ax, h: Handover, right: float, y: float) -> None:
     """The prompt's handed-over blocks in token order, as each engine holds them."""
     w = COLS / len(h.leased)
-    ax.text(0, y + 1.15, f"{h.request}: its {len(h.leased)} full blocks under the lease, in "
+    last = f", the last with {h.partial} tokens" if h.partial else ""
+    ax.text(0, y + 1.15, f"{h.request}: its {len(h.leased)} blocks under the lease{last}, in "
             "token order", fontsize=8)  # fmt: skip
     ax.text(right, y + 1.15, f"the same blocks in the decode engine: {len(h.kept)} its own, "
             f"{len(h.taken_in)} taken in", fontsize=8)  # fmt: skip
@@ -100,17 +102,19 @@ def _prompt_strips(ax, h: Handover, right: float, y: float) -> None:
 
 
 def _notes(ax, h: Handover, y: float) -> None:
-    moved = len(h.taken_in) * h.block_size
+    full = len(h.leased) - bool(h.partial)
+    partial = f" and a partial one of {h.partial}" if h.partial else ""
     lines = [
-        f"prompt: {h.prompt_tokens} tokens; handed over: the {len(h.leased)} full blocks of all "
-        f"but the last token ({len(h.leased) * h.block_size} tokens)",
+        f"prompt: {h.prompt_tokens} tokens; handed over: all but the last token "
+        f"({h.handed_tokens}), {full} full blocks{partial}",
         f"not moved: {len(h.kept)} blocks ({len(h.kept) * h.block_size} tokens) the decode "
         "engine's prefix cache found (lookup), from an earlier chat with the same system prompt",
-        f"moved: {len(h.taken_in)} blocks, {moved} tokens × {h.bytes_per_token:,} B per token "
-        f"(K and V, every layer) = {h.moved_bytes:,} B, written into fresh blocks and named",
+        f"moved: {len(h.taken_in)} blocks, {h.moved_tokens} tokens; whole blocks cross, "
+        f"{len(h.taken_in) * h.block_size} slots × {h.bytes_per_token:,} B (K and V, every layer)",
+        f"= {h.moved_bytes:,} B, written into fresh blocks, the full ones named",
         f"lease on the prefill engine: held, {h.lease_left_s:.1f} s of {h.lease_s:g} s left; "
         f"the decode engine's next call ends it ({h.release})",
-        f"then the decode engine computes the last {h.computed_on_decode} prompt tokens itself "
+        f"then the decode engine computes the last {h.computed_on_decode} prompt token(s) itself "
         "and samples every output token",
     ]
     ax.text(0, y, "\n".join(lines), va="top", fontsize=8.5, family="monospace", linespacing=1.6)

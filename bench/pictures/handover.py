@@ -9,10 +9,12 @@ system prompt, so the decode engine already holds the blocks of that part of it 
 only the rest.
 
 The moment drawn lies inside the decode engine's `take_in`: the blocks it lacked are fetched,
-written into its pool and named, and the prefill engine still holds its blocks under the lease.
-No attribute marks that moment, so `watch_transfer` wraps the decode engine's connector from
-outside (as capture.py's `watch_drafts` wraps the runner) and reads both engines when `release`
-is called, before passing the call on; the shipped engine carries no hook for pictures.
+written into its pool (the full ones named), and the prefill engine still holds its blocks under
+the lease. No attribute marks that moment, so `watch_transfer` wraps the decode engine's
+connector from outside (as capture.py's `watch_drafts` wraps the runner) and reads the prefill
+engine when `release` is called, before passing the call on; then it reads the decode engine
+when `take_in` gives its scheduler the blocks (full and partial) to pin, wrapped the same way.
+The shipped engine carries no hook for pictures.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class Handover:
     bytes_per_token: int  # K and V of one token slot, every layer
     prefill: PoolView  # tables: the lease's blocks
     decode: PoolView  # tables: the prompt's blocks as the decode engine's prefix cache names them
-    leased: list[int]  # prefill engine: the blocks under the lease
+    leased: list[int]  # prefill engine: the blocks under the lease, the last maybe partial
+    partial: int  # tokens in the last leased block when it is partly filled, else 0
     kept: list[int]  # decode engine: blocks its prefix cache held already, not moved
     taken_in: list[int]  # decode engine: fresh blocks the moved keys and values went into
     moved_bytes: int  # the keys and values that crossed, every layer
@@ -57,22 +60,37 @@ class Handover:
         return self.leased[len(self.kept) :]
 
     @property
+    def handed_tokens(self) -> int:
+        """Prompt tokens whose keys and values the lease holds: all but the last."""
+        return (len(self.leased) - bool(self.partial)) * self.block_size + self.partial
+
+    @property
+    def moved_tokens(self) -> int:
+        """Prompt tokens whose keys and values crossed: the handed-over ones after the kept."""
+        return self.handed_tokens - len(self.kept) * self.block_size
+
+    @property
     def computed_on_decode(self) -> int:
-        """Prompt tokens the decode engine computes itself: those past the handed-over blocks."""
-        return self.prompt_tokens - len(self.leased) * self.block_size
+        """Prompt tokens the decode engine computes itself: those past the handed-over ones."""
+        return self.prompt_tokens - self.handed_tokens
 
 
 class watch_transfer:
     """The decode engine's connector, wrapped: every call passes through; `release` first reads
-    both engines (the blocks are written and named by then, the lease not yet ended)."""
+    the prefill engine (the lease not yet ended), and the decode scheduler's
+    `pin_until_running`, wrapped too, then reads the decode engine (the blocks written, the
+    full ones named, none run yet)."""
 
     def __init__(self, prefill: DisaggEngine, decode: DisaggEngine) -> None:
         self.prefill, self.decode = prefill, decode
         self.inner: KVConnector = decode.connector
         self.fetched: KVBlocks | None = None
+        self.released: tuple | None = None  # the prefill side, read at `release`
         self.seen: list[Handover] = []
         self.requests: dict[str, Request] = {}  # the decode side's, by id: their prompt lengths
         decode.connector = self
+        self.pin = decode.scheduler.pin_until_running
+        decode.scheduler.pin_until_running = self.pinned  # type: ignore[method-assign]
 
     async def fetch(self, params: TransferParams, skip: int) -> KVBlocks:
         self.fetched = await self.inner.fetch(params, skip)
@@ -80,27 +98,43 @@ class watch_transfer:
 
     async def release(self, params: TransferParams, how: str) -> None:
         if self.fetched is not None:
-            self.seen.append(self.read(params["remote_request_id"], self.fetched, how))
+            self.released = self.read_prefill(params["remote_request_id"], self.fetched, how)
         self.fetched = None
         await self.inner.release(params, how)
 
-    def read(self, request_id: str, got: KVBlocks, how: str) -> Handover:
+    def read_prefill(self, request_id: str, got: KVBlocks, how: str) -> tuple:
         lease = self.prefill.leases.held[request_id]
-        names = self.decode.blocks.lookup(lease.names)  # all of them, once taken in
-        skip = len(lease.names) - len(got.names)
-        size = self.decode.blocks.block_size
         tokens = self.requests[request_id].num_prompt_tokens
+        view = pool_of(self.prefill.blocks, {"lease": list(lease.block_ids)}, {"lease": tokens})
+        left = lease.expires_at - time.monotonic()
+        return request_id, got, how, view, list(lease.block_ids), left
+
+    def pinned(
+        self, request: Request, block_ids: list[int], tail: tuple[int, int] | None = None
+    ) -> None:
+        if self.released is not None:
+            self.seen.append(self.read(block_ids, tail))
+        self.released = None
+        self.pin(request, block_ids, tail)
+
+    def read(self, block_ids: list[int], tail: tuple[int, int] | None) -> Handover:
+        request_id, got, how, prefill_view, leased, left = self.released  # type: ignore[misc]
+        size = self.decode.blocks.block_size
+        held, partial = [*block_ids, tail[0]] if tail else list(block_ids), tail[1] if tail else 0
+        skip = len(leased) - len(got.names)
+        handed = (len(held) - bool(partial)) * size + partial
         return Handover(
             request_id,
-            tokens,
+            self.requests[request_id].num_prompt_tokens,
             self.decode.kv.bytes_per_block // size,
-            pool_of(self.prefill.blocks, {"lease": list(lease.block_ids)}, {"lease": tokens}),
-            pool_of(self.decode.blocks, {request_id: names}, {request_id: len(names) * size}),
-            list(lease.block_ids),
-            names[:skip],
-            names[skip:],
+            prefill_view,
+            pool_of(self.decode.blocks, {request_id: held}, {request_id: handed}),
+            leased,
+            partial,
+            held[:skip],
+            held[skip:],
             got.nbytes,
-            lease.expires_at - time.monotonic(),
+            left,
             self.prefill.leases.lease_s,
             how,
         )
