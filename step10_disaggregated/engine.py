@@ -152,23 +152,29 @@ class DisaggEngine(SpeculativeEngine):
         names, tail = handed_over(request.prompt_ids, self.blocks.block_size)
         held = self.blocks.lookup(names[: len(names) - bool(tail)])  # a partial one: never
         self.blocks.share(held)  # ours from now on: nothing evicts them while we fetch
-        how = "confirmed"
+        how, keep = "confirmed", True
         try:
             if len(held) < len(names):
                 held += await self._fetch(params, names, len(held), tail)
-        except asyncio.CancelledError:  # the caller is gone: nothing stays pinned for it
-            how = "cancelled"
-            self.blocks.free(held)
-            raise
         except TransferError as exc:
             how = "cancelled"
             log.warning("request %s: KV blocks not taken in: %s", request.request_id, exc)
             if self.failure_policy == "fail":
+                keep = False
                 self.blocks.free(held)
                 request.fail(APIError(f"the prompt's KV blocks could not be had: {exc}", 502))
                 return False
+        except BaseException:  # cancelled (the caller is gone): nothing stays held for it
+            how, keep = "cancelled", False
+            self.blocks.free(held)
+            raise
         finally:
-            await self._release(params, "cancelled" if request.cancelled else how)
+            try:
+                await self._release(params, "cancelled" if request.cancelled else how)
+            except BaseException:  # cancelled while telling the prefill engine: not pinned yet
+                if keep:
+                    self.blocks.free(held)
+                raise
         taken_tail = (held.pop(), tail) if tail and len(held) == len(names) else None
         self.scheduler.pin_until_running(request, held, taken_tail)
         return True

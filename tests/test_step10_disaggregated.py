@@ -485,6 +485,39 @@ def test_a_request_cancelled_mid_transfer_frees_both_sides(tiny_lm):
     asyncio.run(go())
 
 
+class SlowReleaseConnector(LocalConnector):
+    """Tells the prefill engine only when let go: a caller can leave after the blocks came."""
+
+    def __init__(self, *engines) -> None:
+        super().__init__(*engines)
+        self.releasing, self.go_on = asyncio.Event(), asyncio.Event()
+
+    async def release(self, params, how):
+        self.releasing.set()
+        await self.go_on.wait()
+        await super().release(params, how)
+
+
+def test_a_caller_gone_while_the_lease_is_released_leaves_no_block_held(tiny_lm):
+    async def go():
+        prefill, decode_engine = engines(tiny_lm)
+        connector = decode_engine.connector = SlowReleaseConnector(prefill)
+        params = await prefill_phase(tiny_lm, prefill, PROMPT)
+        request = make_request(tiny_lm, PROMPT, 8)
+        submitted = asyncio.create_task(run(decode_engine, request, params))
+        await connector.releasing.wait()  # the 4 blocks are in, the partial one too
+        assert decode_engine.blocks.num_free == decode_engine.blocks.num_blocks - 4
+        submitted.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submitted
+        assert not decode_engine.scheduler.import_tails
+        assert_pool_empty(decode_engine)
+        prefill.leases.expire(now=float("inf"))  # never told: its lease ends by expiring
+        assert_pool_empty(prefill)
+
+    asyncio.run(go())
+
+
 def test_the_timelines_show_the_hand_over_and_the_blocks_taken_in(tiny_lm):
     async def go():
         prefill, decode_engine = engines(tiny_lm, timeline=True)
