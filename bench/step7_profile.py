@@ -54,7 +54,7 @@ import httpx
 import torch
 import torch.nn.functional as F
 
-from bench import cores, cores_chart, machine, provenance
+from bench import cores, cores_chart, machine, omp_regions, provenance
 from bench.workload import load_workload
 from common.config import ServerConfig
 from common.model import LoadedModel, load_model
@@ -295,6 +295,59 @@ async def profile_cores(lm: LoadedModel, users: int, iterations: int, config: En
     record = cores.level_record(samples, bounds, named, cpus)
     window = samples[-1]["t"] - samples[0]["t"]
     return {"users": users, "sampler_cpu_share": sampler.cpu_s / window, **record}
+
+
+async def profile_regions(
+    lm: LoadedModel, users: int, iterations: int, config: EngineConfig, counter: omp_regions.Counter
+) -> dict:
+    """`iterations` decode iterations at `users`: OpenMP regions entered, time in and between."""
+    eng = await decoding(lm, users, iterations + 64, config)
+    counter.start()
+    started = time.perf_counter()
+    for _ in range(iterations):
+        await eng.step()
+    wall = time.perf_counter() - started
+    regions, inside = counter.read()
+    if len(eng.scheduler.running) != users:  # the count must be of healthy work
+        raise RuntimeError("requests ended early: see the log above")
+    empty = counter.empty_region_s(torch.get_num_threads())
+    return {
+        "users": users,
+        "iteration_ms": 1000 * wall / iterations,
+        "regions_per_iteration": regions / iterations,
+        "in_regions_ms": 1000 * inside / iterations,
+        "between_regions_ms": 1000 * (wall - inside) / iterations,
+        "empty_region_us": 1e6 * empty,
+        "fork_join_ms": 1000 * empty * regions / iterations,
+    }
+
+
+def run_regions(lm: LoadedModel, levels: list[int], iterations: int, config: EngineConfig,
+                counter: omp_regions.Counter, path: Path | None) -> None:  # fmt: skip
+    """--regions: each level's counts, printed as a table and written to `path`."""
+    results = [
+        asyncio.run(profile_regions(lm, users, iterations, config, counter)) for users in levels
+    ]
+    print("| sequences | iteration ms | regions | in regions ms | between ms | empty region us "
+          "| fork + join ms |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['users']} | {r['iteration_ms']:.1f} | {r['regions_per_iteration']:.0f} | "
+              f"{r['in_regions_ms']:.1f} | {r['between_regions_ms']:.1f} | "
+              f"{r['empty_region_us']:.2f} | {r['fork_join_ms']:.2f} |")  # fmt: skip
+    if path is not None:
+        record = {
+            "command": shlex.join(["python", "-m", "bench.step7_profile", *sys.argv[1:]]),
+            "machine": provenance.machine_facts(),
+            "git": provenance.git_facts(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))},
+            "levels": results,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+        print(f"wrote {path}")
 
 
 def server_cores(url: str, pid: int, seconds: float) -> dict:
@@ -545,7 +598,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server", help="with --cores: a running step 7 server's URL to sample")
     p.add_argument("--pid", type=int, default=0, help="with --server: its process id")
     p.add_argument("--seconds", type=float, default=5.0, help="with --server: seconds sampled")
+    p.add_argument(
+        "--regions",
+        action="store_true",
+        help="instead: count OpenMP's parallel regions per decode iteration and the time in and "
+        "between them (bench/omp_regions.py; runs itself again with a shim preloaded)",
+    )
     args = p.parse_args(argv)
+    counter = None
+    if args.regions:
+        lib = omp_regions.preloaded()
+        if lib is None:
+            again = sys.argv[1:] if argv is None else argv
+            omp_regions.rerun_preloaded("bench.step7_profile", again)
+        assert lib is not None
+        counter = omp_regions.Counter(lib)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cores and args.server:
@@ -563,6 +630,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.cores:
         levels = [int(u) for u in args.users.split(",")]
         return run_cores(lm, levels, args.iterations, config, args.out)
+    if counter is not None:
+        levels = [int(u) for u in args.users.split(",")]
+        return run_regions(lm, levels, args.iterations, config, counter, args.json)
     if args.prefill:
         result = asyncio.run(profile_prefill(lm, args.prefill, args.repeats, args.ops, config))
         print_prefill(result)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from bench import cores, cores_chart
+from bench import cores, cores_chart, omp_regions
 from bench.cores import Interval
 
 
@@ -233,3 +236,40 @@ def test_server_cores_samples_a_running_server_between_its_timeline_iterations(
     assert level["users"] == 1
     assert set(level["roles"].values()) == {"server thread"}
     assert sum(level["summary"]["cores_busy"].values()) == pytest.approx(1.0, abs=0.05)
+
+
+# ---------------------------------------------------------------- OpenMP's parallel regions
+
+REGIONS_PROBE = """
+import torch
+from bench import omp_regions
+counter = omp_regions.Counter(omp_regions.preloaded())
+x = torch.ones(1 << 22)
+torch.set_num_threads(2)
+counter.start()
+for _ in range(5):
+    x.add_(1.0)  # big enough for torch to split over the threads
+parallel = counter.read()
+torch.set_num_threads(1)  # one thread: torch runs the work inline, no region
+counter.start()
+for _ in range(5):
+    x.add_(1.0)
+alone = counter.read()
+print(parallel[0], parallel[1], alone[0], counter.empty_region_s(2))
+"""
+
+
+def test_the_preloaded_shim_counts_every_parallel_region_and_times_an_empty_one():
+    env = {**os.environ, "LD_PRELOAD": str(omp_regions.shim_path())}
+    out = subprocess.run(
+        [sys.executable, "-c", REGIONS_PROBE], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    regions, seconds, alone, empty_s = int(out[0]), float(out[1]), int(out[2]), float(out[3])
+    assert regions >= 5  # one region per add at least
+    assert seconds > 0
+    assert alone == 0
+    assert 0 < empty_s < 1e-3
+
+
+def test_without_the_shim_there_are_no_counters():
+    assert omp_regions.preloaded() is None
