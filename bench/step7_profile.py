@@ -62,6 +62,7 @@ from common.request import Request
 from common.sampling import SamplingParams
 from step7_real_kv import attention, engine, model_runner
 from step7_real_kv.engine import EngineConfig, PagedEngine
+from step7_real_kv.speed import torch_thread
 from step7_real_kv.speed.linear import FastLinear, time_paths
 
 PARTS = (
@@ -216,7 +217,7 @@ def time_request_side(requests: list[Request], timer: Timer) -> None:
 async def profile_level(
     lm: LoadedModel, users: int, iterations: int, ops: int, config: EngineConfig
 ) -> dict:
-    eng = PagedEngine(lm, config)
+    eng = await new_engine(lm, config)
     timer = Timer()
     requests = make_requests(lm, users, max_tokens=iterations + 64)
     time_request_side(requests, timer)
@@ -254,11 +255,18 @@ async def profile_level(
     }
 
 
+async def new_engine(lm: LoadedModel, config: EngineConfig) -> PagedEngine:
+    """The engine, built where the server builds it (on the torch thread, unless turned off)."""
+    if config.torch_thread:
+        return await torch_thread.run(PagedEngine, lm, config)
+    return PagedEngine(lm, config)
+
+
 async def decoding(
     lm: LoadedModel, users: int, max_tokens: int, config: EngineConfig
 ) -> PagedEngine:
     """An engine with `users` sequences past their prompts and a few decode iterations run."""
-    eng = PagedEngine(lm, config)
+    eng = await new_engine(lm, config)
     for request in make_requests(lm, users, max_tokens):
         await eng.submit(request)
     while eng.scheduler.waiting or any(
@@ -276,7 +284,7 @@ async def profile_cores(lm: LoadedModel, users: int, iterations: int, config: En
     named = {threading.get_native_id(): "event loop"}
     compute = eng._compute
 
-    def on_its_thread(*args: Any) -> Any:  # which thread calls the ops: asyncio.to_thread's
+    def on_its_thread(*args: Any) -> Any:  # which thread calls the ops: the torch thread
         named[threading.get_native_id()] = "calls the ops"
         return compute(*args)
 
@@ -302,6 +310,14 @@ async def profile_regions(
 ) -> dict:
     """`iterations` decode iterations at `users`: OpenMP regions entered, time in and between."""
     eng = await decoding(lm, users, iterations + 64, config)
+    threads: set[int] = set()  # the threads that ran the forward passes: one OpenMP team each
+    compute = eng._compute
+
+    def on_its_thread(*args: Any) -> Any:
+        threads.add(threading.get_native_id())
+        return compute(*args)
+
+    eng._compute = on_its_thread  # type: ignore[method-assign,assignment]
     counter.start()
     started = time.perf_counter()
     for _ in range(iterations):
@@ -310,13 +326,19 @@ async def profile_regions(
     regions, inside = counter.read()
     if len(eng.scheduler.running) != users:  # the count must be of healthy work
         raise RuntimeError("requests ended early: see the log above")
-    empty = counter.empty_region_s(torch.get_num_threads())
+
+    def empty_here() -> tuple[int, float]:  # on the thread of the forward passes, its team warm
+        return threading.get_native_id(), counter.empty_region_s(torch.get_num_threads())
+
+    where, empty = await eng._off_loop(empty_here)  # where the forward passes ran
     return {
         "users": users,
         "iteration_ms": 1000 * wall / iterations,
         "regions_per_iteration": regions / iterations,
         "in_regions_ms": 1000 * inside / iterations,
         "between_regions_ms": 1000 * (wall - inside) / iterations,
+        "compute_threads": len(threads),
+        "empty_region_on_compute_thread": where in threads,
         "empty_region_us": 1e6 * empty,
         "fork_join_ms": 1000 * empty * regions / iterations,
     }
@@ -436,7 +458,7 @@ async def profile_prefill(
 ) -> dict:
     """`repeats` unique prompts of `tokens` tokens, one after another (one warm-up first),
     each answered with one token: the median prefill and each part's median, in ms."""
-    eng = PagedEngine(lm, config)
+    eng = await new_engine(lm, config)
     params = SamplingParams(temperature=0.0)
 
     def request(seed: int) -> Request:
@@ -588,6 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
+        "--torch-thread", choices=("true", "false"), default="true", help="as step 7's knob"
+    )
+    p.add_argument(
         "--cores",
         action="store_true",
         help="instead: sample each thread's and core's busy time during decode iterations",
@@ -620,12 +645,14 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--server needs --pid, the server's process id")
         server = {"url": args.server.rstrip("/"), "pid": args.pid, "seconds": args.seconds}
         return run_cores(None, [], 0, EngineConfig(), args.out, server)
-    lm = load_model(ServerConfig(dtype="float32"))
+    on_it = torch_thread.call if args.torch_thread == "true" else (lambda fn, *a: fn(*a))
+    lm = on_it(load_model, ServerConfig(dtype="float32"))  # where the server loads it
     config = EngineConfig(
         linear_backend=args.linear_backend,
         kernels=args.kernels,
         weight_format=args.weight_format,
         max_prefill_tokens=args.max_prefill_tokens,
+        torch_thread=args.torch_thread == "true",
     )
     if args.cores:
         levels = [int(u) for u in args.users.split(",")]
@@ -642,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
             args.json.write_text(json.dumps({"meta": run, **result}, indent=2))
         return
     if args.linear_rows:
-        table = linear_rows(lm, config, args.linear_rows)
+        table = on_it(linear_rows, lm, config, args.linear_rows)
         print("| rows | stored blocks (ms) | oneDNN float32 (ms) | faster |")
         print("| --- | --- | --- | --- |")
         for r in table:

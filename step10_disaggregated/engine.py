@@ -39,6 +39,7 @@ from common.errors import APIError
 from common.model import LoadedModel
 from common.request import Request
 from step7_real_kv.sequence import Sequence
+from step7_real_kv.speed import torch_thread
 from step8_speculative.engine import SpeculativeConfig, SpeculativeEngine
 from step10_disaggregated.kv_connector import (
     KVBlocks,
@@ -214,7 +215,7 @@ class DisaggEngine(SpeculativeEngine):
         return self.blocks.allocate(len(got.names))
 
     async def _copy_in_off_loop(self, got: KVBlocks, block_ids: list[int]) -> None:
-        """Write the blocks on a worker thread (tens of MB for a long prompt), so the loop
+        """Write the blocks on a thread of their own (tens of MB for a long prompt), so the loop
         keeps streaming other requests' tokens and the engine keeps stepping meanwhile.
 
         No forward pass reads these blocks while they are written: they were free, so no
@@ -223,7 +224,7 @@ class DisaggEngine(SpeculativeEngine):
         A forward pass running meanwhile writes only its own sequences' blocks, other memory.
         If the request is cancelled mid-copy, the blocks are freed only once the copy is done,
         so a freed block is never written to under its next owner."""
-        copy = asyncio.ensure_future(asyncio.to_thread(self._copy_in, got, block_ids))
+        copy = asyncio.ensure_future(torch_thread.apart(self._copy_in, got, block_ids))
         try:
             await asyncio.shield(copy)
         except asyncio.CancelledError:

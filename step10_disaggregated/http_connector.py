@@ -31,6 +31,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from common.errors import APIError
+from step7_real_kv.speed import torch_thread
 from step10_disaggregated.kv_connector import (
     KVBlocks,
     TransferError,
@@ -71,11 +72,11 @@ class HttpConnector:
         url, body = self._request(params, "fetch", {"skip": skip, "via": self.via})
         if self.via == "shm":
             try:
-                return await asyncio.to_thread(_fetch_mapped, url, body, self.timeout_s)
+                return await torch_thread.apart(_fetch_mapped, url, body, self.timeout_s)
             except TransferError as exc:  # no room in /dev/shm there, no such file here, ...
                 log.warning("KV blocks not had through /dev/shm (%s): over the socket", exc)
                 body = {**body, "via": "http"}
-        message = await asyncio.to_thread(_fetch_whole, url, body, self.timeout_s)
+        message = await torch_thread.apart(_fetch_whole, url, body, self.timeout_s)
         return decode(message)  # the keys and values stay where they were received
 
     async def release(self, params: TransferParams, how: str) -> None:
@@ -163,10 +164,12 @@ async def fetch_route(http: HTTPRequest) -> Response:
     try:
         request_id = str(body["remote_request_id"])
         with leases.lend(request_id, int(body.get("skip", 0))) as (names, block_ids):
-            if via == "shm":  # ~60 MB into shared memory, off the loop
-                path = await asyncio.to_thread(leases.gather_to_file, names, block_ids, SHM_DIR)
+            # Off the loop, on a thread of their own: torch's copies there open OpenMP regions,
+            # and a thread that stayed would keep a second team (step 7's speed/torch_thread.py)
+            if via == "shm":  # ~60 MB into shared memory
+                path = await torch_thread.apart(leases.gather_to_file, names, block_ids, SHM_DIR)
             else:
-                blocks = await asyncio.to_thread(leases.gather, names, block_ids)  # off it too
+                blocks = await torch_thread.apart(leases.gather, names, block_ids)
     except TransferError as exc:
         raise APIError(str(exc), 404, code="kv_not_found") from None
     except (KeyError, ValueError, TypeError) as exc:

@@ -9,7 +9,9 @@ and max_tokens end a request; an ended or cancelled sequence frees its blocks at
 Threads: the event loop owns the scheduler, the block manager and every request. `submit`,
 admission's questions, deadlines and the bookkeeping after each iteration (`_postprocess`) all
 run there, one at a time, so none of them needs a lock. Only the batch's forward pass and
-sampling run on a worker thread (`asyncio.to_thread`), and the C++ kernels let go of the GIL,
+sampling run on a worker thread (the torch thread, `speed/torch_thread.py`, the one thread that
+runs torch's parallel work, as it loaded the model and built this engine), and the C++ kernels
+let go of the GIL,
 so the loop keeps serving HTTP meanwhile; it may add waiting sequences or read counts, but
 changes nothing the batch uses (a client that leaves only raises its request's flag; the
 sequence is retired at the start of the next iteration, after the thread has let go of it).
@@ -47,7 +49,7 @@ from step7_real_kv.model_runner import ModelRunner
 from step7_real_kv.paged_kv import PagedKVCache
 from step7_real_kv.scheduler import Scheduler, SchedulerConfig, Work
 from step7_real_kv.sequence import Sequence
-from step7_real_kv.speed import cpu_kernels, stored_weights
+from step7_real_kv.speed import cpu_kernels, stored_weights, torch_thread
 from step7_real_kv.speed.stored_weights import StoredWeight, find_gguf
 
 log = logging.getLogger("gateway")
@@ -84,6 +86,13 @@ class EngineConfig(TimelineConfig, SchedulerConfig):
         "measured at start-up, where the blocks stop beating oneDNN on this machine",
     )
 
+    torch_thread: bool = knob(
+        True,
+        "load the model, build the engine and run every forward pass on one thread: one "
+        "OpenMP team, its workers kept awake (speed/torch_thread.py); false: forward passes on "
+        "asyncio.to_thread's threads, the model loaded on the event loop's",
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.linear_backend not in LINEAR_BACKENDS:
@@ -116,6 +125,7 @@ class PagedEngine:
                 "served lossy, as weight_format=blocks asks" if config.weight_format == "blocks"
                 else "using float32 for them all",
             )  # fmt: skip
+        self._off_loop = torch_thread.run if config.torch_thread else asyncio.to_thread
         self.batch_size_hooks: list[Callable[[int], object]] = []  # sequences per iteration
         self.timeline = Timeline(config.timeline_iterations) if config.timeline else None
         self._retired: list[tuple[str, str]] = []  # (request, how) since the last record
@@ -178,7 +188,7 @@ class PagedEngine:
         steps = self._steps(work) if self.timeline is not None else []
         clock.lap("schedule")
         try:
-            sampled, forked, times = await asyncio.to_thread(self._compute, work, forks)
+            sampled, forked, times = await self._off_loop(self._compute, work, forks)
         except Exception as exc:  # the shared forward pass: every sequence in it fails
             log.exception("iteration failed")
             return self._fail_all(work, exc)

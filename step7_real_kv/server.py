@@ -31,6 +31,7 @@ from step6_backpressure.server import pipeline
 from step7_real_kv import live
 from step7_real_kv.engine import EngineConfig, KVCollector, PagedEngine
 from step7_real_kv.kv_admission import KVAdmission, PoolServing
+from step7_real_kv.speed import torch_thread
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,10 @@ class Server:
     @asynccontextmanager
     async def lifespan(self, app: Starlette):
         config, lifecycle, observability = self.config, self.lifecycle, self.observability
-        lm = observability.load_model(config)
-        engine = self.engine_class(lm, config)  # KV pool, block manager, scheduler, model runner
+        # On the torch thread, like every forward pass: one OpenMP team (speed/torch_thread.py)
+        on_it = torch_thread.run if config.torch_thread else torch_thread.inline
+        lm = await on_it(observability.load_model, config)
+        engine = await on_it(self.engine_class, lm, config)  # KV pool, scheduler, model runner
         engine.batch_size_hooks.append(observability.metrics.batch_size.observe)
         response_cache = make_response_cache(config, config.served_model_name)
         admission = KVAdmission(config, engine, lifecycle)
