@@ -4,16 +4,33 @@
  * C++ kernels share: every `#pragma omp parallel` becomes a call to GOMP_parallel (or one of
  * its loop forms), which this file defines, counts and times, then hands to libgomp's own.
  * A region's time is its whole call: the fork, the work on every thread, the join.
- * `omp_regions_empty(n)` times n regions that do nothing: the fork and join alone. */
+ * `omp_regions_empty(n)` times n regions that do nothing: the fork and join alone;
+ * `omp_regions_masters()` counts the threads that opened a region (each has a team of its own).
+ * With OMP_REGIONS_REPORT=path, the process writes "regions masters" there as it exits. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 typedef void (*body_fn)(void *);
 static atomic_long regions, region_ns;
+#define MASTERS 64
+static atomic_long masters[MASTERS]; /* the thread ids that opened a region, 0: free */
+
+static void note_master(void) {
+    static __thread int noted;
+    if (noted) return;
+    noted = 1;
+    long tid = syscall(SYS_gettid);
+    for (int i = 0; i < MASTERS; i++) {
+        long seen = 0;
+        if (atomic_compare_exchange_strong(&masters[i], &seen, tid) || seen == tid) return;
+    }
+}
 
 static long now_ns(void) {
     struct timespec t;
@@ -36,6 +53,7 @@ static void *real(const char *name) {
 
 #define TIMED(call)                                    \
     do {                                               \
+        note_master();                                 \
         long began = now_ns();                         \
         call;                                          \
         atomic_fetch_add(&region_ns, now_ns() - began); \
@@ -70,6 +88,20 @@ void GOMP_parallel_loop_runtime(body_fn fn, void *data, unsigned threads, long s
 
 long omp_regions_count(void) { return atomic_load(&regions); }
 long omp_regions_ns(void) { return atomic_load(&region_ns); }
+
+long omp_regions_masters(void) {
+    long n = 0;
+    for (int i = 0; i < MASTERS; i++) n += atomic_load(&masters[i]) != 0;
+    return n;
+}
+
+__attribute__((destructor)) static void report(void) {
+    const char *path = getenv("OMP_REGIONS_REPORT");
+    FILE *f = path ? fopen(path, "w") : NULL;
+    if (!f) return;
+    fprintf(f, "%ld %ld\n", omp_regions_count(), omp_regions_masters());
+    fclose(f);
+}
 
 static void nothing(void *data) { (void)data; }
 

@@ -10,6 +10,9 @@ libgomp, counts and times every region; `bench.step7_profile --regions` reads it
     python -m bench.step7_profile --regions --users 1,16,64 --iterations 20
 
 (it builds the shim with gcc into the gateway's cache and runs itself again with it preloaded).
+Any process can carry it: `LD_PRELOAD=<shim_path()> OMP_REGIONS_REPORT=out.txt python -m
+step7_real_kv` writes "regions threads" to out.txt as the server exits, the threads being how
+many opened a region (each with a team of its own; step 7's speed/torch_thread.py keeps it at 1).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def preloaded() -> ctypes.CDLL | None:
         return None
     process.omp_regions_count.restype = ctypes.c_long
     process.omp_regions_ns.restype = ctypes.c_long
+    process.omp_regions_masters.restype = ctypes.c_long
     process.omp_regions_empty.restype = ctypes.c_double
     process.omp_regions_empty.argtypes = [ctypes.c_long, ctypes.c_uint]
     return process

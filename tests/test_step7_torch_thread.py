@@ -1,0 +1,104 @@
+"""Step 7's torch thread (speed/torch_thread.py): in a real server on the real model, every
+OpenMP parallel region is opened by one thread, so OpenMP keeps one team and lets its workers
+spin. Counted by bench/omp_regions.c preloaded into the server process; with the knob off, the
+model is loaded on the event loop's thread and the forward passes run on another: two teams.
+And `apart`: a thread that ends with its work, an error handed back, a caller that leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from openai import OpenAI
+
+from bench import omp_regions
+from step7_real_kv.speed import torch_thread
+
+
+def served_threads(start_server, tmp_path, **env: str) -> tuple[int, int]:
+    """Regions opened and the threads that opened them, in a step 7 server that answered
+    four concurrent chats on the real model and was stopped (SIGTERM)."""
+    report = tmp_path / f"regions-{len(env)}.txt"
+    server = start_server(
+        "step7_real_kv",
+        LD_PRELOAD=str(omp_regions.shim_path()),
+        OMP_REGIONS_REPORT=str(report),
+        OMP_NUM_THREADS="2",
+        **env,
+    )
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+
+    def chat(i: int) -> str:
+        answer = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=[{"role": "user", "content": f"Name {i + 2} colours of the rainbow."}],
+            max_tokens=16,
+            temperature=0,
+        )
+        return answer.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(chat, range(4)))
+    server.stop()
+    assert server.proc.returncode == 0, server.log()
+    regions, threads = (int(n) for n in report.read_text().split())
+    return regions, threads
+
+
+@pytest.mark.integration
+def test_one_thread_opens_every_parallel_region_in_the_server(start_server, tmp_path):
+    regions, threads = served_threads(start_server, tmp_path)
+    assert regions > 100  # loading, building the engine and the forward passes all split work
+    assert threads == 1
+
+
+@pytest.mark.integration
+def test_with_the_knob_off_two_threads_open_regions(start_server, tmp_path):
+    regions, threads = served_threads(start_server, tmp_path, GATEWAY_TORCH_THREAD="false")
+    assert regions > 100
+    assert threads >= 2  # what the torch thread is for
+
+
+def test_run_and_call_use_the_one_torch_thread():
+    async def where() -> str:
+        return await torch_thread.run(lambda: threading.current_thread().name)
+
+    assert asyncio.run(where()) == torch_thread.call(lambda: threading.current_thread().name)
+    assert asyncio.run(where()).startswith("torch")
+
+
+def test_apart_runs_on_a_thread_that_ends_and_hands_back_errors():
+    async def go():
+        seen: list[threading.Thread] = []
+
+        def work(x: int) -> int:
+            seen.append(threading.current_thread())
+            return x + 1
+
+        assert await torch_thread.apart(work, 1) == 2
+        seen[0].join(timeout=5)
+        assert not seen[0].is_alive()  # its OpenMP team ends with it
+
+        def fail() -> None:
+            raise ValueError("no room")
+
+        with pytest.raises(ValueError, match="no room"):
+            await torch_thread.apart(fail)
+
+    asyncio.run(go())
+
+
+def test_a_caller_that_leaves_does_not_break_the_thread_that_finishes_later():
+    async def go():
+        let_go = threading.Event()
+        task = asyncio.ensure_future(torch_thread.apart(let_go.wait, 5))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        let_go.set()
+        await asyncio.sleep(0.1)  # the thread settles a future nobody awaits: no error
+
+    asyncio.run(go())
