@@ -7,6 +7,9 @@ And `apart`: a thread that ends with its work, an error handed back, a caller th
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -102,3 +105,24 @@ def test_a_caller_that_leaves_does_not_break_the_thread_that_finishes_later():
         await asyncio.sleep(0.1)  # the thread settles a future nobody awaits: no error
 
     asyncio.run(go())
+
+
+SPIN_PROBE = """
+import os, sys
+import step7_real_kv
+print("torch" in sys.modules, os.environ.get("GOMP_SPINCOUNT", "unset"))
+"""
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [(None, ["True", "unset"]), ("300000", ["False", "300000"])],  # given: left to libgomp
+)
+def test_the_spin_count_is_set_only_while_torch_loads_and_a_given_one_wins(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    out = subprocess.run(
+        [sys.executable, "-c", SPIN_PROBE], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == expected  # set: torch loaded with it, and nothing left for child processes

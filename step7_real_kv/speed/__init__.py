@@ -13,6 +13,9 @@ layer": what each buys, measured):
   block_linear, chosen per call by its number of rows.
 - stored_weights.py: the GGUF's Q4_1/Q8_0 blocks, and the proof that they are the model's
   float32 weights bit for bit.
+- torch_thread.py: the one thread that loads the model, builds the engine and runs every
+  forward pass, so OpenMP keeps one team; omp_spin.py: how long that team's idle workers spin
+  (GOMP_SPINCOUNT, set before torch loads).
 
 The knobs: `--kernels torch` (GATEWAY_KERNELS) leaves the C++ kernels unloaded, and with them
 the stored blocks; `--linear-backend torch` leaves oneDNN out; `--weight-format float32` keeps
