@@ -175,7 +175,9 @@ def _publish(argv: list[str]) -> int:
         "--refresh", action="store_true", help="only rewrite the figure markers from bench/charts"
     )
     p.add_argument(
-        "--check", action="store_true", help="list the figure markers that disagree with their run"
+        "--check",
+        action="store_true",
+        help="list the figure markers and generated sections that disagree with their run",
     )
     args = p.parse_args(argv)
     if args.check or args.refresh:
@@ -188,11 +190,11 @@ def _publish(argv: list[str]) -> int:
 
 
 def _figures(check: bool) -> int:
-    from bench.publish import refresh_figures, stale_figures
+    from bench.publish import refresh_figures, stale_figures, stale_sections
 
     if check:
-        stale = stale_figures()
-        print("\n".join(stale) or "every figure agrees with its run")
+        stale = stale_figures() + stale_sections()
+        print("\n".join(stale) or "every figure and generated section agrees with its run")
         return 1 if stale else 0
     for page in refresh_figures():
         print(f"updated {page}")

@@ -10,7 +10,8 @@ so the step's gain is on its page.
 
 A figure in prose names the cell it comes from, and `python -m bench publish --refresh` (and
 every publish) rewrites its text from that run's results.json, so prose cannot drift from its
-table:
+table (`--check`, and tests/test_readme_figures.py, also regenerate every section and table.md
+and fail on one that differs):
 
     <!-- bench:fig full step3_batching@16 output_tok_s .1f -->30.1<!-- /bench -->
     <!-- bench:fig full step3_batching@16/step1_central_loader@16 output_tok_s -->2.8<!-- /bench -->
@@ -54,23 +55,53 @@ def publish(results_dir: Path, root: Path = ROOT) -> list[Path]:
             shutil.copyfile(results_dir / name, dest / name)
     table = markdown(results)  # the results as the report reads them now, notes included
     (dest / "table.md").write_text(table)
-    header, rows = _split(table)
-    link = dest.relative_to(root).as_posix()
+    written = []
+    for page, section in sections(results, table, root).items():
+        _rewrite(root / page, profile, section)
+        written.append(root / page)
+    refreshed = refresh_figures(root)
+    return written + [path for path in refreshed if path not in written]
 
-    top = root / "README.md"
-    _rewrite(top, profile, _top_section(table, link, profile))
-    written = [top]
+
+def sections(results: dict, table: str, root: Path = ROOT) -> dict[str, str]:
+    """What a publish writes between a run's start and end markers, by page: the top README
+    gets the whole table and the charts, each step's README its rows next to the step before."""
+    profile = published_name(results)
+    link = f"bench/charts/{profile}"
+    header, rows = _split(table)
+    written = {"README.md": _top_section(table, link, profile)}
     steps = [entry["step"] for entry in results["steps"]]
     for i, step in enumerate(steps):
-        readme = root / step / "README.md"
-        if not readme.exists():
+        if not (root / step / "README.md").exists():
             continue
         shown = [s for s in (steps[i - 1] if i else None, step) if s]
         mine = [r for r in rows if _row_step(r) in shown]
-        _rewrite(readme, profile, _step_section(header, mine, f"../{link}", profile, shown))
-        written.append(readme)
-    refreshed = refresh_figures(root)
-    return written + [path for path in refreshed if path not in written]
+        written[f"{step}/README.md"] = _step_section(header, mine, f"../{link}", profile, shown)
+    return written
+
+
+SECTION = re.compile(
+    r"<!-- bench:(?P<run>[\w-]+):start -->\n(?P<text>.*?)\n<!-- bench:(?P=run):end -->", re.DOTALL
+)
+
+
+def stale_sections(root: Path = ROOT) -> list[str]:
+    """Each generated section, and each run's table.md, that is not what its run's results.json
+    gives now, as `page: run`: a hand edit inside a section, or a table left from another run."""
+    stale, expected = [], {}
+    for page in documents(root):
+        where = page.relative_to(root).as_posix()
+        for match in SECTION.finditer(page.read_text()):
+            run = match["run"]
+            if run not in expected:
+                results = _run(run, root, {})
+                table = markdown(results)
+                if (root / "bench" / "charts" / run / "table.md").read_text() != table:
+                    stale.append(f"bench/charts/{run}/table.md: {run}")
+                expected[run] = sections(results, table, root)
+            if expected[run].get(where) != match["text"]:
+                stale.append(f"{where}: {run}")
+    return stale
 
 
 def published_name(results: dict) -> str:
@@ -193,10 +224,17 @@ def stale_figures(root: Path = ROOT) -> list[str]:
 
 
 def figure(spec: str, root: Path = ROOT, runs: dict[str, dict] | None = None) -> str:
-    """The text a marker's spec stands for: `RUN CELL[/CELL] METRIC [FORMAT]`."""
+    """The text a marker's spec stands for: `RUN CELL[/CELL] METRIC [FORMAT]`, or `RUN commit`
+    and `RUN machine` for the run's short commit and machine class, so prose that names the run
+    follows it when it is published again."""
     words = spec.split()
+    if len(words) == 2 and words[1] in RUN_FACTS:
+        return RUN_FACTS[words[1]](_run(words[0], root, {} if runs is None else runs), spec)
     if len(words) not in (3, 4):
-        raise FigureError(f"bench:fig {spec!r}: want RUN STEP@LEVEL[/STEP@LEVEL] METRIC [FORMAT]")
+        raise FigureError(
+            f"bench:fig {spec!r}: want RUN STEP@LEVEL[/STEP@LEVEL] METRIC [FORMAT], "
+            "RUN commit or RUN machine"
+        )
     run, cells, metric, form = (*words, ".1f")[:4]
     results = _run(run, root, {} if runs is None else runs)
     values = [_cell(results, cell, metric, spec) for cell in cells.split("/")]
@@ -204,6 +242,23 @@ def figure(spec: str, root: Path = ROOT, runs: dict[str, dict] | None = None) ->
         raise FigureError(f"bench:fig {spec!r}: a ratio is of two cells")
     value = values[0] / values[1] if len(values) == 2 else values[0]
     return format(value, form)
+
+
+def _commit(results: dict, spec: str) -> str:
+    meta = results.get("meta", {})
+    if not meta.get("commit"):
+        raise FigureError(f"bench:fig {spec!r}: the run records no commit")
+    return meta["commit"][:7] + (" (dirty)" if meta.get("dirty") else "")
+
+
+def _machine(results: dict, spec: str) -> str:
+    machine = results.get("meta", {}).get("machine", {}).get("machine_class")
+    if not machine:
+        raise FigureError(f"bench:fig {spec!r}: the run records no machine class")
+    return str(machine)
+
+
+RUN_FACTS = {"commit": _commit, "machine": _machine}
 
 
 def _marker(spec: str, text: str) -> str:

@@ -278,17 +278,22 @@ async def decoding(
     return eng
 
 
+def watch_compute(eng: PagedEngine, saw: Callable[[int], object]) -> None:
+    """Tells `saw` the native id of each thread that runs one of the engine's forward passes."""
+    compute = eng._compute
+
+    def on_its_thread(*args: Any) -> Any:
+        saw(threading.get_native_id())
+        return compute(*args)
+
+    eng._compute = on_its_thread  # type: ignore[method-assign,assignment]
+
+
 async def profile_cores(lm: LoadedModel, users: int, iterations: int, config: EngineConfig) -> dict:
     """`iterations` decode iterations at `users`, each thread's time on CPU sampled meanwhile."""
     eng = await decoding(lm, users, iterations + 64, config)
     named = {threading.get_native_id(): "event loop"}
-    compute = eng._compute
-
-    def on_its_thread(*args: Any) -> Any:  # which thread calls the ops: the torch thread
-        named[threading.get_native_id()] = "calls the ops"
-        return compute(*args)
-
-    eng._compute = on_its_thread  # type: ignore[method-assign,assignment]
+    watch_compute(eng, lambda thread: named.__setitem__(thread, "calls the ops"))
     sampler = cores.Sampler(cores.threads_of(os.getpid()))
     sampler.start()
     bounds = []
@@ -311,13 +316,7 @@ async def profile_regions(
     """`iterations` decode iterations at `users`: OpenMP regions entered, time in and between."""
     eng = await decoding(lm, users, iterations + 64, config)
     threads: set[int] = set()  # the threads that ran the forward passes: one OpenMP team each
-    compute = eng._compute
-
-    def on_its_thread(*args: Any) -> Any:
-        threads.add(threading.get_native_id())
-        return compute(*args)
-
-    eng._compute = on_its_thread  # type: ignore[method-assign,assignment]
+    watch_compute(eng, threads.add)
     counter.start()
     started = time.perf_counter()
     for _ in range(iterations):

@@ -15,8 +15,10 @@ from bench.publish import (
     _rewrite,
     documents,
     figure,
+    publish,
     refresh_figures,
     stale_figures,
+    stale_sections,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +26,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_every_figure_in_the_docs_agrees_with_its_run():
     assert stale_figures(ROOT) == []
+
+
+def test_every_generated_section_and_table_is_what_its_run_gives():
+    assert stale_sections(ROOT) == []
+
+
+def test_a_hand_edit_in_a_generated_section_or_a_table_from_another_run_is_caught(tmp_path):
+    run = ROOT / "bench" / "charts" / "full"
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copyfile(run / "results.json", results / "results.json")
+    for step in ("step2_queue", "step3_batching"):
+        (tmp_path / step).mkdir()
+        (tmp_path / step / "README.md").write_text(f"# {step}\n")
+    (tmp_path / "README.md").write_text("# Project\n")
+    publish(results, tmp_path)
+    assert stale_sections(tmp_path) == []
+
+    page = tmp_path / "step3_batching" / "README.md"
+    text = page.read_text()
+    row = text.index("| step3_batching")
+    page.write_text(text[:row] + text[row:].replace("|", "| 1", 2).replace("| 1", "|", 1))
+    assert stale_sections(tmp_path) == ["step3_batching/README.md: full"]
+
+    page.write_text(text)
+    table = tmp_path / "bench" / "charts" / "full" / "table.md"
+    table.write_text(table.read_text().replace("step3_batching", "step3_batched"))
+    assert stale_sections(tmp_path) == ["bench/charts/full/table.md: full"]
 
 
 def test_the_steps_and_the_top_readme_cite_the_published_run_through_markers():
@@ -123,9 +153,25 @@ def test_a_speculating_steps_acceptance_and_tokens_per_verification_mean_what_it
         figure("full step3_batching@16 acceptance", site)
 
 
+def test_a_marker_names_its_runs_commit_and_machine_class(site):
+    path = site / "bench/charts/full/results.json"
+    run = json.loads(path.read_text())
+    run["meta"] = {"commit": "5642c8c7d596b6", "dirty": False}
+    run["meta"]["machine"] = {"machine_class": "intel-f6m167-amx-2c"}
+    path.write_text(json.dumps(run))
+    assert figure("full commit", site) == "5642c8c"
+    assert figure("full machine", site) == "intel-f6m167-amx-2c"
+    run["meta"]["dirty"] = True
+    path.write_text(json.dumps(run))
+    assert figure("full commit", site) == "5642c8c (dirty)"
+
+
 @pytest.mark.parametrize(
     "spec",
     [
+        "full commit",  # the scratch run records no commit
+        "full machine",  # nor a machine
+        "full branch",  # not a fact of the run
         "other step3_batching@16 output_tok_s",  # no such run
         "full step9_router@16 output_tok_s",  # no such step
         "full step3_batching@4 output_tok_s",  # no such level

@@ -452,23 +452,33 @@ def test_blocks_cancelled_mid_copy_are_freed_once_the_copy_is_done(tiny_lm):
     asyncio.run(go())
 
 
-class SlowConnector(LocalConnector):
-    """Fetches only when let go: a transfer in flight, for as long as a test needs."""
+class HeldConnector(LocalConnector):
+    """Holds one call, the fetch or the release, until let go: a transfer in flight, or a caller
+    that can leave after the blocks came, for as long as a test needs."""
 
-    def __init__(self, *engines) -> None:
+    def __init__(self, *engines, hold: str = "fetch") -> None:
         super().__init__(*engines)
+        self.hold = hold
         self.started, self.go_on = asyncio.Event(), asyncio.Event()
 
+    async def _held(self, call: str) -> None:
+        if call == self.hold:
+            self.started.set()
+            await self.go_on.wait()
+
     async def fetch(self, params, skip):
-        self.started.set()
-        await self.go_on.wait()
+        await self._held("fetch")
         return await super().fetch(params, skip)
+
+    async def release(self, params, how):
+        await self._held("release")
+        await super().release(params, how)
 
 
 def test_a_request_cancelled_mid_transfer_frees_both_sides(tiny_lm):
     async def go():
         prefill, decode_engine = engines(tiny_lm)
-        connector = decode_engine.connector = SlowConnector(prefill)
+        connector = decode_engine.connector = HeldConnector(prefill)
         params = await prefill_phase(tiny_lm, prefill, PROMPT)
         request = make_request(tiny_lm, PROMPT, 8)
         submitted = asyncio.create_task(run(decode_engine, request, params))
@@ -485,27 +495,14 @@ def test_a_request_cancelled_mid_transfer_frees_both_sides(tiny_lm):
     asyncio.run(go())
 
 
-class SlowReleaseConnector(LocalConnector):
-    """Tells the prefill engine only when let go: a caller can leave after the blocks came."""
-
-    def __init__(self, *engines) -> None:
-        super().__init__(*engines)
-        self.releasing, self.go_on = asyncio.Event(), asyncio.Event()
-
-    async def release(self, params, how):
-        self.releasing.set()
-        await self.go_on.wait()
-        await super().release(params, how)
-
-
 def test_a_caller_gone_while_the_lease_is_released_leaves_no_block_held(tiny_lm):
     async def go():
         prefill, decode_engine = engines(tiny_lm)
-        connector = decode_engine.connector = SlowReleaseConnector(prefill)
+        connector = decode_engine.connector = HeldConnector(prefill, hold="release")
         params = await prefill_phase(tiny_lm, prefill, PROMPT)
         request = make_request(tiny_lm, PROMPT, 8)
         submitted = asyncio.create_task(run(decode_engine, request, params))
-        await connector.releasing.wait()  # the 4 blocks are in, the partial one too
+        await connector.started.wait()  # the 4 blocks are in, the partial one too
         assert decode_engine.blocks.num_free == decode_engine.blocks.num_blocks - 4
         submitted.cancel()
         with pytest.raises(asyncio.CancelledError):
