@@ -20,12 +20,14 @@ from bench import omp_regions
 from step7_real_kv.speed import torch_thread
 
 
-def served_threads(start_server, tmp_path, **env: str) -> tuple[int, int]:
-    """Regions opened and the threads that opened them, in a step 7 server that answered
+def served_threads(
+    start_server, tmp_path, step: str = "step7_real_kv", **env: str
+) -> tuple[int, int]:
+    """Regions opened and the threads that opened them, in a step's server that answered
     four concurrent chats on the real model and was stopped (SIGTERM)."""
-    report = tmp_path / f"regions-{len(env)}.txt"
+    report = tmp_path / f"regions-{step}-{len(env)}.txt"
     server = start_server(
-        "step7_real_kv",
+        step,
         LD_PRELOAD=str(omp_regions.shim_path()),
         OMP_REGIONS_REPORT=str(report),
         OMP_NUM_THREADS="2",
@@ -51,8 +53,10 @@ def served_threads(start_server, tmp_path, **env: str) -> tuple[int, int]:
 
 
 @pytest.mark.integration
-def test_one_thread_opens_every_parallel_region_in_the_server(start_server, tmp_path):
-    regions, threads = served_threads(start_server, tmp_path)
+@pytest.mark.parametrize("step", ["step7_real_kv", "step8_speculative"])
+def test_one_thread_opens_every_parallel_region_in_the_server(start_server, tmp_path, step):
+    """Step 8 too: its drafts' row costs are timed, and its drafts verified, on that thread."""
+    regions, threads = served_threads(start_server, tmp_path, step)
     assert regions > 100  # loading, building the engine and the forward passes all split work
     assert threads == 1
 
