@@ -58,12 +58,12 @@ ensure_services() {
 resolve_step() {
     local want=${1:-}
     if [ -z "$want" ]; then
-        # Named, not the highest-numbered folder: the default is the step that serves a general
-        # workload best on one machine (measured: step 10's README, "Which step ./run.sh serve
-        # runs"). Step 9, two step 8 engines of one thread each behind the router: on the
-        # bench's chat workload (bench/charts/full, 899b54b) it led step 8 by about a fifth at
-        # 4, 16 and 64 users and trailed it by 5% at one, in twice the memory; step 10 pays for
-        # long prompts among streams.
+        # Named, not the highest-numbered folder: step 9, two step 8 engines of one thread each
+        # behind the router, chosen on earlier runs of the bench's chat workload where it led
+        # one step 7 or step 8 engine from 4 users up. Step 10's README ("Which step ./run.sh
+        # serve runs") gives the published run's figures, which now put one step 7 engine
+        # level with it or ahead from 4 users up in half the memory; step 10 pays for long
+        # prompts among streams.
         echo step9_router
     elif [ -d "$want" ]; then
         echo "${want%/}"

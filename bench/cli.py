@@ -172,7 +172,9 @@ def _publish(argv: list[str]) -> int:
     )
     p.add_argument("results", type=Path, nargs="?", help="a results folder: bench/results/latest")
     p.add_argument(
-        "--refresh", action="store_true", help="only rewrite the figure markers from bench/charts"
+        "--refresh",
+        action="store_true",
+        help="only rewrite the tables, generated sections and figure markers from bench/charts",
     )
     p.add_argument(
         "--check",
@@ -190,13 +192,13 @@ def _publish(argv: list[str]) -> int:
 
 
 def _figures(check: bool) -> int:
-    from bench.publish import refresh_figures, stale_figures, stale_sections
+    from bench.publish import refresh_figures, refresh_sections, stale_figures, stale_sections
 
     if check:
         stale = stale_figures() + stale_sections()
         print("\n".join(stale) or "every figure and generated section agrees with its run")
         return 1 if stale else 0
-    for page in refresh_figures():
+    for page in dict.fromkeys([*refresh_sections(), *refresh_figures()]):
         print(f"updated {page}")
     return 0
 

@@ -63,10 +63,11 @@ def publish(results_dir: Path, root: Path = ROOT) -> list[Path]:
     return written + [path for path in refreshed if path not in written]
 
 
-def sections(results: dict, table: str, root: Path = ROOT) -> dict[str, str]:
+def sections(results: dict, table: str, root: Path = ROOT, name: str = "") -> dict[str, str]:
     """What a publish writes between a run's start and end markers, by page: the top README
-    gets the whole table and the charts, each step's README its rows next to the step before."""
-    profile = published_name(results)
+    gets the whole table and the charts, each step's README its rows next to the step before.
+    `name` is the run's folder under bench/charts (default: where a publish puts it)."""
+    profile = name or published_name(results)
     link = f"bench/charts/{profile}"
     header, rows = _split(table)
     written = {"README.md": _top_section(table, link, profile)}
@@ -86,22 +87,70 @@ SECTION = re.compile(
 
 
 def stale_sections(root: Path = ROOT) -> list[str]:
-    """Each generated section, and each run's table.md, that is not what its run's results.json
-    gives now, as `page: run`: a hand edit inside a section, or a table left from another run."""
-    stale, expected = [], {}
+    """Each generated section, and each run's table.md, that is not what the run's results.json
+    gives now, as `page: run` (with the reason when it is not an edit): a hand edit inside a
+    section, a section deleted from a page its run writes, a section whose run folder is gone, a
+    table left from another run. A run with no section in the top README is archived: only its
+    table.md is checked."""
+    stale = []
+    for run, results, pages in _published(root):
+        if results is None:
+            stale += [f"{where}: {run} (no bench/charts/{run}/results.json)" for where in pages]
+            continue
+        table = markdown(results)
+        written = root / "bench" / "charts" / run / "table.md"
+        if not written.exists() or written.read_text() != table:
+            stale.append(f"bench/charts/{run}/table.md: {run}")
+        if "README.md" not in pages:
+            continue
+        expected = sections(results, table, root, name=run)
+        for where in sorted(expected.keys() | pages.keys()):
+            if where not in pages:
+                stale.append(f"{where}: {run} (section missing)")
+            elif where not in expected:
+                stale.append(f"{where}: {run} (the run has no rows for this page)")
+            elif pages[where] != expected[where]:
+                stale.append(f"{where}: {run}")
+    return stale
+
+
+def refresh_sections(root: Path = ROOT) -> list[Path]:
+    """Rewrites each run's table.md, and the sections of each run the top README shows, from the
+    run's results.json under bench/charts; returns the files it changed."""
+    changed = []
+    for run, results, pages in _published(root):
+        if results is None:
+            continue
+        table = markdown(results)
+        written = root / "bench" / "charts" / run / "table.md"
+        if not written.exists() or written.read_text() != table:
+            written.write_text(table)
+            changed.append(written)
+        if "README.md" not in pages:
+            continue
+        for where, section in sections(results, table, root, name=run).items():
+            if pages.get(where) != section:
+                _rewrite(root / where, run, section)
+                changed.append(root / where)
+    return changed
+
+
+def _published(root: Path):
+    """Each bench run under bench/charts, or named by a section, as (folder name, its
+    results.json or None when the folder is gone, {page: its section's text})."""
+    found: dict[str, dict[str, str]] = {}
     for page in documents(root):
         where = page.relative_to(root).as_posix()
         for match in SECTION.finditer(page.read_text()):
-            run = match["run"]
-            if run not in expected:
-                results = _run(run, root, {})
-                table = markdown(results)
-                if (root / "bench" / "charts" / run / "table.md").read_text() != table:
-                    stale.append(f"bench/charts/{run}/table.md: {run}")
-                expected[run] = sections(results, table, root)
-            if expected[run].get(where) != match["text"]:
-                stale.append(f"{where}: {run}")
-    return stale
+            found.setdefault(match["run"], {})[where] = match["text"]
+    charts = root / "bench" / "charts"
+    for run in sorted({path.parent.name for path in charts.glob("*/results.json")} | set(found)):
+        path = charts / run / "results.json"
+        results = json.loads(path.read_text()) if path.exists() else None
+        pages = found.get(run, {})
+        if results is not None and "profile" not in results.get("config", {}) and not pages:
+            continue  # not a bench run (step 9's multi-tenant run, ...): its own tool writes it
+        yield run, results, pages
 
 
 def published_name(results: dict) -> str:

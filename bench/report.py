@@ -243,6 +243,15 @@ def tokens_per_verification(spec: dict) -> float:
     return spec["accepted"] / spec["verifications"] + 1
 
 
+def _repository_path(source: str) -> str:
+    """A reference file under bench/ as the repository names it, whichever checkout the run was
+    made from (`/home/me/gateway/bench/charts/full/results.json` -> `bench/charts/full/...`)."""
+    parts = Path(source).parts
+    if "bench" not in parts:
+        return source
+    return Path(*parts[len(parts) - 1 - parts[::-1].index("bench") :]).as_posix()
+
+
 def _footnotes(results: dict) -> list[str]:
     notes = [
         "req/s and out tok/s count completed requests over the window from the first send to "
@@ -262,7 +271,8 @@ def _footnotes(results: dict) -> list[str]:
         "every request in flight, so more users would only measure memory exhaustion."
     )
     reference = results.get("reference")
-    check = f"checked against {reference['source']}" if reference else "not checked"
+    source = reference and _repository_path(reference["source"])
+    check = f"checked against {source}" if reference else "not checked"
     notes.append(f"Greedy answers (float32) {check} before timing; refused steps are not timed.")
     if any(lv.get("speculation") for entry in results["steps"] for lv in entry["levels"]):
         notes.append(

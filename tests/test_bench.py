@@ -193,6 +193,18 @@ def test_a_refused_step_fails_its_floor():
     assert verdict.outcome == "fail" and "refused" in verdict.message
 
 
+def test_the_table_names_the_reference_file_as_the_repository_does():
+    """A run made from another checkout names its reference by that checkout's absolute path;
+    the table, which is committed, says where the file is in the repository."""
+    results = json.loads((ROOT / "bench" / "charts" / "full-decode" / "results.json").read_text())
+    results["reference"]["source"] = "/home/someone/gateway/bench/charts/full/results.json"
+    table = report.markdown(results)
+    assert "checked against bench/charts/full/results.json before timing" in table
+    assert "/home/someone" not in table
+    results["reference"]["source"] = "answers.json"
+    assert "checked against answers.json before timing" in report.markdown(results)
+
+
 def test_history_appends_a_line_and_charts_it(tmp_path):
     file = tmp_path / "history.jsonl"
     for value in (10.0, 12.0):

@@ -17,6 +17,7 @@ from bench.publish import (
     figure,
     publish,
     refresh_figures,
+    refresh_sections,
     stale_figures,
     stale_sections,
 )
@@ -29,7 +30,78 @@ def test_every_figure_in_the_docs_agrees_with_its_run():
 
 
 def test_every_generated_section_and_table_is_what_its_run_gives():
+    top = (ROOT / "README.md").read_text()
+    assert "<!-- bench:full:start -->" in top and "<!-- bench:full-decode:start -->" in top
     assert stale_sections(ROOT) == []
+
+
+def _published_site(tmp_path: Path, steps=("step2_queue", "step3_batching")) -> Path:
+    """A copy of the published full run, published into a tree with a top README and `steps`."""
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copyfile(ROOT / "bench" / "charts" / "full" / "results.json", results / "results.json")
+    for step in steps:
+        (tmp_path / step).mkdir()
+        (tmp_path / step / "README.md").write_text(f"# {step}\n")
+    (tmp_path / "README.md").write_text("# Project\n")
+    publish(results, tmp_path)
+    return tmp_path
+
+
+def test_a_deleted_section_a_missing_run_and_an_archived_runs_table_are_caught(tmp_path):
+    site = _published_site(tmp_path)
+    page = site / "step3_batching" / "README.md"
+    page.write_text("# step3_batching\n")
+    assert stale_sections(site) == ["step3_batching/README.md: full (section missing)"]
+    assert refresh_sections(site) == [page] and stale_sections(site) == []
+
+    charts = site / "bench" / "charts"
+    shutil.copytree(charts / "full", charts / "full-1234567")  # archived: a table, no section
+    (charts / "full-1234567" / "table.md").write_text("a table from another run\n")
+    assert stale_sections(site) == ["bench/charts/full-1234567/table.md: full-1234567"]
+    refresh_sections(site)
+    assert stale_sections(site) == []
+
+    shutil.rmtree(charts / "full")
+    assert stale_sections(site) == [
+        f"{where}: full (no bench/charts/full/results.json)"
+        for where in ("README.md", "step2_queue/README.md", "step3_batching/README.md")
+    ]
+
+
+def test_an_archived_runs_sections_are_rebuilt_under_its_folder_name(tmp_path):
+    """A run kept as `full-1234567` is still a `full` run in its results.json; its sections and
+    links are checked as the folder's, not as the current `full` run's."""
+    site = _published_site(tmp_path, steps=("step3_batching",))
+    charts = site / "bench" / "charts"
+    shutil.move(charts / "full", charts / "full-1234567")
+    for page in (site / "README.md", site / "step3_batching" / "README.md"):
+        text = page.read_text().replace("bench:full:", "bench:full-1234567:")
+        page.write_text(text.replace("charts/full/", "charts/full-1234567/"))
+    assert "(full-1234567)" not in (site / "README.md").read_text()
+    # the sections name the run ("one `full` run", "(full)"): the folder's name is expected
+    assert stale_sections(site) == [
+        "README.md: full-1234567",
+        "step3_batching/README.md: full-1234567",
+    ]
+    refresh_sections(site)
+    assert stale_sections(site) == [] and "(full-1234567)" in (site / "README.md").read_text()
+
+
+def test_publish_check_exits_1_on_a_stale_section_and_0_on_none(tmp_path, monkeypatch, capsys):
+    from bench import cli
+    from bench import publish as publish_module
+
+    site = _published_site(tmp_path)
+    monkeypatch.setattr(publish_module, "ROOT", site)
+    for name in ("stale_figures", "stale_sections", "refresh_figures", "refresh_sections"):
+        function = getattr(publish_module, name)
+        monkeypatch.setattr(publish_module, name, lambda f=function: f(site))
+    assert cli._publish(["--check"]) == 0
+    (site / "step2_queue" / "README.md").write_text("# step2_queue\n")
+    assert cli._publish(["--check"]) == 1
+    assert "step2_queue/README.md: full (section missing)" in capsys.readouterr().out
+    assert cli._publish(["--refresh"]) == 0 and cli._publish(["--check"]) == 0
 
 
 def test_a_hand_edit_in_a_generated_section_or_a_table_from_another_run_is_caught(tmp_path):

@@ -458,6 +458,8 @@ class HeldConnector(LocalConnector):
 
     def __init__(self, *engines, hold: str = "fetch") -> None:
         super().__init__(*engines)
+        # a mistyped call would hold nothing, and the test would wait for it forever
+        assert hold in ("fetch", "release"), f"no call {hold!r} to hold"
         self.hold = hold
         self.started, self.go_on = asyncio.Event(), asyncio.Event()
 
