@@ -257,9 +257,7 @@ async def profile_level(
 
 async def new_engine(lm: LoadedModel, config: EngineConfig) -> PagedEngine:
     """The engine, built where the server builds it (on the torch thread, unless turned off)."""
-    if config.torch_thread:
-        return await torch_thread.run(PagedEngine, lm, config)
-    return PagedEngine(lm, config)
+    return await torch_thread.where(config.torch_thread)(PagedEngine, lm, config)
 
 
 async def decoding(

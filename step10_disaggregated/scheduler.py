@@ -17,7 +17,6 @@ into a block the prompt ends: a long prompt's tail does not slow the decoding st
 from __future__ import annotations
 
 from common.errors import APIError
-from common.prefix import block_hashes
 from common.request import Request
 from step7_real_kv.sequence import Sequence
 from step8_speculative.scheduler import SpecScheduler
@@ -46,32 +45,16 @@ class DisaggScheduler(SpecScheduler):
         if tail is not None:
             self.blocks.free([tail[0]])
 
-    def _try_start(self, seq: Sequence, budget: int) -> int | None:
-        """Step 7's admission, with the partial block taken in after the cached prefix."""
+    def partial_block(self, seq: Sequence) -> tuple[list[int], int]:
+        """The partial block taken in, after the cached prefix that step 7's admission found."""
         tail = self.import_tails.get(seq.request)
-        size = self.blocks.block_size
-        keys = block_hashes(seq.token_ids[:-1], size)
-        found = self.blocks.lookup(keys)
-        if tail is None or len(found) < len(keys):  # nothing taken in, or not all of it held
-            return super()._try_start(seq, budget)
-        block_id, count = tail
-        cached = len(found) * size + count
-        n = min(seq.num_tokens - cached, budget, self.prompt_budget)
-        need = self.blocks.blocks_for(cached + n) - len(found) - 1
-        if need > self.blocks.free_after_pinning(found):
-            return None
-        hit = self.blocks.pin(keys, found, queried=len(seq.token_ids) - 1)
-        del self.import_tails[seq.request]  # the sequence's block now: its pin is the table's
-        self.waiting.popleft()
-        seq.block_table = [*hit.state, block_id, *self.blocks.allocate(need)]
-        seq.num_computed = cached
-        self.admitted[seq] = cached
-        self._run(seq)
-        self.prompt_budget -= n
-        return n
+        return ([tail[0]], tail[1]) if tail is not None else ([], 0)
 
     def _run(self, seq: Sequence) -> None:
         super()._run(seq)
+        tail = self.import_tails.get(seq.request)
+        if tail is not None and tail[0] in seq.block_table:
+            del self.import_tails[seq.request]  # the sequence's block now: its pin is the table's
         self.unpin(seq.request)
 
     def finish(self, seq: Sequence) -> None:

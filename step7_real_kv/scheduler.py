@@ -255,19 +255,26 @@ class Scheduler:
         # All but the last token may come from the cache: at least one runs, for its logits.
         keys = block_hashes(seq.token_ids[:-1], self.blocks.block_size)
         found = self.blocks.lookup(keys)
-        cached = len(found) * self.blocks.block_size
+        partial, filled = self.partial_block(seq) if len(found) == len(keys) else ([], 0)
+        cached = len(found) * self.blocks.block_size + filled
         n = min(seq.num_tokens - cached, budget, self.prompt_budget)
-        need = self.blocks.blocks_for(cached + n) - len(found)
+        need = self.blocks.blocks_for(cached + n) - len(found) - len(partial)
         if need > self.blocks.free_after_pinning(found):
             return None
         hit = self.blocks.pin(keys[: len(found)], found, queried=len(seq.token_ids) - 1)
         self.waiting.popleft()
-        seq.block_table = hit.state + self.blocks.allocate(need)
-        seq.num_computed = hit.num_tokens
-        self.admitted[seq] = hit.num_tokens
+        seq.block_table = hit.state + partial + self.blocks.allocate(need)
+        seq.num_computed = hit.num_tokens + filled
+        self.admitted[seq] = seq.num_computed
         self._run(seq)
         self.prompt_budget -= n
         return n
+
+    def partial_block(self, seq: Sequence) -> tuple[list[int], int]:
+        """A block that holds the prompt's tokens after its cached prefix already, and how many
+        it holds: none here. (Step 10's decode engine has one, taken in from its prefill
+        engine; a block still filling has no name, so no lookup finds it.)"""
+        return [], 0
 
     def _run(self, seq: Sequence) -> None:
         request = seq.request

@@ -60,7 +60,7 @@ class Server:
     async def lifespan(self, app: Starlette):
         config, lifecycle, observability = self.config, self.lifecycle, self.observability
         # On the torch thread, like every forward pass: one OpenMP team (speed/torch_thread.py)
-        on_it = torch_thread.run if config.torch_thread else torch_thread.inline
+        on_it = torch_thread.where(config.torch_thread)
         lm = await on_it(observability.load_model, config)
         engine = await on_it(self.engine_class, lm, config)  # KV pool, scheduler, model runner
         engine.batch_size_hooks.append(observability.metrics.batch_size.observe)

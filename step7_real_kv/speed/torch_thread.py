@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -40,6 +39,12 @@ async def inline(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
+def where(enabled: bool) -> Callable[..., Any]:
+    """Where a server loads the model and builds its engine: `run` with the torch thread (the
+    knob `torch_thread`), else `inline`."""
+    return run if enabled else inline
+
+
 def call(fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) on the torch thread, from a thread without an event loop (start-up, scripts)."""
     return TORCH_THREAD.submit(fn, *args).result()
@@ -47,24 +52,8 @@ def call(fn: Callable[..., T], *args: Any) -> T:
 
 async def apart(fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) on a new thread that ends when it returns (and its OpenMP team with it)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if done.done():  # the caller left
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
-    def work() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # handed to the caller, like asyncio.to_thread
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    threading.Thread(target=work, name="torch-apart", daemon=True).start()
-    return await done
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-apart")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+    finally:
+        pool.shutdown(wait=False)  # its thread ends once fn returns, even if the caller left
