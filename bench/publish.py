@@ -93,24 +93,15 @@ def stale_sections(root: Path = ROOT) -> list[str]:
     table left from another run. A run with no section in the top README is archived: only its
     table.md is checked."""
     stale = []
-    for run, results, pages in _published(root):
-        if results is None:
-            stale += [f"{where}: {run} (no bench/charts/{run}/results.json)" for where in pages]
-            continue
-        table = markdown(results)
-        written = root / "bench" / "charts" / run / "table.md"
-        if not written.exists() or written.read_text() != table:
-            stale.append(f"bench/charts/{run}/table.md: {run}")
-        if "README.md" not in pages:
-            continue
-        expected = sections(results, table, root, name=run)
-        for where in sorted(expected.keys() | pages.keys()):
-            if where not in pages:
-                stale.append(f"{where}: {run} (section missing)")
-            elif where not in expected:
-                stale.append(f"{where}: {run} (the run has no rows for this page)")
-            elif pages[where] != expected[where]:
-                stale.append(f"{where}: {run}")
+    for where, run, now, expected in _generated(root):
+        if expected is None:
+            stale.append(f"{where}: {run} (no bench/charts/{run}/results.json)")
+        elif now is None and not where.endswith("table.md"):
+            stale.append(f"{where}: {run} (section missing)")
+        elif not expected:
+            stale.append(f"{where}: {run} (the run has no rows for this page)")
+        elif now != expected:
+            stale.append(f"{where}: {run}")
     return stale
 
 
@@ -118,21 +109,36 @@ def refresh_sections(root: Path = ROOT) -> list[Path]:
     """Rewrites each run's table.md, and the sections of each run the top README shows, from the
     run's results.json under bench/charts; returns the files it changed."""
     changed = []
+    for where, run, now, expected in _generated(root):
+        if not expected or now == expected:  # a gone run, a page it has no rows for: by hand
+            continue
+        if where.endswith("table.md"):
+            (root / where).write_text(expected)
+        else:
+            _rewrite(root / where, run, expected)
+        changed.append(root / where)
+    return changed
+
+
+def _generated(root: Path):
+    """What a publish writes, against what is there: (file, run, its text now or None, the text
+    the run's results.json gives or None when the run's folder is gone), for each run's table.md
+    and, for a run the top README shows, each of its sections (a page the run has no rows for
+    expects nothing, so a section left there differs)."""
     for run, results, pages in _published(root):
         if results is None:
+            for where, text in pages.items():
+                yield where, run, text, None
             continue
         table = markdown(results)
         written = root / "bench" / "charts" / run / "table.md"
-        if not written.exists() or written.read_text() != table:
-            written.write_text(table)
-            changed.append(written)
+        now = written.read_text() if written.exists() else None
+        yield written.relative_to(root).as_posix(), run, now, table
         if "README.md" not in pages:
             continue
-        for where, section in sections(results, table, root, name=run).items():
-            if pages.get(where) != section:
-                _rewrite(root / where, run, section)
-                changed.append(root / where)
-    return changed
+        expected = sections(results, table, root, name=run)
+        for where in sorted(expected.keys() | pages.keys()):
+            yield where, run, pages.get(where), expected.get(where, "")
 
 
 def _published(root: Path):

@@ -55,6 +55,13 @@ def test_a_deleted_section_a_missing_run_and_an_archived_runs_table_are_caught(t
     assert stale_sections(site) == ["step3_batching/README.md: full (section missing)"]
     assert refresh_sections(site) == [page] and stale_sections(site) == []
 
+    stray = site / "docs" / "notes.md"  # a page the run writes no rows to
+    stray.parent.mkdir()
+    stray.write_text("<!-- bench:full:start -->\nold rows\n<!-- bench:full:end -->\n")
+    assert stale_sections(site) == ["docs/notes.md: full (the run has no rows for this page)"]
+    assert refresh_sections(site) == [] and "old rows" in stray.read_text()  # left to a person
+    stray.unlink()
+
     charts = site / "bench" / "charts"
     shutil.copytree(charts / "full", charts / "full-1234567")  # archived: a table, no section
     (charts / "full-1234567" / "table.md").write_text("a table from another run\n")
