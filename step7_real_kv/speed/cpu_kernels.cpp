@@ -26,8 +26,12 @@
 // chunk (or of one step 8 verification) share a task too, up to 8 of them (`row_runs`): a few
 // tokens at the end of a long prompt read its keys and values once, not once a token.
 //
-// Arithmetic is float32 throughout; sums accumulate in 8 lanes, which the compiler turns into
-// AVX2 fused multiply-adds, 8 elements at a time.
+// Arithmetic is float32 throughout, in AVX2 registers of 8 floats with fused multiply-adds. A
+// query head's dots are taken with 8 keys at once (8 independent accumulators, then one
+// 8-by-8 reduction: `dots_with_8_keys`), and a head's output stays in registers while the
+// values are added into it (`add_weighted_values`). Written as plain loops, one dot at a time,
+// the same kernel was compute-bound at 64 sequences: twice as slow where the keys are cached
+// (a shared prefix), 1.5 times where they come from memory (the README's profile).
 //
 // Manners: every kernel checks its inputs (dtype, device, shape, contiguity and every index it
 // will follow) before it touches memory, and raises a RuntimeError naming itself and the
@@ -41,9 +45,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -110,14 +116,6 @@ void check_tables(const int64_t* tables, const int64_t* lens, int64_t batch, int
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[kLanes] = {0};
-  for (int64_t d = 0; d < n; d += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[d + j] * b[d + j];
-  }
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
 // Four independent 8-lane accumulators: more loads in flight, shorter dependency chains.
 inline float dot4(const float* a, const float* b, int64_t n) {
   float acc[4][kLanes] = {{0}};
@@ -131,21 +129,60 @@ inline float dot4(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-inline void add_scaled(float* out, const float* v, float weight, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) out[d] += weight * v[d];
+// The attention arithmetic, 8 floats to a register (AVX2; AVX-512 machines run the same code).
+// A head's 64 dims are C = head_dim / 8 registers; C is a template parameter, so that a head's
+// accumulators stay in registers.
+constexpr int kMaxChunks = 16;  // head_dim up to 128
+
+// Eight sums at once: lane j of the result is the sum of a[j]'s 8 lanes, added in the same order
+// for every j ((0+1) + (2+3)) + ((4+5) + (6+7)), whichever 8 vectors come together. Reducing each
+// vector on its own takes 6 instructions; this takes 9 for all 8.
+inline __m256 sums_of_8(const __m256 a[8]) {
+  const __m256 pairs01 = _mm256_hadd_ps(a[0], a[1]), pairs23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 pairs45 = _mm256_hadd_ps(a[4], a[5]), pairs67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 low_high0 = _mm256_hadd_ps(pairs01, pairs23);  // a0..a3: low halves | high halves
+  const __m256 low_high1 = _mm256_hadd_ps(pairs45, pairs67);  // a4..a7: likewise
+  return _mm256_add_ps(_mm256_permute2f128_ps(low_high0, low_high1, 0x20),
+                       _mm256_permute2f128_ps(low_high0, low_high1, 0x31));
 }
 
-// Ask for one kv head's rows of a block (`first`: its first slot) before they are needed. A
-// task reads a third of each pool row (one kv head of three), 256 bytes out of 768, block after
-// block wherever the table points: the hardware prefetcher does not see that coming, and the
-// kernel waited on memory (2-2.7x slower at 1-4 rows without this: the README's profile).
-inline void prefetch_block(const float* pool, int64_t first, int64_t block_size,
-                           int64_t kv_heads, int64_t kv_head, int64_t head_dim) {
-  for (int64_t j = 0; j < block_size; ++j) {
-    const char* row = reinterpret_cast<const char*>(pool + ((first + j) * kv_heads + kv_head) *
-                                                               head_dim);
-    for (int64_t byte = 0; byte < head_dim * 4; byte += 64) __builtin_prefetch(row + byte);
+// One query head's dot products with 8 keys, one per lane: 8 accumulators, one per key, so that
+// 8 independent chains of fused multiply-adds keep the FMA units busy; then one sums_of_8.
+template <int C>
+inline __m256 dots_with_8_keys(const float* query, const float* const keys[8]) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int c = 0; c < C; ++c) {
+    const __m256 q = _mm256_loadu_ps(query + 8 * c);
+    for (int j = 0; j < 8; ++j)
+      acc[j] = _mm256_fmadd_ps(q, _mm256_loadu_ps(keys[j] + 8 * c), acc[j]);
   }
+  return sums_of_8(acc);
+}
+
+// out += the sum over j < n of weights[j] * (the value row at values + j * stride): the head's
+// C registers of output stay in registers over the n values, each weight broadcast once.
+template <int C>
+inline void add_weighted_values(float* out, const float* weights, const float* values,
+                                int64_t stride, int64_t n) {
+  __m256 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_loadu_ps(out + 8 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 w = _mm256_set1_ps(weights[j]);
+    for (int c = 0; c < C; ++c)
+      acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(values + j * stride + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
+// Ask for `count` rows of the pool, `stride` floats apart from `row` on (`width` floats of each:
+// one kv head's), before they are needed. The next block is wherever the table points: the
+// hardware prefetcher does not see that coming. Keys are asked for 8 rows at a time, spread
+// over the current block's work: asked for all at once, they were slower than none.
+inline void prefetch_rows(const float* row, int64_t count, int64_t stride, int64_t width) {
+  for (int64_t j = 0; j < count; ++j, row += stride)
+    for (int64_t byte = 0; byte < width * 4; byte += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
 }
 
 // Consecutive rows that are consecutive tokens of one sequence (a prefill chunk, or step 8's
@@ -170,6 +207,100 @@ std::vector<int64_t> row_runs(const int64_t* tables, const int64_t* lens, int64_
   starts.push_back(batch);
   return starts;
 }
+
+// What every task of one call reads.
+struct Attention {
+  const float* q;  // [B, heads, head_dim], rows q_row_stride apart
+  int64_t q_row_stride;
+  const float* k_pool;  // [slots, kv_heads, head_dim]
+  const float* v_pool;
+  float* out;  // [B, heads, head_dim], zeros
+  const int64_t* tables;  // [B, max_blocks]
+  const int64_t* lens;    // [B]
+  int64_t max_blocks, block_size, heads, kv_heads, group, head_dim;
+  float scale;
+};
+
+// One task: the rows [first_row, first_row + rows) of a run, for one kv head. Every row's
+// arithmetic is what it would be alone: the same dots of 8 keys (the same keys together, at the
+// same places in their blocks) and the same order of value sums, whichever rows share the task.
+template <int C>
+void attend(const Attention& a, int64_t first_row, int64_t rows, int64_t kv_head,
+            std::vector<float>& scores) {
+  const int64_t bs = a.block_size, group = a.group, head_dim = a.head_dim;
+  const int64_t last = first_row + rows - 1;  // the longest row: its table serves them all
+  const int64_t context = a.lens[last];
+  const int64_t* table = a.tables + last * a.max_blocks;
+  const int64_t lanes = rows * group;  // one (row, query head) pair per lane of scores
+  const int64_t stride = a.kv_heads * head_dim;  // from one slot's kv head to the next slot's
+  const int64_t width = context + 8;  // a lane of scores, with room for a last store of 8
+  scores.resize(lanes * width);
+  const __m256 scale = _mm256_set1_ps(a.scale);
+  // The kv head's row of a slot of the pool.
+  auto row_of = [&](const float* pool, int64_t slot) {
+    return pool + slot * stride + kv_head * head_dim;
+  };
+  // Scores, 8 keys of a block at a time: while they are in L1, every row of the run and every
+  // query head of the group scores them; a row keeps only the keys it sees (t < its length).
+  for (int64_t start = 0; start < context; start += bs) {
+    const int64_t first = table[start / bs] * bs;
+    const int64_t n = std::min(bs, context - start);
+    const float* next_keys =
+        start + bs < context ? row_of(a.k_pool, table[start / bs + 1] * bs) : nullptr;
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      const int64_t m = std::min<int64_t>(8, n - j0);
+      if (next_keys)
+        prefetch_rows(next_keys + j0 * stride, std::min<int64_t>(8, bs - j0), stride, head_dim);
+      const float* keys[8];  // lanes past the block's last key score its first key, unkept
+      for (int64_t j = 0; j < 8; ++j) keys[j] = row_of(a.k_pool, first + j0 + (j < m ? j : 0));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t seen = std::min(m, a.lens[first_row + r] - (start + j0));
+        if (seen <= 0) continue;
+        const float* queries = a.q + (first_row + r) * a.q_row_stride + kv_head * group * head_dim;
+        for (int64_t g = 0; g < group; ++g) {  // all 8 lanes stored: those past `seen` unread
+          const __m256 dots = dots_with_8_keys<C>(queries + g * head_dim, keys);
+          _mm256_storeu_ps(scores.data() + (r * group + g) * width + start + j0,
+                           _mm256_mul_ps(scale, dots));
+        }
+      }
+    }
+  }
+  // Softmax per row and query head, over the keys that row sees.
+  for (int64_t lane = 0; lane < lanes; ++lane) {
+    const int64_t seen = a.lens[first_row + lane / group];
+    float* s = scores.data() + lane * width;
+    const float top = *std::max_element(s, s + seen);
+    float total = 0.0f;
+    for (int64_t t = 0; t < seen; ++t) total += (s[t] = std::exp(s[t] - top));
+    for (int64_t t = 0; t < seen; ++t) s[t] /= total;
+  }
+  // The weighted sum of the values, block by block: a block's value rows are loaded for every
+  // row of the run while they are in L1.
+  for (int64_t start = 0; start < context; start += bs) {
+    const int64_t first = table[start / bs] * bs;
+    const int64_t n = std::min(bs, context - start);
+    if (start + bs < context)
+      prefetch_rows(row_of(a.v_pool, table[start / bs + 1] * bs), bs, stride, head_dim);
+    const float* values = row_of(a.v_pool, first);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t seen = std::min(n, a.lens[first_row + r] - start);
+      if (seen <= 0) continue;
+      float* outputs = a.out + ((first_row + r) * a.heads + kv_head * group) * head_dim;
+      for (int64_t g = 0; g < group; ++g)
+        add_weighted_values<C>(outputs + g * head_dim,
+                               scores.data() + (r * group + g) * width + start, values, stride,
+                               seen);
+    }
+  }
+}
+
+// attend<C> for C = 1 .. kMaxChunks, by head_dim / 8 - 1.
+using AttendTask = void (*)(const Attention&, int64_t, int64_t, int64_t, std::vector<float>&);
+template <std::size_t... I>
+constexpr std::array<AttendTask, sizeof...(I)> attend_tasks(std::index_sequence<I...>) {
+  return {&attend<static_cast<int>(I) + 1>...};
+}
+constexpr auto kAttendTasks = attend_tasks(std::make_index_sequence<kMaxChunks>{});
 
 }  // namespace
 
@@ -201,8 +332,9 @@ torch::Tensor paged_attention_rows(torch::Tensor q, torch::Tensor k_pool, torch:
   const int64_t group = heads / kv_heads;
   TORCH_CHECK(k_pool.size(2) == head_dim, "paged_attention_rows: q's head_dim ", head_dim,
               " differs from the pool's ", k_pool.size(2));
-  TORCH_CHECK(head_dim % kLanes == 0, "paged_attention_rows: head_dim must be a multiple of 8, "
-              "got ", head_dim);
+  TORCH_CHECK(head_dim % 8 == 0 && head_dim <= 8 * kMaxChunks,
+              "paged_attention_rows: head_dim must be a multiple of 8 up to ", 8 * kMaxChunks,
+              ", got ", head_dim);
   TORCH_CHECK(block_tables.size(0) == batch && lengths.size(0) == batch,
               "paged_attention_rows: block_tables and lengths need one row per row of q (",
               batch, "), got ", block_tables.sizes(), " and ", lengths.sizes());
@@ -213,74 +345,18 @@ torch::Tensor paged_attention_rows(torch::Tensor q, torch::Tensor k_pool, torch:
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = lengths.data_ptr<int64_t>();
   check_tables(tables, lens, batch, max_blocks, block_size, num_blocks);
-  const int64_t q_row_stride = q.stride(0);
   auto out = torch::zeros({batch, heads, head_dim}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_pool.data_ptr<float>();
-  const float* vp = v_pool.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float scale_f = static_cast<float>(scale);
-
+  const Attention a{q.data_ptr<float>(), q.stride(0), k_pool.data_ptr<float>(),
+                    v_pool.data_ptr<float>(), out.data_ptr<float>(), tables, lens, max_blocks,
+                    block_size, heads, kv_heads, group, head_dim, static_cast<float>(scale)};
+  const AttendTask attend_task = kAttendTasks[head_dim / 8 - 1];
   const std::vector<int64_t> runs = row_runs(tables, lens, batch, max_blocks, block_size);
   const int64_t num_runs = static_cast<int64_t>(runs.size()) - 1;
-
   at::parallel_for(0, num_runs * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;  // [rows, group, context]
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t run = task / kv_heads, kv_head = task % kv_heads;
-      const int64_t first_row = runs[run], rows = runs[run + 1] - first_row;
-      const int64_t last = first_row + rows - 1;  // the longest row: its table serves them all
-      const int64_t context = lens[last];
-      const int64_t* table = tables + last * max_blocks;
-      const int64_t lanes = rows * group;  // one (row, query head) pair per lane of scores
-      scores.assign(lanes * context, 0.0f);
-      // Scores: each key row is loaded once for every row of the run and every query head of
-      // the group; a row scores only the keys it sees (t < its length). Block by block, so
-      // that no token pays for a division.
-      for (int64_t start = 0; start < context; start += block_size) {
-        const int64_t first = table[start / block_size] * block_size;
-        const int64_t n = std::min(block_size, context - start);
-        if (start + block_size < context)
-          prefetch_block(kp, table[start / block_size + 1] * block_size, block_size, kv_heads,
-                         kv_head, head_dim);
-        for (int64_t j = 0; j < n; ++j) {
-          const float* key = kp + ((first + j) * kv_heads + kv_head) * head_dim;
-          for (int64_t r = 0; r < rows; ++r) {
-            if (start + j >= lens[first_row + r]) continue;
-            const float* queries = qp + (first_row + r) * q_row_stride + kv_head * group * head_dim;
-            for (int64_t g = 0; g < group; ++g)
-              scores[(r * group + g) * context + start + j] =
-                  scale_f * dot(queries + g * head_dim, key, head_dim);
-          }
-        }
-      }
-      // Softmax per row and query head, over the keys that row sees.
-      for (int64_t lane = 0; lane < lanes; ++lane) {
-        const int64_t seen = lens[first_row + lane / group];
-        float* s = scores.data() + lane * context;
-        const float top = *std::max_element(s, s + seen);
-        float total = 0.0f;
-        for (int64_t t = 0; t < seen; ++t) total += (s[t] = std::exp(s[t] - top));
-        for (int64_t t = 0; t < seen; ++t) s[t] /= total;
-      }
-      // Weighted sum of the values: each value row is loaded once for the whole run.
-      for (int64_t start = 0; start < context; start += block_size) {
-        const int64_t first = table[start / block_size] * block_size;
-        const int64_t n = std::min(block_size, context - start);
-        if (start + block_size < context)
-          prefetch_block(vp, table[start / block_size + 1] * block_size, block_size, kv_heads,
-                         kv_head, head_dim);
-        for (int64_t j = 0; j < n; ++j) {
-          const float* value = vp + ((first + j) * kv_heads + kv_head) * head_dim;
-          for (int64_t r = 0; r < rows; ++r) {
-            if (start + j >= lens[first_row + r]) continue;
-            float* outputs = op + ((first_row + r) * heads + kv_head * group) * head_dim;
-            for (int64_t g = 0; g < group; ++g)
-              add_scaled(outputs + g * head_dim, value, scores[(r * group + g) * context + start + j],
-                         head_dim);
-          }
-        }
-      }
+      const int64_t run = task / kv_heads;
+      attend_task(a, runs[run], runs[run + 1] - runs[run], task % kv_heads, scores);
     }
   });
   return out;
@@ -451,12 +527,13 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w) {
 //   Q8_0: { float16 d; int8 qs[32]; }              34 bytes   weight j = d * qs[j]
 //
 // The float32 checkpoint holds exactly these weights (common/model.py dequantized the file;
-// step7_real_kv/stored_weights.py checks every block against it, bit for bit, at load), so
-// x @ W.T can read the blocks instead: 20 bytes for 32 weights where float32 reads 128. Each
-// block's 32 weights are computed in registers exactly as the checkpoint holds them (d * q
-// rounded, then + m rounded: `exact` stops the compiler from fusing the two into one rounding),
-// then multiplied into every row of x, in float32. Only the order of the sums differs from a
-// float32 matmul's, as with small_linear.
+// step7_real_kv/speed/stored_weights.py checks every block against it, bit for bit, at load),
+// so x @ W.T can read the blocks instead: 20 bytes for 32 weights where float32 reads 128. Each
+// block's 32 weights are computed in registers exactly as the checkpoint holds them, then
+// multiplied into every row of x, in float32. d * q needs no rounding (a float16's 11
+// significant bits times a 4-bit or 8-bit integer fit float32's 24), so the only rounding is
+// at + m, as in the dequantization. Only the order of the sums differs from a float32
+// matmul's, as with small_linear.
 //
 // The blocks are memory-light enough that making the weights, not reading them, set the speed
 // at one row: a Q4_1 block has only 16 distinct weights, so with AVX-512 each block's 16
@@ -476,7 +553,9 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(bits);
 }
 
-// A value the compiler must compute as written: no contraction of a * b + c into an FMA.
+// A value the compiler must compute as written: d * q, then + m, as the dequantization wrote it
+// (contracted into one FMA it would give the same bits, d * q being exact: this only keeps the
+// code as the format describes it).
 template <typename V>
 inline V exact(V v) {
   __asm__("" : "+x"(v));

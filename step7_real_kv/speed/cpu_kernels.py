@@ -20,16 +20,6 @@ C++ compiler, no ninja), `load()` returns None and step 7 runs its torch code, w
 `load(required=True)` raises instead, for a server that was told to run these kernels.
 `./run.sh setup` falls back the same way, unless GATEWAY_REQUIRE_KERNELS=1 (CI), where a failed
 build fails the setup, and the kernel tests fail instead of skipping.
-
-Why the block kernels' weights are the float32 checkpoint's, bit for bit. The .cpp's comment on
-`exact()` says the barrier keeps a Q4_1 weight's d * q and + m apart because one fused
-multiply-add would round once where the conversion rounded twice. It would not: d * q is never
-rounded. The scale d is a float16 (at most 11 significant bits) and q an integer 0-15 (4 bits),
-so the product needs at most 15 of float32's 24 bits and is exact (Q8_0's d * q, 11 + 8 bits,
-too; checked for every finite float16 and every q). The only rounding is at + m, fused or not,
-so the weights come out the same bits either way: `exact()` is harmless, not what makes them
-exact. The comment stays as it is because the .cpp's bytes are the build's key (a fix would
-rebuild every cache); this paragraph is the explanation to trust.
 """
 
 from __future__ import annotations
