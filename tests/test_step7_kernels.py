@@ -57,11 +57,14 @@ def scattered_pool(lengths: list[int], bs: int, kv_heads: int, dim: int):
 # ---------------------------------------------------------------- each equals its torch code
 
 
+@pytest.mark.parametrize("bs", [4, 5, 16])
 @pytest.mark.parametrize("lengths", [[1], [4, 5, 3, 9], [16, 17, 33, 64], [70, 2]])
-def test_the_attention_kernel_equals_the_torch_reference(kernels, lengths):
-    """Scattered blocks, contexts ending at, before and across block boundaries, one token."""
+def test_the_attention_kernel_equals_the_torch_reference(kernels, lengths, bs):
+    """Scattered blocks, contexts ending at, before and across block boundaries, one token;
+    blocks of fewer keys than the kernel's 8 at once, of a number that 8 does not divide, and
+    of two full 8s."""
     torch.manual_seed(len(lengths))
-    bs, heads, kv_heads, dim = 4, 9, 3, 64
+    heads, kv_heads, dim = 9, 3, 64
     pool, tables, table_tensor = scattered_pool(lengths, bs, kv_heads, dim)
     q = torch.randn(len(lengths), heads, dim)
     out = kernels.paged_attention_rows(
@@ -179,6 +182,13 @@ def attention_args(**change):
         "scale": 8**-0.5,
     }
     return list({**args, **change}.values())
+
+
+def test_a_head_dim_past_the_kernels_registers_is_refused(kernels):
+    pool = PagedKVCache(1, num_blocks=2, block_size=4, num_kv_heads=1, head_dim=136)
+    args = (torch.randn(1, 1, 136), pool.k[0], pool.v[0], torch.tensor([[0]]), torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="head_dim must be a multiple of 8 up to 128, got 136"):
+        kernels.paged_attention_rows(*args, 4, 136**-0.5)
 
 
 def test_table_entries_past_a_rows_length_are_not_read(kernels):
