@@ -30,8 +30,9 @@
 // query head's dots are taken with 8 keys at once (8 independent accumulators, then one
 // 8-by-8 reduction: `dots_with_8_keys`), and a head's output stays in registers while the
 // values are added into it (`add_weighted_values`). Written as plain loops, one dot at a time,
-// the same kernel was compute-bound at 64 sequences: twice as slow where the keys are cached
-// (a shared prefix), 1.5 times where they come from memory (the README's profile).
+// the same kernel was compute-bound at 64 sequences, twice as slow where the keys are cached (a
+// shared prefix: the README's profile, "The attention kernel, by hand"); where each sequence's
+// keys come from memory it gains less.
 //
 // Manners: every kernel checks its inputs (dtype, device, shape, contiguity and every index it
 // will follow) before it touches memory, and raises a RuntimeError naming itself and the
